@@ -1,0 +1,8 @@
+"""Layers and models: Module and Parameter, general layers, and the Vision Transformer."""
+
+from minivit.nn.module import Module, ModuleList, Parameter
+from minivit.nn.layers import GELU, Dropout, Identity, LayerNorm, Linear
+from minivit.nn.vit import Attention, Block, Mlp, PatchEmbed, PatchProjection, VisionTransformer
+
+__all__ = ["Module", "ModuleList", "Parameter", "Linear", "LayerNorm", "GELU", "Dropout", "Identity",
+           "PatchEmbed", "PatchProjection", "Attention", "Mlp", "Block", "VisionTransformer"]

@@ -1,0 +1,251 @@
+"""The Vision Transformer, with timm's parameter names, shapes and defaults.
+
+Shapes: B batch, C channels, H x W image, P patch, Np = (H/P)(W/P) patches, N = Np + 1 tokens (with the class
+token), D = embed_dim, nh heads, hd = D / nh, F = mlp width, K classes.
+
+    images (B,C,H,W) -> patch_embed (B,Np,D) -> [cls_token; x] + pos_embed (B,N,D)
+      -> depth x Block: x = x + attn(norm1(x)); x = x + mlp(norm2(x))
+      -> norm -> pool: x[:, 0] or the mean of the patch tokens (B,D) -> head (B,K)
+
+Keys: patch_embed.proj.weight (D,C,P,P), cls_token (1,1,D), pos_embed (1,N,D), blocks.{i}.norm1, .attn.qkv,
+.attn.proj, .norm2, .mlp.fc1, .mlp.fc2, norm (fc_norm with mean pooling), head.
+"""
+
+import math
+
+import numpy as np
+
+from minivit import backend
+from minivit import functional as F
+from minivit.nn import init
+from minivit.nn.layers import GELU, Dropout, Identity, LayerNorm, Linear
+from minivit.nn.module import Module, ModuleList, Parameter
+from minivit.tensor import concat
+
+
+def _pair(n):
+    return tuple(n) if isinstance(n, (tuple, list)) else (n, n)
+
+
+class PatchProjection(Module):
+    """A P x P convolution with stride P (timm's ``patch_embed.proj``), computed as patchify then linear.
+
+    weight (D, C, P, P), bias (D,); patches are flattened in (C, P, P) order, so weight.reshape(D, -1) is the
+    matching (D, C*P*P) linear weight.
+    """
+
+    def __init__(self, in_chans, embed_dim, patch_size, rng):
+        super().__init__()
+        self.patch_size = patch_size
+        self.weight = Parameter(np.zeros((embed_dim, in_chans, patch_size, patch_size), dtype=np.float32))
+        self.bias = Parameter(np.zeros(embed_dim, dtype=np.float32))
+        bound = 1.0 / math.sqrt(in_chans * patch_size * patch_size)  # PyTorch's Conv2d default
+        init.uniform_(self.weight, bound, rng)
+        init.uniform_(self.bias, bound, rng)
+
+    def forward(self, images):
+        D = self.weight.shape[0]
+        patches = F.patchify(images, self.patch_size)               # (B, Np, C*P*P)
+        return F.linear(patches, self.weight.reshape(D, -1), self.bias)  # (B, Np, D)
+
+
+class PatchEmbed(Module):
+    """Split images into patches and project each patch to an embed_dim vector."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, rng=None):
+        super().__init__()
+        self.img_size, self.patch_size, self.in_chans = _pair(img_size), patch_size, in_chans
+        H, W = self.img_size
+        if H % patch_size or W % patch_size:
+            raise ValueError(f"PatchEmbed: image {H}x{W} is not divisible by patch_size {patch_size}")
+        self.grid_size = (H // patch_size, W // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = PatchProjection(in_chans, embed_dim, patch_size, rng or init.default_rng())
+
+    def forward(self, images):
+        expected = (self.in_chans, *self.img_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"PatchEmbed: expected images (B, {', '.join(map(str, expected))}), "
+                             f"got shape {tuple(images.shape)}")
+        return self.proj(images)
+
+    def extra_repr(self):
+        return f"img_size={self.img_size}, patch_size={self.patch_size}, in_chans={self.in_chans}"
+
+
+class Attention(Module):
+    """Multi-head self-attention: one qkv projection, nh heads of width hd = D / nh, an output projection.
+
+    Set ``keep_attn = True`` to keep the last attention probabilities (B, nh, N, N) in ``attn_probs``.
+    """
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, proj_drop=0.0, rng=None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"Attention: embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        rng = rng or init.default_rng()
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias, rng=rng)
+        self.proj = Linear(dim, dim, rng=rng)
+        self.proj_drop = Dropout(proj_drop)
+        self.keep_attn, self.attn_probs = False, None
+
+    def forward(self, x):
+        B, N, D = x.shape
+        nh, hd = self.num_heads, self.head_dim
+        qkv = self.qkv(x).reshape(B, N, 3, nh, hd).permute(2, 0, 3, 1, 4)  # (3, B, nh, N, hd)
+        q, k, v = qkv[0], qkv[1], qkv[2]                                   # (B, nh, N, hd) each
+        out, probs = F.scaled_dot_product_attention(q, k, v, return_attn=True)  # (B, nh, N, hd)
+        if self.keep_attn:
+            self.attn_probs = probs.data
+        out = out.transpose(1, 2).reshape(B, N, D)                         # (B, N, nh*hd)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self):
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+
+class Mlp(Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout, applied to every token."""
+
+    def __init__(self, in_features, hidden_features, drop=0.0, approximate="none", rng=None):
+        super().__init__()
+        rng = rng or init.default_rng()
+        self.fc1 = Linear(in_features, hidden_features, rng=rng)
+        self.act = GELU(approximate)
+        self.drop1 = Dropout(drop)
+        self.fc2 = Linear(hidden_features, in_features, rng=rng)
+        self.drop2 = Dropout(drop)
+
+    def forward(self, x):
+        x = self.drop1(self.act(self.fc1(x)))  # (B, N, F)
+        return self.drop2(self.fc2(x))         # (B, N, D)
+
+
+class Block(Module):
+    """A pre-norm transformer encoder block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, proj_drop=0.0, approximate="none",
+                 rng=None):
+        super().__init__()
+        rng = rng or init.default_rng()
+        self.norm1 = LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop, rng=rng)
+        self.norm2 = LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, approximate=approximate, rng=rng)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))  # (B, N, D)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(Module):
+    """A ViT classifier with timm's names and defaults (ViT-B/16 when called with no arguments).
+
+    Args:
+        img_size: image side (int) or (H, W).
+        patch_size: patch side P; the image must divide into whole patches.
+        in_chans: image channels C.
+        num_classes: K, the width of the head.
+        global_pool: 'token' (the class token's output) or 'avg' (mean of the patch tokens, then fc_norm).
+        embed_dim: token width D.
+        depth: number of blocks.
+        num_heads: attention heads; must divide embed_dim.
+        mlp_ratio: MLP width F = mlp_ratio * D.
+        qkv_bias: a bias in the qkv projection.
+        class_token: prepend a learned class token (needed for 'token' pooling).
+        pos_embed: 'learn' (learned, initialised N(0, 0.02^2)) or 'sincos' (fixed 2-D sine-cosine).
+        drop_rate: dropout before the head.
+        pos_drop_rate: dropout after adding the position embedding.
+        proj_drop_rate: dropout after the attention and MLP projections.
+        act_approximate: 'none' for exact GELU, 'tanh' for its tanh form.
+        seed: seeds the weights (drawn on the host with NumPy, identical on every backend).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
+                 embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True,
+                 pos_embed="learn", drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, act_approximate="none",
+                 seed=0):
+        super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"VisionTransformer: global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("VisionTransformer: global_pool='token' needs class_token=True")
+        if pos_embed not in ("learn", "sincos"):
+            raise ValueError(f"VisionTransformer: pos_embed must be 'learn' or 'sincos', got {pos_embed!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"VisionTransformer: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        rng = np.random.default_rng(seed)
+        self.num_classes, self.global_pool, self.embed_dim = num_classes, global_pool, embed_dim
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                           global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                           mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, class_token=class_token, pos_embed=pos_embed,
+                           drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate,
+                           act_approximate=act_approximate, seed=seed)
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, rng=rng)
+        num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
+        if class_token:
+            self.cls_token = Parameter(np.zeros((1, 1, embed_dim), dtype=np.float32))
+            init.normal_(self.cls_token, 1e-6, rng)
+        self.pos_embed = Parameter(np.zeros((1, num_tokens, embed_dim), dtype=np.float32),
+                                   requires_grad=pos_embed == "learn")
+        if pos_embed == "learn":
+            init.trunc_normal_(self.pos_embed, 0.02, rng)
+        else:
+            table = init.sincos_2d(embed_dim, self.patch_embed.grid_size)              # (Np, D)
+            prefix = np.zeros((self.num_prefix_tokens, embed_dim))                      # the class token: no position
+            self.pos_embed.data = np.concatenate([prefix, table])[None].astype(np.float32)
+        self.pos_drop = Dropout(pos_drop_rate, seed=seed + 1)
+
+        self.blocks = ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias,
+                                       proj_drop=proj_drop_rate, approximate=act_approximate, rng=rng)
+                                 for _ in range(depth))
+        # timm: the final norm sits before pooling for 'token', after pooling (as fc_norm) for 'avg'.
+        if global_pool == "avg":
+            self.norm, self.fc_norm = Identity(), LayerNorm(embed_dim, eps=1e-6)
+        else:
+            self.norm, self.fc_norm = LayerNorm(embed_dim, eps=1e-6), Identity()
+        self.head_drop = Dropout(drop_rate, seed=seed + 2)
+        self.head = Linear(embed_dim, num_classes, rng=rng)
+
+        # timm's init: every Linear weight N(0, 0.02^2) truncated, biases zero; the patch projection keeps
+        # PyTorch's Conv2d default.
+        for name, module in self.named_modules():
+            if isinstance(module, Linear):
+                init.trunc_normal_(module.weight, 0.02, rng)
+                if module.bias is not None:
+                    init.zeros_(module.bias)
+        for i, block in enumerate(self.blocks):
+            for layer, seed_offset in ((block.attn.proj_drop, 0), (block.mlp.drop1, 1), (block.mlp.drop2, 2)):
+                layer.seed = seed + 100 + 3 * i + seed_offset
+
+    def forward_features(self, images):
+        """(B, C, H, W) images -> (B, N, D) normalised tokens."""
+        x = self.patch_embed(images)                                          # (B, Np, D)
+        if self.num_prefix_tokens:
+            xp = backend.get_array_module(x.data)
+            ones = xp.ones((x.shape[0], 1, 1), dtype=x.dtype)
+            x = concat([self.cls_token * ones, x], axis=1)                    # (B, N, D); one token per image
+        x = self.pos_drop(x + self.pos_embed)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_head(self, x, pre_logits=False):
+        """(B, N, D) tokens -> (B, K) logits (or the pooled (B, D) features with ``pre_logits``)."""
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(axis=1)                    # (B, D)
+        else:
+            x = x[:, 0]                                                       # (B, D)
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, images):
+        return self.forward_head(self.forward_features(images))
+
+    def extra_repr(self):
+        c = self.config
+        return (f"img_size={c['img_size']}, patch_size={c['patch_size']}, embed_dim={c['embed_dim']}, "
+                f"depth={c['depth']}, num_heads={c['num_heads']}, num_classes={c['num_classes']}")

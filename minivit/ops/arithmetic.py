@@ -1,0 +1,150 @@
+"""Elementwise arithmetic, exp/log/tanh and matrix products.
+
+Binary ops broadcast like NumPy; their backward sums each gradient back to its input's shape (``unbroadcast``).
+"""
+
+from minivit.backend import get_array_module
+from minivit.function import Function, unbroadcast
+
+
+class AddFn(Function):
+    """y = a + b (broadcasting).  Shapes: a, b broadcastable -> y"""
+
+    def forward(self, a, b):
+        self.a_shape, self.b_shape = a.shape, b.shape
+        return a + b
+
+    # da = dy ; db = dy   (each summed back to its input's shape)
+    def backward(self, dy):
+        return unbroadcast(dy, self.a_shape), unbroadcast(dy, self.b_shape)
+
+
+class SubFn(Function):
+    """y = a - b (broadcasting).  Shapes: a, b broadcastable -> y"""
+
+    def forward(self, a, b):
+        self.a_shape, self.b_shape = a.shape, b.shape
+        return a - b
+
+    # da = dy ; db = -dy
+    def backward(self, dy):
+        return unbroadcast(dy, self.a_shape), unbroadcast(-dy, self.b_shape)
+
+
+class MulFn(Function):
+    """y = a * b (broadcasting).  Shapes: a, b broadcastable -> y"""
+
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a * b
+
+    # da = dy * b ; db = dy * a
+    def backward(self, dy):
+        da = unbroadcast(dy * self.b, self.a.shape) if self.needs_input_grad[0] else None
+        db = unbroadcast(dy * self.a, self.b.shape) if self.needs_input_grad[1] else None
+        return da, db
+
+
+class DivFn(Function):
+    """y = a / b (broadcasting).  Shapes: a, b broadcastable -> y"""
+
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a / b
+
+    # da = dy / b ; db = -dy * a / b^2
+    def backward(self, dy):
+        a, b = self.a, self.b
+        da = unbroadcast(dy / b, a.shape) if self.needs_input_grad[0] else None
+        db = unbroadcast(-dy * a / (b * b), b.shape) if self.needs_input_grad[1] else None
+        return da, db
+
+
+class NegFn(Function):
+    """y = -x.  Shapes: x -> y (same)"""
+
+    def forward(self, x):
+        return -x
+
+    # dx = -dy
+    def backward(self, dy):
+        return (-dy,)
+
+
+class PowFn(Function):
+    """y = x ** p for a constant number p.  Shapes: x -> y (same)"""
+
+    def forward(self, x, *, exponent):
+        self.x, self.p = x, exponent
+        return x ** exponent
+
+    # dx = dy * p * x^(p-1)
+    def backward(self, dy):
+        return (dy * self.p * self.x ** (self.p - 1),)
+
+
+class ExpFn(Function):
+    """y = e^x.  Shapes: x -> y (same)"""
+
+    def forward(self, x):
+        self.y = get_array_module(x).exp(x)
+        return self.y
+
+    # dx = dy * y
+    def backward(self, dy):
+        return (dy * self.y,)
+
+
+class LogFn(Function):
+    """y = ln x.  Shapes: x -> y (same)"""
+
+    def forward(self, x):
+        self.x = x
+        return get_array_module(x).log(x)
+
+    # dx = dy / x
+    def backward(self, dy):
+        return (dy / self.x,)
+
+
+class TanhFn(Function):
+    """y = tanh x.  Shapes: x -> y (same)"""
+
+    def forward(self, x):
+        self.y = get_array_module(x).tanh(x)
+        return self.y
+
+    # dx = dy * (1 - y^2)
+    def backward(self, dy):
+        return (dy * (1 - self.y * self.y),)
+
+
+class MatMulFn(Function):
+    """y = a @ b, with NumPy's rules: 1-D operands are vectors, leading axes broadcast as a batch.
+
+    Shapes: a (..., n, k), b (..., k, m) -> y (..., n, m)
+    """
+
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a @ b
+
+    # da = dy @ b^T ; db = a^T @ dy   (batch axes summed back to each input's shape)
+    def backward(self, dy):
+        a, b = self.a, self.b
+        # View vectors as matrices: a (k,) as (1, k), b (k,) as (k, 1), and dy to match.
+        if b.ndim == 1:
+            b, dy = b[:, None], dy[..., None]
+        if a.ndim == 1:
+            a, dy = a[None, :], dy[..., None, :]
+        da = db = None
+        if self.needs_input_grad[0]:
+            da = unbroadcast(dy @ b.swapaxes(-1, -2), a.shape).reshape(self.a.shape)
+        if self.needs_input_grad[1]:
+            if b.ndim == 2 and a.ndim > 2:
+                # A shared weight: one large product over all batch rows instead of a batch of small ones.
+                db = a.reshape(-1, a.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])
+            else:
+                db = unbroadcast(a.swapaxes(-1, -2) @ dy, b.shape)
+            db = db.reshape(self.b.shape)
+        return da, db

@@ -1,0 +1,43 @@
+"""Cross-entropy fused with log-softmax."""
+
+from minivit.backend import get_array_module
+from minivit.function import Function
+
+
+class CrossEntropyFn(Function):
+    """loss_i = -sum_k q_ik log softmax(x_i)_k with q_i = (1 - s) onehot(t_i) + s / K (label smoothing s).
+
+    reduction='mean' averages loss_i over the batch, 'sum' adds them, 'none' returns them.
+
+    Shapes: x (B, K) logits, t (B,) integer classes -> loss () or (B,)
+    """
+
+    def forward(self, x, t, *, label_smoothing=0.0, reduction="mean"):
+        xp = get_array_module(x)
+        B, K = x.shape
+        shifted = x - x.max(axis=1, keepdims=True)
+        logp = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+        rows = xp.arange(B)
+        loss = -(1.0 - label_smoothing) * logp[rows, t]
+        if label_smoothing:
+            loss -= (label_smoothing / K) * logp.sum(axis=1)
+        self.p, self.t, self.s, self.reduction = xp.exp(logp), t, label_smoothing, reduction
+        if reduction == "mean":
+            return loss.mean()
+        if reduction == "sum":
+            return loss.sum()
+        return loss
+
+    # dx_i = (softmax(x_i) - q_i) * dloss_i      with dloss_i = dy / B (mean), dy (sum) or dy_i (none)
+    def backward(self, dy):
+        xp = get_array_module(dy)
+        B, K = self.p.shape
+        dx = self.p - self.s / K
+        dx[xp.arange(B), self.t] -= 1.0 - self.s
+        if self.reduction == "mean":
+            dx *= dy / B
+        elif self.reduction == "sum":
+            dx *= dy
+        else:
+            dx *= dy[:, None]
+        return dx, None

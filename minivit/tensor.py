@@ -1,0 +1,323 @@
+"""Tensor: an array, its gradient, and the op that made it.
+
+A Tensor wraps a NumPy or CuPy array in ``.data``. When it was computed by an op from tensors that require
+gradients, it remembers that op in ``._ctx``; the ops it came from, followed backwards, form the graph that
+``backward()`` walks. Gradients land in ``.grad`` of the leaves (tensors made by the user, such as parameters)
+and of any tensor that called ``retain_grad()``.
+"""
+
+import contextlib
+
+import numpy as np
+
+from minivit import backend
+
+
+class _GradMode:
+    enabled = True
+
+
+def is_grad_enabled():
+    return _GradMode.enabled
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Inside this block ops record no graph: for evaluation, parameter updates and finite differences."""
+    previous = _GradMode.enabled
+    _GradMode.enabled = False
+    try:
+        yield
+    finally:
+        _GradMode.enabled = previous
+
+
+def _as_array(data, dtype):
+    if isinstance(data, Tensor):
+        data = data.data
+    if isinstance(data, np.ndarray) or backend.is_cupy_array(data):
+        return data if dtype is None else data.astype(dtype, copy=False)
+    if isinstance(data, np.generic):
+        return np.asarray(data, dtype=dtype)
+    # Python numbers and lists: float32 unless told otherwise, integers stay integers.
+    array = np.asarray(data, dtype=dtype)
+    if dtype is None and array.dtype == np.float64:
+        array = array.astype(np.float32)
+    return array
+
+
+class Tensor:
+    """An n-dimensional array that can record the ops applied to it and back-propagate through them.
+
+    Args:
+        data: a NumPy or CuPy array (kept as it is, no copy), a Python number or a nested list (float32 for
+            floats, int64 for integers), or another Tensor.
+        requires_grad: whether gradients should flow to this tensor; only floating dtypes can ask for them.
+        dtype: optional dtype to convert to.
+    """
+
+    __array_priority__ = 1000  # so that `ndarray * tensor` calls Tensor.__rmul__
+
+    def __init__(self, data, requires_grad=False, dtype=None):
+        self.data = _as_array(data, dtype)
+        if requires_grad and self.data.dtype.kind != "f":
+            raise TypeError(f"only floating-point tensors can require gradients, got dtype {self.data.dtype}")
+        self.requires_grad = bool(requires_grad)
+        self.grad = None
+        self._ctx = None        # the Function that produced this tensor, while its graph is alive
+        self._freed = False     # True once backward() has released the graph behind this tensor
+        self._retain = False
+
+    # ----------------------------------------------------------------------------------------- basics
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def size(self):
+        return self.data.size
+
+    @property
+    def device(self):
+        return backend.device_of(self.data)
+
+    @property
+    def is_leaf(self):
+        return self._ctx is None and not self._freed
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor({backend.asnumpy(self.data)!r}{grad}, device='{self.device}')".replace("\n", "\n       ")
+
+    def numpy(self):
+        """The values as a NumPy array (a copy when the tensor lives on the GPU)."""
+        return backend.asnumpy(self.data)
+
+    def item(self):
+        if self.data.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
+        return self.data.item()
+
+    def detach(self):
+        """The same array as a new leaf that records no graph."""
+        return Tensor(self.data)
+
+    def to(self, device=None, dtype=None):
+        """A tensor on ``device`` ('cpu' or 'cuda') and/or with ``dtype``; a new leaf (no graph is kept)."""
+        data = self.data if device is None else backend.to_device(self.data, device)
+        if dtype is not None:
+            data = data.astype(dtype, copy=False)
+        return Tensor(data, requires_grad=self.requires_grad)
+
+    def retain_grad(self):
+        """Keep ``.grad`` on this non-leaf tensor after backward (leaves always keep it)."""
+        self._retain = True
+        return self
+
+    def zero_grad(self):
+        self.grad = None
+
+    # -------------------------------------------------------------------------------------- autograd
+    def backward(self, grad=None, retain_graph=False):
+        """Back-propagate from this tensor through the graph that produced it.
+
+        Args:
+            grad: the upstream gradient dL/dself, same shape as self; may be omitted for a one-element tensor.
+            retain_graph: keep the graph (and its saved arrays) for another backward.
+        """
+        if self._freed:
+            raise RuntimeError("backward through a graph that was already freed: the first backward() released "
+                               "it; pass retain_graph=True to the first call to go through it twice")
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad: none of its inputs had "
+                               "requires_grad=True (or it was computed under no_grad())")
+        xp = backend.get_array_module(self.data)
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(f"backward() without grad needs a one-element tensor, got shape {self.shape}; "
+                                   "pass grad= with the upstream gradient")
+            grad = xp.ones_like(self.data)
+        else:
+            grad = _as_array(grad, None)
+            if grad.shape != self.shape:
+                raise ValueError(f"backward(grad): grad has shape {grad.shape}, expected {self.shape}")
+
+        grads = {id(self): grad}
+        for node in self._topological_order():
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            if node._ctx is None or node._retain:
+                _accumulate_into(node, g)
+            fn = node._ctx
+            if fn is None:
+                continue
+            input_grads = fn.backward(g)
+            if not isinstance(input_grads, tuple) or len(input_grads) != len(fn.parents):
+                raise RuntimeError(f"{type(fn).__name__}.backward must return a tuple of {len(fn.parents)} "
+                                   f"gradients (one per input, None where not needed)")
+            for i, (parent, pg) in enumerate(zip(fn.parents, input_grads)):
+                if pg is None or not parent.requires_grad:
+                    continue
+                if pg.shape != parent.shape:
+                    raise RuntimeError(f"{type(fn).__name__}.backward returned a gradient of shape {pg.shape} "
+                                       f"for input {i} of shape {parent.shape}")
+                key = id(parent)
+                grads[key] = pg if key not in grads else grads[key] + pg
+            if not retain_graph:
+                node._ctx = None
+                node._freed = True
+
+    def _topological_order(self):
+        """Nodes that lead to self, self first, each before all of its inputs (iterative, deterministic)."""
+        order, visited = [], set()
+        stack = [(self, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                order.append(node)
+                continue
+            if id(node) in visited:
+                continue
+            visited.add(id(node))
+            if node._freed:
+                raise RuntimeError("backward through a graph that was already freed: an intermediate tensor's "
+                                   "graph was released by an earlier backward(); use retain_graph=True there")
+            stack.append((node, True))
+            if node._ctx is not None:
+                for parent in reversed(node._ctx.parents):
+                    if parent.requires_grad and id(parent) not in visited:
+                        stack.append((parent, False))
+        order.reverse()
+        return order
+
+    # ------------------------------------------------------------------------------------- operators
+    def _lift(self, other):
+        """Wrap a Python number or array as a constant tensor of this tensor's dtype and device."""
+        if isinstance(other, Tensor):
+            return other
+        xp = backend.get_array_module(self.data)
+        if isinstance(other, (int, float)):
+            return Tensor(xp.asarray(other, dtype=self.dtype if self.dtype.kind == "f" else None))
+        return Tensor(other)
+
+    def __add__(self, other):
+        return _ops.AddFn.apply(self, self._lift(other))
+
+    def __radd__(self, other):
+        return _ops.AddFn.apply(self._lift(other), self)
+
+    def __sub__(self, other):
+        return _ops.SubFn.apply(self, self._lift(other))
+
+    def __rsub__(self, other):
+        return _ops.SubFn.apply(self._lift(other), self)
+
+    def __mul__(self, other):
+        return _ops.MulFn.apply(self, self._lift(other))
+
+    def __rmul__(self, other):
+        return _ops.MulFn.apply(self._lift(other), self)
+
+    def __truediv__(self, other):
+        return _ops.DivFn.apply(self, self._lift(other))
+
+    def __rtruediv__(self, other):
+        return _ops.DivFn.apply(self._lift(other), self)
+
+    def __matmul__(self, other):
+        return _ops.MatMulFn.apply(self, self._lift(other))
+
+    def __rmatmul__(self, other):
+        return _ops.MatMulFn.apply(self._lift(other), self)
+
+    def __neg__(self):
+        return _ops.NegFn.apply(self)
+
+    def __pow__(self, exponent):
+        if not isinstance(exponent, (int, float)):
+            raise TypeError(f"Tensor ** exponent needs a Python number exponent, got {type(exponent).__name__}; "
+                            "for a tensor exponent write (y * x.log()).exp()")
+        return _ops.PowFn.apply(self, exponent=exponent)
+
+    def __getitem__(self, index):
+        return _ops.GetItemFn.apply(self, index=_index_arrays(index))
+
+    def exp(self):
+        return _ops.ExpFn.apply(self)
+
+    def log(self):
+        return _ops.LogFn.apply(self)
+
+    def tanh(self):
+        return _ops.TanhFn.apply(self)
+
+    def sqrt(self):
+        return _ops.PowFn.apply(self, exponent=0.5)
+
+    def reshape(self, *shape):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        return _ops.ReshapeFn.apply(self, shape=tuple(shape))
+
+    def permute(self, *axes):
+        axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
+        return _ops.PermuteFn.apply(self, axes=tuple(axes))
+
+    def transpose(self, axis0=-2, axis1=-1):
+        """Swap two axes (the last two by default)."""
+        axes = list(range(self.ndim))
+        axes[axis0], axes[axis1] = axes[axis1], axes[axis0]
+        return _ops.PermuteFn.apply(self, axes=tuple(axes))
+
+    @property
+    def T(self):
+        return _ops.PermuteFn.apply(self, axes=tuple(reversed(range(self.ndim))))
+
+    def sum(self, axis=None, keepdims=False):
+        return _ops.SumFn.apply(self, axis=axis, keepdims=keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        return _ops.MeanFn.apply(self, axis=axis, keepdims=keepdims)
+
+    def max(self, axis=None, keepdims=False):
+        return _ops.MaxFn.apply(self, axis=axis, keepdims=keepdims)
+
+
+def _index_arrays(index):
+    """Replace Tensors inside an index by their arrays (an index is a setting, never a graph input)."""
+    if isinstance(index, Tensor):
+        return index.data
+    if isinstance(index, tuple):
+        return tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    return index
+
+
+def _accumulate_into(tensor, g):
+    # A leaf gets its own copy: the same array may be handed to several inputs (x + x, broadcasting views).
+    if g.dtype != tensor.dtype:
+        g = g.astype(tensor.dtype)
+    tensor.grad = g.copy() if tensor.grad is None else tensor.grad + g
+
+
+def concat(tensors, axis=0):
+    """Join tensors along an existing axis."""
+    return _ops.ConcatFn.apply(*tensors, axis=axis)
+
+
+def stack(tensors, axis=0):
+    """Join tensors along a new axis."""
+    return _ops.StackFn.apply(*tensors, axis=axis)
+
+
+from minivit import ops as _ops  # noqa: E402  (the ops import Tensor from here)

@@ -1,0 +1,253 @@
+"""Every op: a float64 finite-difference check with a random upstream gradient over several shapes,
+and its forward against a naive reference written differently."""
+
+import math
+
+import numpy as np
+import pytest
+
+from minivit import ops
+from minivit.function import Function
+from minivit.gradcheck import gradcheck
+from tests.conftest import to_xp
+
+R = np.random.default_rng(7)
+
+
+def randn(*shape):
+    return R.standard_normal(shape)
+
+
+def positive(*shape):
+    return R.uniform(0.5, 2.0, shape)
+
+
+def labels(n, k):
+    return R.integers(0, k, n)
+
+
+def _gen(x):
+    from minivit.backend import get_array_module
+    return get_array_module(x.data).random.default_rng(3)
+
+
+# op name -> list of (function of tensors, input arrays); every op in minivit must appear here.
+CASES = {
+    "AddFn": [(lambda a, b: ops.AddFn.apply(a, b), [randn(3, 4), randn(3, 4)]),
+              (lambda a, b: ops.AddFn.apply(a, b), [randn(2, 3, 4), randn(4)]),
+              (lambda a, b: ops.AddFn.apply(a, b), [randn(3, 1), randn(1, 5)])],
+    "SubFn": [(lambda a, b: ops.SubFn.apply(a, b), [randn(3, 4), randn(3, 4)]),
+              (lambda a, b: ops.SubFn.apply(a, b), [randn(4), randn(2, 3, 4)])],
+    "MulFn": [(lambda a, b: ops.MulFn.apply(a, b), [randn(3, 4), randn(3, 4)]),
+              (lambda a, b: ops.MulFn.apply(a, b), [randn(2, 1, 4), randn(3, 1)])],
+    "DivFn": [(lambda a, b: ops.DivFn.apply(a, b), [randn(3, 4), positive(3, 4)]),
+              (lambda a, b: ops.DivFn.apply(a, b), [randn(2, 3), positive(3)])],
+    "NegFn": [(lambda a: ops.NegFn.apply(a), [randn(5)]), (lambda a: ops.NegFn.apply(a), [randn(2, 3)])],
+    "PowFn": [(lambda a: ops.PowFn.apply(a, exponent=3), [randn(2, 3)]),
+              (lambda a: ops.PowFn.apply(a, exponent=0.5), [positive(4, 2)]),
+              (lambda a: ops.PowFn.apply(a, exponent=-1.5), [positive(3)])],
+    "ExpFn": [(lambda a: ops.ExpFn.apply(a), [randn(3, 4)]), (lambda a: ops.ExpFn.apply(a), [randn(2, 2, 2)])],
+    "LogFn": [(lambda a: ops.LogFn.apply(a), [positive(3, 4)]), (lambda a: ops.LogFn.apply(a), [positive(5)])],
+    "TanhFn": [(lambda a: ops.TanhFn.apply(a), [randn(3, 4)]), (lambda a: ops.TanhFn.apply(a), [randn(6)])],
+    "MatMulFn": [(lambda a, b: ops.MatMulFn.apply(a, b), [randn(3, 4), randn(4, 5)]),
+                 (lambda a, b: ops.MatMulFn.apply(a, b), [randn(2, 3, 4), randn(4, 5)]),
+                 (lambda a, b: ops.MatMulFn.apply(a, b), [randn(2, 1, 3, 4), randn(3, 4, 2)]),
+                 (lambda a, b: ops.MatMulFn.apply(a, b), [randn(4), randn(2, 4, 3)]),
+                 (lambda a, b: ops.MatMulFn.apply(a, b), [randn(2, 3, 4), randn(4)]),
+                 (lambda a, b: ops.MatMulFn.apply(a, b), [randn(4), randn(4)])],
+    "ReshapeFn": [(lambda a: ops.ReshapeFn.apply(a, shape=(6, 2)), [randn(3, 4)]),
+                  (lambda a: ops.ReshapeFn.apply(a, shape=(-1,)), [randn(2, 3, 2)])],
+    "PermuteFn": [(lambda a: ops.PermuteFn.apply(a, axes=(1, 0)), [randn(3, 4)]),
+                  (lambda a: ops.PermuteFn.apply(a, axes=(2, 0, 3, 1)), [randn(2, 3, 4, 5)])],
+    "GetItemFn": [(lambda a: ops.GetItemFn.apply(a, index=(slice(1, 3), 0)), [randn(4, 3)]),
+                  (lambda a: ops.GetItemFn.apply(a, index=(Ellipsis, None, slice(None, None, 2))), [randn(2, 5)]),
+                  (lambda a: ops.GetItemFn.apply(a, index=np.array([0, 2, 2, 1])), [randn(3, 2)]),
+                  (lambda a: ops.GetItemFn.apply(a, index=(np.array([1, 0, 1]), np.array([0, 2, 0]))), [randn(2, 3)])],
+    "ConcatFn": [(lambda a, b: ops.ConcatFn.apply(a, b, axis=0), [randn(2, 3), randn(4, 3)]),
+                 (lambda a, b, c: ops.ConcatFn.apply(a, b, c, axis=-1), [randn(2, 1), randn(2, 3), randn(2, 2)])],
+    "StackFn": [(lambda a, b: ops.StackFn.apply(a, b, axis=0), [randn(2, 3), randn(2, 3)]),
+                (lambda a, b, c: ops.StackFn.apply(a, b, c, axis=-1), [randn(4), randn(4), randn(4)])],
+    "SumFn": [(lambda a: ops.SumFn.apply(a), [randn(3, 4)]),
+              (lambda a: ops.SumFn.apply(a, axis=1), [randn(2, 3, 4)]),
+              (lambda a: ops.SumFn.apply(a, axis=(0, 2), keepdims=True), [randn(2, 3, 4)])],
+    "MeanFn": [(lambda a: ops.MeanFn.apply(a), [randn(3, 4)]),
+               (lambda a: ops.MeanFn.apply(a, axis=-1), [randn(2, 3, 4)]),
+               (lambda a: ops.MeanFn.apply(a, axis=(0, 1), keepdims=True), [randn(2, 3, 4)])],
+    "MaxFn": [(lambda a: ops.MaxFn.apply(a), [randn(3, 4)]),
+              (lambda a: ops.MaxFn.apply(a, axis=1), [randn(2, 5, 3)]),
+              (lambda a: ops.MaxFn.apply(a, axis=(0, 2), keepdims=True), [randn(2, 3, 4)])],
+    "LinearFn": [(lambda x, w, b: ops.LinearFn.apply(x, w, b), [randn(5, 3), randn(4, 3), randn(4)]),
+                 (lambda x, w, b: ops.LinearFn.apply(x, w, b), [randn(2, 3, 4), randn(5, 4), randn(5)]),
+                 (lambda x, w: ops.LinearFn.apply(x, w), [randn(2, 2, 3), randn(2, 3)])],
+    "GELUFn": [(lambda x: ops.GELUFn.apply(x), [randn(3, 4) * 2]),
+               (lambda x: ops.GELUFn.apply(x, approximate="tanh"), [randn(2, 3, 4) * 2])],
+    "DropoutFn": [(lambda x: ops.DropoutFn.apply(x, p=0.3, generator=_gen(x)), [randn(4, 5)]),
+                  (lambda x: ops.DropoutFn.apply(x, p=0.5, generator=_gen(x)), [randn(2, 3, 4)])],
+    "SoftmaxFn": [(lambda x: ops.SoftmaxFn.apply(x), [randn(3, 5)]),
+                  (lambda x: ops.SoftmaxFn.apply(x, axis=1), [randn(2, 4, 3)]),
+                  (lambda x: ops.SoftmaxFn.apply(x, axis=-1), [randn(2, 2, 3, 6) * 3])],
+    "LogSoftmaxFn": [(lambda x: ops.LogSoftmaxFn.apply(x), [randn(3, 5)]),
+                     (lambda x: ops.LogSoftmaxFn.apply(x, axis=0), [randn(4, 3)])],
+    "LayerNormFn": [(lambda x, w, b: ops.LayerNormFn.apply(x, w, b), [randn(3, 5), randn(5), randn(5)]),
+                    (lambda x, w, b: ops.LayerNormFn.apply(x, w, b, eps=1e-5), [randn(2, 3, 8), randn(8), randn(8)])],
+    "ScaledDotProductAttentionFn": [
+        (lambda q, k, v: ops.ScaledDotProductAttentionFn.apply(q, k, v), [randn(3, 4), randn(5, 4), randn(5, 2)]),
+        (lambda q, k, v: ops.ScaledDotProductAttentionFn.apply(q, k, v), [randn(2, 2, 5, 3), randn(2, 2, 5, 3),
+                                                                          randn(2, 2, 5, 3)]),
+        (lambda q, k, v: ops.ScaledDotProductAttentionFn.apply(q, k, v, scale=0.7), [randn(2, 3, 4), randn(2, 6, 4),
+                                                                                    randn(2, 6, 5)])],
+    "CrossEntropyFn": [(lambda x, t: ops.CrossEntropyFn.apply(x, t), [randn(4, 3), labels(4, 3)]),
+                       (lambda x, t: ops.CrossEntropyFn.apply(x, t, label_smoothing=0.1), [randn(6, 5), labels(6, 5)]),
+                       (lambda x, t: ops.CrossEntropyFn.apply(x, t, reduction="sum"), [randn(3, 4), labels(3, 4)]),
+                       (lambda x, t: ops.CrossEntropyFn.apply(x, t, reduction="none", label_smoothing=0.2),
+                        [randn(5, 3), labels(5, 3)])],
+    "PatchifyFn": [(lambda x: ops.PatchifyFn.apply(x, patch_size=2), [randn(2, 1, 4, 4)]),
+                   (lambda x: ops.PatchifyFn.apply(x, patch_size=2), [randn(1, 3, 4, 6)])],
+    "UnpatchifyFn": [(lambda x: ops.UnpatchifyFn.apply(x, patch_size=2, grid=(2, 2)), [randn(2, 4, 4)]),
+                     (lambda x: ops.UnpatchifyFn.apply(x, patch_size=2, grid=(2, 3)), [randn(1, 6, 12)])],
+}
+
+
+def test_every_op_has_a_gradient_check():
+    defined = {cls.__name__ for cls in Function.registry}
+    assert defined, "no ops registered"
+    missing = sorted(defined - set(CASES))
+    assert not missing, f"ops without a gradient check case in tests/test_ops.py: {missing}"
+    assert sorted(set(CASES) - defined) == [], "cases for ops that no longer exist"
+
+
+@pytest.mark.parametrize("case", [pytest.param((name, i), id=f"{name}-{i}")
+                                  for name, cases in CASES.items() for i in range(len(cases))])
+def test_gradient_matches_finite_differences(case, xp):
+    name, i = case
+    fn, inputs = CASES[name][i]
+    report = gradcheck(fn, to_xp(xp, *inputs) if len(inputs) > 1 else [to_xp(xp, inputs[0])], mode="full")
+    assert report.ok, f"{name} case {i}\n{report}"
+    assert len(report.rows) == sum(np.asarray(a).dtype.kind == "f" for a in inputs)
+
+
+def test_every_op_has_several_shapes():
+    thin = [name for name, cases in CASES.items() if len(cases) < 2]
+    assert not thin, f"ops checked on a single shape only: {thin}"
+
+
+# ------------------------------------------------------------------ forwards against naive references
+def _loop_softmax(x):
+    out = np.empty_like(x)
+    for idx in np.ndindex(x.shape[:-1]):
+        row = x[idx]
+        e = [math.exp(v - max(row)) for v in row]
+        out[idx] = [v / sum(e) for v in e]
+    return out
+
+
+def test_softmax_forward_matches_a_loop():
+    x = randn(3, 4, 5)
+    np.testing.assert_allclose(ops.SoftmaxFn.apply(x).data, _loop_softmax(x), rtol=1e-12)
+    np.testing.assert_allclose(ops.LogSoftmaxFn.apply(x).data, np.log(_loop_softmax(x)), rtol=1e-12)
+
+
+def test_layer_norm_forward_matches_a_loop():
+    x, w, b = randn(4, 6), randn(6), randn(6)
+    expected = np.empty_like(x)
+    for i, row in enumerate(x):
+        mu = sum(row) / len(row)
+        var = sum((v - mu) ** 2 for v in row) / len(row)
+        expected[i] = [(v - mu) / math.sqrt(var + 1e-6) * wj + bj for v, wj, bj in zip(row, w, b)]
+    np.testing.assert_allclose(ops.LayerNormFn.apply(x, w, b, eps=1e-6).data, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_gelu_forward_matches_math_erf_and_the_tanh_formula():
+    x = randn(50) * 3
+    exact = [v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x]
+    np.testing.assert_allclose(ops.GELUFn.apply(x).data, exact, rtol=1e-13, atol=1e-15)
+    tanh = [0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3))) for v in x]
+    np.testing.assert_allclose(ops.GELUFn.apply(x, approximate="tanh").data, tanh, rtol=1e-12, atol=1e-15)
+    assert np.abs(np.asarray(exact) - np.asarray(tanh)).max() < 1e-3  # the approximation is close, not equal
+
+
+def test_attention_forward_matches_a_loop():
+    q, k, v = randn(3, 4), randn(5, 4), randn(5, 2)
+    out = np.zeros((3, 2))
+    for i in range(3):
+        scores = [sum(q[i, d] * k[j, d] for d in range(4)) / 2.0 for j in range(5)]
+        weights = _loop_softmax(np.array(scores))
+        out[i] = sum(weights[j] * v[j] for j in range(5))
+    np.testing.assert_allclose(ops.ScaledDotProductAttentionFn.apply(q, k, v).data, out, rtol=1e-12)
+
+
+def test_cross_entropy_forward_matches_a_loop():
+    x, t = randn(5, 4), labels(5, 4)
+    for s in (0.0, 0.1):
+        losses = []
+        for row, c in zip(x, t):
+            logp = np.log(_loop_softmax(row))
+            q = np.full(4, s / 4)
+            q[c] += 1 - s
+            losses.append(-sum(q * logp))
+        np.testing.assert_allclose(ops.CrossEntropyFn.apply(x, t, label_smoothing=s).data, np.mean(losses), rtol=1e-12)
+        np.testing.assert_allclose(ops.CrossEntropyFn.apply(x, t, label_smoothing=s, reduction="none").data, losses,
+                                   rtol=1e-12)
+
+
+def test_patchify_forward_matches_a_loop_and_unpatchify_inverts_it():
+    x = randn(2, 3, 4, 6)
+    P = 2
+    y = ops.PatchifyFn.apply(x, patch_size=P).data
+    for b in range(2):
+        for r in range(2):
+            for c in range(3):
+                np.testing.assert_array_equal(y[b, r * 3 + c], x[b, :, r * P:(r + 1) * P, c * P:(c + 1) * P].ravel())
+    np.testing.assert_array_equal(ops.UnpatchifyFn.apply(y, patch_size=P, grid=(2, 3)).data, x)
+
+
+def test_patchify_then_linear_equals_a_strided_convolution():
+    x, w, b = randn(2, 3, 8, 8), randn(5, 3, 4, 4), randn(5)
+    y = ops.LinearFn.apply(ops.PatchifyFn.apply(x, patch_size=4), w.reshape(5, -1), b).data  # (2, 4, 5)
+    conv = np.zeros((2, 5, 2, 2))
+    for i in range(2):
+        for j in range(2):
+            window = x[:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4]
+            conv[:, :, i, j] = np.einsum("bchw,dchw->bd", window, w) + b
+    np.testing.assert_allclose(y, conv.reshape(2, 5, 4).transpose(0, 2, 1), rtol=1e-12)
+
+
+def test_dropout_keeps_the_expected_fraction_and_scales_the_rest():
+    x = np.ones((200, 100))
+    y = ops.DropoutFn.apply(x, p=0.25, generator=np.random.default_rng(0)).data
+    kept = y != 0
+    assert abs(kept.mean() - 0.75) < 0.01
+    np.testing.assert_allclose(y[kept], 1 / 0.75)
+
+
+# ------------------------------------------------------------------ stability
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_and_cross_entropy_are_finite_and_right_on_huge_logits(dtype):
+    x = np.array([[1e4, -1e4, 0.0], [-1e4, -1e4 + 1.0, -1e4]], dtype=dtype)
+    p = ops.SoftmaxFn.apply(x).data
+    assert np.isfinite(p).all()
+    np.testing.assert_allclose(p[0], [1, 0, 0], atol=1e-7)
+    e = math.e
+    np.testing.assert_allclose(p[1], [1 / (e + 2), e / (e + 2), 1 / (e + 2)], rtol=1e-5)
+    logp = ops.LogSoftmaxFn.apply(x).data
+    assert np.isfinite(logp).all()
+    np.testing.assert_allclose(logp[0], [0.0, -2e4, -1e4], rtol=1e-6)
+    t = np.array([1, 1])
+    loss = ops.CrossEntropyFn.apply(x, t).data
+    np.testing.assert_allclose(loss, (2e4 + (math.log(e + 2) - 1)) / 2, rtol=1e-6)
+    from minivit import Tensor
+    xt = Tensor(x, requires_grad=True)
+    ops.CrossEntropyFn.apply(xt, t).backward()
+    assert np.isfinite(xt.grad).all()
+
+
+def test_layer_norm_of_a_constant_row_is_finite():
+    for dtype in (np.float32, np.float64):
+        x = np.full((2, 8), 3.0, dtype=dtype)
+        from minivit import Tensor
+        xt = Tensor(x, requires_grad=True)
+        y = ops.LayerNormFn.apply(xt, np.ones(8, dtype), np.zeros(8, dtype))
+        assert np.isfinite(y.data).all()
+        np.testing.assert_allclose(y.data, 0.0)
+        y.backward(np.ones_like(x))
+        assert np.isfinite(xt.grad).all()
