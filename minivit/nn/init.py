@@ -15,14 +15,14 @@ def default_rng():
     return backend.default_generator(np)
 
 
-def trunc_normal_(p, std, rng):
-    """Normal(0, std^2) values, those beyond 2 std drawn again."""
-    values = rng.standard_normal(p.shape)
-    outside = np.abs(values) > 2.0
+def trunc_normal_(p, std, rng, a=-2.0, b=2.0):
+    """Normal(0, std^2) values, those outside [a, b] drawn again (timm's bounds: +-2 in absolute terms)."""
+    values = rng.standard_normal(p.shape) * std
+    outside = (values < a) | (values > b)
     while outside.any():
-        values[outside] = rng.standard_normal(int(outside.sum()))
-        outside = np.abs(values) > 2.0
-    _fill(p, values * std)
+        values[outside] = rng.standard_normal(int(outside.sum())) * std
+        outside = (values < a) | (values > b)
+    _fill(p, values)
 
 
 def normal_(p, std, rng):

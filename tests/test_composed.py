@@ -1,0 +1,51 @@
+"""Fused ops and their composed twins agree in values and in gradients."""
+
+import numpy as np
+import pytest
+
+from minivit import Tensor, composed, functional as F
+
+R = np.random.default_rng(11)
+
+
+def _values_and_grads(fn, arrays, upstream):
+    tensors = [Tensor(a, requires_grad=a.dtype.kind == "f") for a in arrays]
+    out = fn(*tensors)
+    out.backward(upstream)
+    return out.data, [t.grad for t in tensors if t.requires_grad]
+
+
+PAIRS = {
+    "softmax": (lambda x: F.softmax(x), lambda x: composed.softmax(x), [R.standard_normal((3, 7)) * 4]),
+    "log_softmax": (lambda x: F.log_softmax(x, axis=0), lambda x: composed.log_softmax(x, axis=0),
+                    [R.standard_normal((5, 3))]),
+    "layer_norm": (lambda x, w, b: F.layer_norm(x, w, b), lambda x, w, b: composed.layer_norm(x, w, b),
+                   [R.standard_normal((2, 4, 6)), R.standard_normal(6), R.standard_normal(6)]),
+    "attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+                  lambda q, k, v: composed.scaled_dot_product_attention(q, k, v),
+                  [R.standard_normal((2, 3, 5, 4)) for _ in range(3)]),
+    "cross_entropy": (lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1),
+                      lambda x, t: composed.cross_entropy(x, t, label_smoothing=0.1),
+                      [R.standard_normal((6, 4)), R.integers(0, 4, 6)]),
+    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), lambda x: composed.gelu_tanh(x),
+                  [R.standard_normal((4, 5)) * 2]),
+    "linear": (lambda x, w, b: F.linear(x, w, b), lambda x, w, b: composed.linear(x, w, b),
+               [R.standard_normal((2, 3, 4)), R.standard_normal((5, 4)), R.standard_normal(5)]),
+}
+
+
+@pytest.mark.parametrize("name", PAIRS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fused_and_composed_agree(name, dtype):
+    fused, comp, arrays = PAIRS[name]
+    arrays = [a.astype(dtype) if a.dtype.kind == "f" else a for a in arrays]
+    out_shape = fused(*arrays).shape
+    upstream = R.standard_normal(out_shape).astype(dtype)
+    v1, g1 = _values_and_grads(fused, arrays, upstream)
+    v2, g2 = _values_and_grads(comp, arrays, upstream)
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(v1, v2, rtol=tol, atol=tol)
+    assert len(g1) == len(g2)
+    for a, b in zip(g1, g2):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)

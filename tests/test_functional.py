@@ -1,0 +1,79 @@
+"""The public functional API: clear errors on bad input, and the attention probabilities it can return."""
+
+import numpy as np
+import pytest
+
+from minivit import Tensor, functional as F
+from minivit import backend
+
+
+def test_cross_entropy_rejects_float_labels_and_out_of_range_classes():
+    x = np.zeros((3, 4))
+    with pytest.raises(TypeError, match="integer class indices, got dtype float64"):
+        F.cross_entropy(x, np.array([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"classes from 0 to 4, expected 0..3"):
+        F.cross_entropy(x, np.array([0, 4, 1]))
+    with pytest.raises(ValueError, match=r"classes from -1"):
+        F.cross_entropy(x, np.array([0, -1, 1]))
+    with pytest.raises(ValueError, match=r"target has shape \(2,\), expected \(3,\)"):
+        F.cross_entropy(x, np.array([0, 1]))
+    with pytest.raises(ValueError, match="logits must be"):
+        F.cross_entropy(np.zeros(4), np.array([0]))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        F.cross_entropy(x, np.array([0, 1, 2]), label_smoothing=1.0)
+
+
+def test_patchify_rejects_sizes_that_do_not_divide():
+    with pytest.raises(ValueError, match="image 30x30 is not divisible by patch_size 4"):
+        F.patchify(np.zeros((1, 1, 30, 30)), 4)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        F.patchify(np.zeros((30, 30)), 2)
+    with pytest.raises(ValueError, match="square grid"):
+        F.unpatchify(np.zeros((1, 6, 4)), 2)
+
+
+def test_shape_errors_name_the_shapes():
+    with pytest.raises(ValueError, match=r"x has shape \(2, 3\) and weight \(4, 5\)"):
+        F.linear(np.zeros((2, 3)), np.zeros((4, 5)))
+    with pytest.raises(ValueError, match=r"weight and bias must be \(3,\)"):
+        F.layer_norm(np.zeros((2, 3)), np.zeros(4), np.zeros(3))
+    with pytest.raises(ValueError, match="q .* k .* v"):
+        F.scaled_dot_product_attention(np.zeros((2, 3)), np.zeros((2, 4)), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="approximate"):
+        F.gelu(np.zeros(2), approximate="fast")
+    with pytest.raises(ValueError, match="dropout: p"):
+        F.dropout(np.zeros(2), p=1.0)
+
+
+def test_attention_returns_probabilities_that_sum_to_one():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 5, 3)) for _ in range(3))
+    out, probs = F.scaled_dot_product_attention(q, k, v, return_attn=True)
+    assert probs.shape == (2, 5, 5) and not probs.requires_grad
+    np.testing.assert_allclose(probs.data.sum(-1), 1.0)
+    np.testing.assert_allclose(out.data, probs.data @ v)
+
+
+def test_dropout_is_the_identity_when_not_training_and_reproducible_with_a_seed():
+    x = Tensor(np.ones((4, 4)))
+    assert F.dropout(x, 0.5, training=False) is x
+    a = F.dropout(x, 0.5, generator=np.random.default_rng(5)).data
+    b = F.dropout(x, 0.5, generator=np.random.default_rng(5)).data
+    np.testing.assert_array_equal(a, b)
+
+
+class FakeCupyArray:
+    """Stands in for a CuPy array: only its module name matters to the device check."""
+    __module__ = "cupy._core.core"
+    shape, ndim = (2,), 1
+
+
+def test_mixing_devices_names_both():
+    with pytest.raises(TypeError, match=r"AddFn: inputs live on different devices \(input 0: numpy.ndarray on "
+                                        r"cpu, input 1: cupy._core.core.FakeCupyArray on cuda\)"):
+        backend.check_same_device([np.zeros(2), FakeCupyArray()], "AddFn")
+
+
+def test_unknown_device_name():
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        backend.normalize_device("tpu")

@@ -1,0 +1,207 @@
+"""Autograd semantics: accumulation, broadcasting, graph order and freeing, no_grad, dtypes, errors."""
+
+import numpy as np
+import pytest
+
+import minivit as mv
+from minivit import Tensor
+from minivit.function import unbroadcast
+
+
+def test_a_tensor_used_twice_gets_the_sum_of_both_gradients():
+    x = Tensor(np.array([1.0, 2.0, 3.0]), requires_grad=True)
+    y = x * x + x  # dy/dx = 2x + 1
+    y.backward(np.ones(3))
+    np.testing.assert_allclose(x.grad, [3.0, 5.0, 7.0])
+
+
+def test_x_plus_x_leaves_two_independent_copies_of_the_gradient():
+    x = Tensor(np.ones(3), requires_grad=True)
+    (x + x).sum().backward()
+    np.testing.assert_allclose(x.grad, 2.0)
+    y = Tensor(np.ones(3), requires_grad=True)
+    z = Tensor(np.ones(3), requires_grad=True)
+    (y + z).sum().backward()
+    y.grad *= 5  # an optimizer may scale a gradient in place; the other one must not change
+    np.testing.assert_allclose(z.grad, 1.0)
+
+
+def test_gradients_accumulate_across_backward_calls_until_zeroed():
+    x = Tensor(np.array([2.0]), requires_grad=True)
+    (x * 3).sum().backward()
+    (x * 3).sum().backward()
+    np.testing.assert_allclose(x.grad, [6.0])
+    x.zero_grad()
+    assert x.grad is None
+
+
+def test_broadcasting_backward_sums_to_each_input_shape():
+    a = Tensor(np.ones((2, 3, 4)), requires_grad=True)
+    b = Tensor(np.ones((3, 1)), requires_grad=True)
+    c = Tensor(np.ones(4), requires_grad=True)
+    (a * b + c).sum().backward()
+    assert a.grad.shape == (2, 3, 4) and b.grad.shape == (3, 1) and c.grad.shape == (4,)
+    np.testing.assert_allclose(b.grad, 8.0)
+    np.testing.assert_allclose(c.grad, 6.0)
+
+
+def test_unbroadcast_sums_leading_and_stretched_axes():
+    g = np.arange(24.0).reshape(2, 3, 4)
+    np.testing.assert_allclose(unbroadcast(g, (3, 1)), g.sum(axis=(0, 2)).reshape(3, 1))
+    np.testing.assert_allclose(unbroadcast(g, (4,)), g.sum(axis=(0, 1)))
+    assert unbroadcast(g, (2, 3, 4)) is g
+
+
+def test_deep_graphs_do_not_hit_the_recursion_limit():
+    x = Tensor(np.array([1.0]), requires_grad=True)
+    y = x
+    for _ in range(20000):
+        y = y * 1.0001
+    y.sum().backward()
+    np.testing.assert_allclose(x.grad, [1.0001 ** 20000], rtol=1e-9)
+
+
+def test_topological_order_is_deterministic_and_each_node_comes_before_its_inputs():
+    x = Tensor(np.ones(2), requires_grad=True)
+    a = x * 2
+    b = x + a
+    c = (a * b).sum()
+    orders = []
+    for _ in range(3):
+        orders.append([id(n) for n in c._topological_order()])
+    assert orders[0] == orders[1] == orders[2]
+    position = {i: k for k, i in enumerate(orders[0])}
+    assert position[id(c)] < position[id(b)] < position[id(a)] < position[id(x)]
+
+
+def test_the_graph_is_freed_after_backward_and_a_second_backward_raises():
+    x = Tensor(np.ones(3), requires_grad=True)
+    y = (x * 2).sum()
+    y.backward()
+    with pytest.raises(RuntimeError, match="already freed"):
+        y.backward()
+    z = x * 3
+    (z * 1).sum().backward()
+    with pytest.raises(RuntimeError, match="already freed"):
+        (z * 2).sum().backward()
+
+
+def test_retain_graph_allows_a_second_backward():
+    x = Tensor(np.ones(3), requires_grad=True)
+    y = (x * 2).sum()
+    y.backward(retain_graph=True)
+    y.backward()
+    np.testing.assert_allclose(x.grad, 4.0)
+
+
+def test_saved_arrays_are_released_after_backward():
+    x = Tensor(np.ones(3), requires_grad=True)
+    y = x.exp()
+    ctx = y._ctx
+    y.sum().backward()
+    assert y._ctx is None and ctx.parents  # the op object is no longer reachable from the tensor
+
+
+def test_no_grad_records_nothing():
+    x = Tensor(np.ones(3), requires_grad=True)
+    with mv.no_grad():
+        y = x * 2
+        assert not mv.is_grad_enabled()
+    assert mv.is_grad_enabled()
+    assert not y.requires_grad and y._ctx is None
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        y.sum().backward()
+
+
+def test_retain_grad_keeps_an_intermediate_gradient():
+    x = Tensor(np.array([1.0, 2.0]), requires_grad=True)
+    h = (x * 3).retain_grad()
+    (h * h).sum().backward()
+    np.testing.assert_allclose(h.grad, 2 * h.data)
+    np.testing.assert_allclose(x.grad, 18 * x.data)
+
+
+def test_backward_without_grad_needs_a_scalar():
+    x = Tensor(np.ones(3), requires_grad=True)
+    with pytest.raises(RuntimeError, match="one-element"):
+        (x * 2).backward()
+    with pytest.raises(ValueError, match=r"grad has shape \(2,\), expected \(3,\)"):
+        (x * 2).backward(np.ones(2))
+
+
+def test_dtypes_float32_by_default_float64_kept():
+    assert Tensor([1.0, 2.0]).dtype == np.float32
+    assert Tensor(1.5).dtype == np.float32
+    assert Tensor([1, 2]).dtype.kind == "i"
+    assert Tensor(np.ones(2)).dtype == np.float64
+    x32 = Tensor(np.ones(2, np.float32), requires_grad=True)
+    y = (x32 * 3.0 + 1.0) / 2.0 - 0.5
+    assert y.dtype == np.float32
+    y.sum().backward()
+    assert x32.grad.dtype == np.float32
+    with pytest.raises(TypeError, match="floating-point"):
+        Tensor([1, 2], requires_grad=True)
+
+
+def test_operators_and_methods():
+    a = Tensor(np.array([[1.0, 2.0], [3.0, 4.0]]), requires_grad=True)
+    np.testing.assert_allclose((2 - a).data, 2 - a.data)
+    np.testing.assert_allclose((2 / a).data, 2 / a.data)
+    np.testing.assert_allclose((-a).data, -a.data)
+    np.testing.assert_allclose((a ** 2).data, a.data ** 2)
+    np.testing.assert_allclose((a @ a).data, a.data @ a.data)
+    np.testing.assert_allclose((np.eye(2) @ a).data, a.data)
+    np.testing.assert_allclose(a.T.data, a.data.T)
+    np.testing.assert_allclose(a.transpose(0, 1).data, a.data.T)
+    np.testing.assert_allclose(a.permute(1, 0).data, a.data.T)
+    np.testing.assert_allclose(a.reshape(4).data, a.data.ravel())
+    np.testing.assert_allclose(a.reshape((1, 4)).data, a.data.reshape(1, 4))
+    np.testing.assert_allclose(a[1].data, [3.0, 4.0])
+    np.testing.assert_allclose(a.max(axis=0).data, [3.0, 4.0])
+    np.testing.assert_allclose(a.mean().data, 2.5)
+    np.testing.assert_allclose(a.sqrt().data, np.sqrt(a.data))
+    np.testing.assert_allclose(a.log().exp().data, a.data)
+    np.testing.assert_allclose(a.tanh().data, np.tanh(a.data))
+    np.testing.assert_allclose(mv.concat([a, a], axis=1).data, np.hstack([a.data, a.data]))
+    np.testing.assert_allclose(mv.stack([a, a]).data, np.stack([a.data, a.data]))
+    with pytest.raises(ValueError, match="one element"):
+        a.item()
+    with pytest.raises(TypeError, match="Python number exponent"):
+        a ** a
+
+
+def test_indexing_with_a_tensor_and_repeated_indices_accumulates():
+    x = Tensor(np.arange(4.0), requires_grad=True)
+    idx = Tensor(np.array([0, 0, 3]))
+    x[idx].sum().backward()
+    np.testing.assert_allclose(x.grad, [2.0, 0.0, 0.0, 1.0])
+
+
+def test_max_splits_the_gradient_between_ties():
+    x = Tensor(np.array([1.0, 3.0, 3.0]), requires_grad=True)
+    x.max().backward()
+    np.testing.assert_allclose(x.grad, [0.0, 0.5, 0.5])
+
+
+def test_a_wrong_backward_shape_is_reported_with_the_op_name():
+    from minivit.function import Function
+
+    class BadFn(Function):
+        def forward(self, x):
+            return x * 2
+
+        def backward(self, dy):
+            return (dy[:1],)
+
+    x = Tensor(np.ones(3), requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"BadFn.backward returned a gradient of shape \(1,\) for input 0"):
+        BadFn.apply(x).sum().backward()
+    assert BadFn not in Function.registry  # user ops are not library ops
+
+
+def test_to_and_detach_make_new_leaves():
+    x = Tensor(np.ones(2, np.float32), requires_grad=True)
+    y = (x * 2).to(dtype=np.float64)
+    assert y.dtype == np.float64 and y.is_leaf and y.device == "cpu"
+    assert not (x * 2).detach().requires_grad
+    assert "requires_grad=True" in repr(x)
