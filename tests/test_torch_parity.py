@@ -1,0 +1,132 @@
+"""Parity with PyTorch: every functional op and a whole ViT, in values and in every gradient.
+
+Tolerances: 1e-10 relative in float64, 1e-4 in float32. Skipped when PyTorch is not installed.
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+TF = torch.nn.functional
+
+from minivit import Tensor, functional as F, nn, optim  # noqa: E402
+from tests.torch_reference import torch_vit_like  # noqa: E402
+
+pytestmark = pytest.mark.torch
+R = np.random.default_rng(21)
+TOL = {np.float64: 1e-10, np.float32: 1e-4}
+
+
+def _compare(ours, theirs, arrays, dtype, label_positions=()):
+    arrays = [a if i in label_positions else a.astype(dtype) for i, a in enumerate(arrays)]
+    mine = [Tensor(a, requires_grad=i not in label_positions) for i, a in enumerate(arrays)]
+    ref = [torch.from_numpy(a) if i in label_positions else torch.tensor(a, requires_grad=True)
+           for i, a in enumerate(arrays)]
+    y, y_ref = ours(*mine), theirs(*ref)
+    upstream = R.standard_normal(y.shape).astype(dtype)
+    y.backward(upstream)
+    y_ref.backward(torch.from_numpy(upstream))
+    tol = TOL[dtype]
+    np.testing.assert_allclose(y.data, y_ref.detach().numpy(), rtol=tol, atol=tol)
+    for i, (a, b) in enumerate(zip(mine, ref)):
+        if i not in label_positions:
+            np.testing.assert_allclose(a.grad, b.grad.numpy(), rtol=tol, atol=tol, err_msg=f"input {i}")
+
+
+OPS = {
+    "linear": (F.linear, TF.linear, [R.standard_normal((2, 5, 4)), R.standard_normal((3, 4)), R.standard_normal(3)]),
+    "gelu": (F.gelu, TF.gelu, [R.standard_normal((4, 6)) * 3]),
+    "gelu_tanh": (lambda x: F.gelu(x, "tanh"), lambda x: TF.gelu(x, approximate="tanh"), [R.standard_normal(20) * 3]),
+    "softmax": (lambda x: F.softmax(x, 1), lambda x: TF.softmax(x, 1), [R.standard_normal((3, 4, 5))]),
+    "log_softmax": (F.log_softmax, lambda x: TF.log_softmax(x, -1), [R.standard_normal((3, 7)) * 5]),
+    "layer_norm": (lambda x, w, b: F.layer_norm(x, w, b, eps=1e-6),
+                   lambda x, w, b: TF.layer_norm(x, (6,), w, b, eps=1e-6),
+                   [R.standard_normal((2, 3, 6)), R.standard_normal(6), R.standard_normal(6)]),
+    "attention": (F.scaled_dot_product_attention, TF.scaled_dot_product_attention,
+                  [R.standard_normal((2, 3, 5, 4)), R.standard_normal((2, 3, 7, 4)), R.standard_normal((2, 3, 7, 6))]),
+    "cross_entropy": (lambda x, t: F.cross_entropy(x, t), lambda x, t: TF.cross_entropy(x, t),
+                      [R.standard_normal((8, 5)), R.integers(0, 5, 8)]),
+    "cross_entropy_smoothing": (lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1),
+                                lambda x, t: TF.cross_entropy(x, t, label_smoothing=0.1),
+                                [R.standard_normal((8, 5)), R.integers(0, 5, 8)]),
+    "cross_entropy_none": (lambda x, t: F.cross_entropy(x, t, reduction="none"),
+                           lambda x, t: TF.cross_entropy(x, t, reduction="none"),
+                           [R.standard_normal((6, 3)), R.integers(0, 3, 6)]),
+    "patchify_conv": (lambda x, w, b: F.linear(F.patchify(x, 4), w.reshape(5, -1), b),
+                      lambda x, w, b: TF.conv2d(x, w, b, stride=4).flatten(2).transpose(1, 2),
+                      [R.standard_normal((2, 3, 8, 12)), R.standard_normal((5, 3, 4, 4)), R.standard_normal(5)]),
+    "unpatchify": (lambda x: F.unpatchify(x, 2, grid=(2, 3)),
+                   lambda x: TF.fold(x.transpose(1, 2), (4, 6), kernel_size=2, stride=2),
+                   [R.standard_normal((2, 6, 12))]),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name", OPS)
+def test_functional_op_matches_torch(name, dtype):
+    ours, theirs, arrays = OPS[name]
+    labels = {i for i, a in enumerate(arrays) if a.dtype.kind == "i"}
+    _compare(ours, theirs, arrays, dtype, labels)
+
+
+CONFIGS = {
+    "token": dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=16, depth=2, num_heads=4,
+                  mlp_ratio=2.0),
+    "avg_tanh_nobias": dict(img_size=12, patch_size=4, in_chans=1, num_classes=4, embed_dim=12, depth=1, num_heads=3,
+                            global_pool="avg", class_token=False, act_approximate="tanh", qkv_bias=False),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_whole_vit_matches_torch_in_logits_and_every_parameter_gradient(config, dtype):
+    model = nn.VisionTransformer(**CONFIGS[config], seed=3).to(dtype=dtype)
+    ref = torch_vit_like(model, dtype=torch.float64 if dtype == np.float64 else torch.float32)
+    c = model.config
+    x = R.standard_normal((4, c["in_chans"], c["img_size"], c["img_size"])).astype(dtype)
+    y = R.integers(0, c["num_classes"], 4)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    ref_logits = ref(torch.from_numpy(x))
+    TF.cross_entropy(ref_logits, torch.from_numpy(y)).backward()
+    tol = TOL[dtype]
+    np.testing.assert_allclose(logits.data, ref_logits.detach().numpy(), rtol=tol, atol=tol)
+    ref_params = dict(ref.named_parameters())
+    assert set(ref_params) == {n for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        g = ref_params[name].grad.numpy()
+        scale = np.abs(g).max()
+        np.testing.assert_allclose(p.grad, g, rtol=tol, atol=tol * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("which", ["adamw", "sgd"])
+def test_optimizers_match_torch_over_several_steps(which):
+    w0 = R.standard_normal((4, 3))
+    grads = [R.standard_normal((4, 3)) for _ in range(5)]
+    p = nn.Parameter(w0.copy())
+    tp = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    if which == "adamw":
+        opt, topt = (optim.AdamW([p], lr=0.01, betas=(0.8, 0.95), weight_decay=0.1),
+                     torch.optim.AdamW([tp], lr=0.01, betas=(0.8, 0.95), weight_decay=0.1))
+    else:
+        opt, topt = (optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True),
+                     torch.optim.SGD([tp], lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True))
+    for g in grads:
+        p.grad, tp.grad = g.copy(), torch.from_numpy(g.copy())
+        opt.step()
+        topt.step()
+    np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_clip_grad_norm_matches_torch():
+    gs = [R.standard_normal((3, 4)) * 5, R.standard_normal(7)]
+    ps = [nn.Parameter(np.zeros_like(g)) for g in gs]
+    tps = [torch.nn.Parameter(torch.zeros(g.shape, dtype=torch.float64)) for g in gs]
+    for p, tp, g in zip(ps, tps, gs):
+        p.grad, tp.grad = g.copy(), torch.from_numpy(g.copy())
+    norm = optim.clip_grad_norm_(ps, 1.0)
+    tnorm = torch.nn.utils.clip_grad_norm_(tps, 1.0)
+    np.testing.assert_allclose(float(norm), tnorm.item(), rtol=1e-12)
+    for p, tp in zip(ps, tps):
+        np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=1e-6)
