@@ -10,8 +10,34 @@ result to this op so that ``Tensor.backward`` can call ``backward`` later. Setti
 are keyword arguments and never graph inputs.
 """
 
+import contextlib
+
 from minivit import backend
 from minivit.tensor import Tensor, is_grad_enabled
+
+
+class _AnomalyMode:
+    enabled = False
+
+
+@contextlib.contextmanager
+def detect_anomaly():
+    """Inside this block every op checks its output (and, in backward, its gradients) for NaN and Inf and
+    raises FloatingPointError naming the first op that produced one. Slower: for hunting a diverging run."""
+    previous = _AnomalyMode.enabled
+    _AnomalyMode.enabled = True
+    try:
+        yield
+    finally:
+        _AnomalyMode.enabled = previous
+
+
+def first_non_finite(arrays):
+    """Index of the first array holding NaN or Inf, or None (used in anomaly mode)."""
+    for i, a in enumerate(arrays):
+        if a is not None and a.dtype.kind == "f" and not bool(backend.get_array_module(a).isfinite(a).all()):
+            return i
+    return None
 
 
 class Function:
@@ -38,6 +64,12 @@ class Function:
         self.needs_input_grad = tuple(t.requires_grad for t in tensors)
         track = is_grad_enabled() and any(self.needs_input_grad)
         y = self.forward(*arrays, **settings)
+        if _AnomalyMode.enabled and first_non_finite([y]) is not None:
+            bad_inputs = first_non_finite(arrays)
+            raise FloatingPointError(
+                f"anomaly: {type(self).__name__} produced NaN or Inf in its output (shape {tuple(y.shape)}) from "
+                f"inputs of shapes {[tuple(a.shape) for a in arrays]}"
+                + ("" if bad_inputs is None else f"; input {bad_inputs} was already non-finite"))
         out = Tensor(y, requires_grad=track)
         if track:
             out._ctx = self

@@ -164,6 +164,9 @@ class Tensor:
             if fn is None:
                 continue
             input_grads = fn.backward(g)
+            if _function._AnomalyMode.enabled and _function.first_non_finite(input_grads) is not None:
+                raise FloatingPointError(f"anomaly: {type(fn).__name__}.backward produced NaN or Inf in the gradient "
+                                         f"of input {_function.first_non_finite(input_grads)}")
             if not isinstance(input_grads, tuple) or len(input_grads) != len(fn.parents):
                 raise RuntimeError(f"{type(fn).__name__}.backward must return a tuple of {len(fn.parents)} "
                                    f"gradients (one per input, None where not needed)")
@@ -320,4 +323,5 @@ def stack(tensors, axis=0):
     return _ops.StackFn.apply(*tensors, axis=axis)
 
 
-from minivit import ops as _ops  # noqa: E402  (the ops import Tensor from here)
+from minivit import function as _function  # noqa: E402  (these import Tensor from here)
+from minivit import ops as _ops  # noqa: E402

@@ -1,0 +1,5 @@
+import sys
+
+from minivit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,194 @@
+"""Checkpoints in safetensors: no pickle, written atomically, with everything needed to resume exactly.
+
+One ``.safetensors`` file holds
+    tensors   ``model.<timm key>`` for the weights, ``optimizer.<i>.<name>`` for the optimizer's moment arrays
+    metadata  JSON strings: the model config, the training settings, the optimizer's hyper-parameters and step
+              counts, the schedule, the random generators' states, the epoch and the metrics so far.
+
+A file is written to a temporary name in the same folder, flushed to disk, then renamed over the target, so a
+crash never leaves a half-written checkpoint under the real name.
+
+The model's tensors use timm's names, so ``export_state_dict`` / ``import_state_dict`` move weights to and from
+timm (safetensors or ``.npz``, read with ``allow_pickle=False``).
+"""
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "minivit.checkpoint.v1"
+
+
+class CheckpointError(Exception):
+    """A checkpoint or state-dict file is missing, corrupt or of another kind."""
+
+
+def _safetensors():
+    try:
+        from safetensors import numpy as st_numpy
+        from safetensors import safe_open
+    except ImportError as e:  # a required dependency; say so plainly if an environment lacks it
+        raise CheckpointError("checkpoints need the safetensors package: pip install safetensors") from e
+    return st_numpy, safe_open
+
+
+def atomic_write(path, write):
+    """Call ``write(tmp_path)`` to create a temporary file beside ``path``, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_tensors(path, tensors, metadata=None):
+    """Write a dict of NumPy arrays (and string metadata) as safetensors, atomically."""
+    st_numpy, _ = _safetensors()
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: st_numpy.save_file(arrays, tmp, metadata=metadata))
+    return Path(path)
+
+
+def load_tensors(path):
+    """Read a safetensors file: (dict of NumPy arrays, metadata dict)."""
+    _, safe_open = _safetensors()
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    return tensors, metadata
+
+
+@dataclass
+class Checkpoint:
+    """The contents of a training checkpoint."""
+    model_state: dict
+    config: dict
+    optimizer_state: dict = None
+    schedule_state: dict = None
+    rng_state: dict = None
+    train_settings: dict = field(default_factory=dict)
+    epoch: int = 0
+    history: list = field(default_factory=list)
+
+
+def save_checkpoint(path, model, optimizer=None, schedule=None, rng_state=None, train_settings=None, epoch=0,
+                    history=()):
+    """Write model, optimizer, schedule, random states and progress to one safetensors file, atomically."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "config": json.dumps(model.config), "epoch": str(int(epoch)),
+            "train_settings": json.dumps(train_settings or {}), "history": json.dumps(list(history)),
+            "rng": json.dumps(rng_state or {})}
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        scalars = {}
+        for i, entries in state["state"].items():
+            for name, value in entries.items():
+                if hasattr(value, "shape"):
+                    tensors[f"optimizer.{i}.{name}"] = value
+                else:
+                    scalars.setdefault(str(i), {})[name] = value
+        meta["optimizer"] = json.dumps({"type": type(optimizer).__name__, "param_groups": state["param_groups"],
+                                        "scalars": scalars})
+    if schedule is not None:
+        meta["schedule"] = json.dumps(schedule.state_dict())
+    return save_tensors(path, tensors, meta)
+
+
+def load_checkpoint(path):
+    """Read a file written by ``save_checkpoint``."""
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a minivit checkpoint (format {meta.get('format')!r}, "
+                              f"expected {FORMAT!r}); for a bare state dict use import_state_dict")
+    try:
+        ckpt = Checkpoint(
+            model_state={k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+            config=json.loads(meta["config"]), train_settings=json.loads(meta.get("train_settings", "{}")),
+            epoch=int(meta.get("epoch", 0)), history=json.loads(meta.get("history", "[]")),
+            rng_state=json.loads(meta.get("rng", "{}")))
+        if "optimizer" in meta:
+            opt = json.loads(meta["optimizer"])
+            state = {int(i): dict(v) for i, v in opt["scalars"].items()}
+            for key, value in tensors.items():
+                if key.startswith("optimizer."):
+                    _, i, name = key.split(".", 2)
+                    state.setdefault(int(i), {})[name] = value
+            for group in opt["param_groups"]:
+                if "betas" in group:
+                    group["betas"] = tuple(group["betas"])
+            ckpt.optimizer_state = {"type": opt["type"], "param_groups": opt["param_groups"], "state": state}
+        if "schedule" in meta:
+            ckpt.schedule_state = json.loads(meta["schedule"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: damaged checkpoint metadata ({type(e).__name__}: {e})") from e
+    return ckpt
+
+
+def model_from_checkpoint(path):
+    """Build the VisionTransformer described by a checkpoint and load its weights."""
+    from minivit.nn import VisionTransformer
+    ckpt = load_checkpoint(path)
+    model = VisionTransformer(**ckpt.config)
+    model.load_state_dict(ckpt.model_state)
+    return model, ckpt
+
+
+# ------------------------------------------------------------------------------------------------ timm interop
+def read_state_dict(path):
+    """A flat name -> NumPy array dict from ``.safetensors`` or ``.npz`` (never pickle)."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable .npz state dict ({e})") from e
+    if path.suffix == ".safetensors":
+        tensors, meta = load_tensors(path)
+        if meta.get("format") == FORMAT:  # a training checkpoint: take its model
+            return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        return tensors
+    raise CheckpointError(f"{path}: expected a .safetensors or .npz file")
+
+
+def import_state_dict(model, path, strict=True):
+    """Load a timm-named state dict (safetensors or npz) into ``model`` by name.
+
+    A ``module.`` prefix (from DataParallel) or a ``state_dict``/``model`` wrapper key is removed first. With
+    ``strict``, every missing, unexpected and mis-shaped key is reported in one error.
+    """
+    state = read_state_dict(path)
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return model.load_state_dict(state, strict=strict)
+
+
+def export_state_dict(model, path):
+    """Write ``model``'s weights under timm's names to ``.safetensors`` or ``.npz`` (atomically)."""
+    path = Path(path)
+    state = model.state_dict()
+    if path.suffix == ".npz":
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **state)
+        return atomic_write(path, write)
+    if path.suffix == ".safetensors":
+        return save_tensors(path, state, {"format": "pt"})
+    raise CheckpointError(f"{path}: expected a .safetensors or .npz file name")

@@ -1,0 +1,150 @@
+"""Pictures with matplotlib: training curves, confusion matrices, mistakes, patch grids and attention maps.
+
+Each function draws on a new ``matplotlib.figure.Figure`` (no global pyplot state, so it works headless) and
+returns it; pass ``path`` to also save it as a PNG.
+"""
+
+import numpy as np
+
+from minivit.backend import asnumpy
+
+
+def _figure(width, height):
+    from matplotlib.figure import Figure
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _save(fig, path):
+    if path is not None:
+        fig.savefig(path)
+    return fig
+
+
+def plot_history(history, path=None):
+    """Loss and accuracy per epoch, train and test, from a list of metric dicts (as in metrics.jsonl)."""
+    fig = _figure(10, 4)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    epochs = [h["epoch"] for h in history]
+    for key, label in (("train_loss", "train"), ("test_loss", "test")):
+        loss_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
+    for key, label in (("train_acc", "train"), ("test_acc", "test")):
+        acc_ax.plot(epochs, [100 * h[key] for h in history], marker="o", label=label)
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)
+
+
+def confusion_matrix(labels, predictions, num_classes):
+    """counts[i, j] = how many images of class i were predicted as class j."""
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (np.asarray(labels), np.asarray(predictions)), 1)
+    return counts
+
+
+def plot_confusion(counts, classes, path=None):
+    """A confusion matrix as a heat map, each row normalised to the share of its class."""
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig = _figure(7, 6)
+    ax = fig.subplots()
+    im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (share of each true class)")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            if counts[i, j]:
+                ax.text(j, i, counts[i, j], ha="center", va="center", fontsize=7,
+                        color="white" if shares[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def _show_image(ax, image):
+    image = np.asarray(image)
+    if image.shape[0] == 1:
+        ax.imshow(image[0], cmap="gray")
+    else:
+        ax.imshow(np.clip(image.transpose(1, 2, 0), 0, 255).astype(np.uint8))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_mistakes(images, labels, predictions, confidences, classes, path=None, count=24):
+    """The most confident wrong predictions: each image with its true and predicted class.
+
+    Args:
+        images: uint8 (N, C, H, W).
+        labels, predictions: (N,) classes.
+        confidences: (N,) probability given to the predicted class.
+    """
+    wrong = np.flatnonzero(labels != predictions)
+    worst = wrong[np.argsort(-confidences[wrong])][:count]
+    cols = 6
+    rows = max(1, -(-len(worst) // cols))
+    fig = _figure(2 * cols, 2.3 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, i in zip(axes, worst):
+        ax.axis("on")
+        _show_image(ax, images[i])
+        ax.set_title(f"true: {classes[labels[i]]}\npred: {classes[predictions[i]]} ({confidences[i]:.0%})",
+                     fontsize=8)
+    fig.suptitle("most confident mistakes")
+    return _save(fig, path)
+
+
+def plot_patch_grid(image, patch_size, path=None):
+    """One image with the patch grid drawn over it, each patch numbered in the order the model reads it."""
+    image = asnumpy(image)
+    C, H, W = image.shape
+    fig = _figure(4, 4)
+    ax = fig.subplots()
+    _show_image(ax, image)
+    for k in range(0, H + 1, patch_size):
+        ax.axhline(k - 0.5, color="red", lw=0.8)
+    for k in range(0, W + 1, patch_size):
+        ax.axvline(k - 0.5, color="red", lw=0.8)
+    for r in range(H // patch_size):
+        for c in range(W // patch_size):
+            ax.text(c * patch_size + patch_size / 2 - 0.5, r * patch_size + patch_size / 2 - 0.5,
+                    r * (W // patch_size) + c, color="yellow", ha="center", va="center", fontsize=6)
+    return _save(fig, path)
+
+
+def plot_attention(probs, path=None, title="attention", labels=None):
+    """Attention probabilities (nh, N, N) or (N, N) as heat maps, one per head (queries down, keys across)."""
+    probs = asnumpy(probs)
+    probs = probs[None] if probs.ndim == 2 else probs
+    fig = _figure(3 * len(probs), 3.2)
+    axes = np.atleast_1d(fig.subplots(1, len(probs)))
+    for h, ax in enumerate(axes):
+        ax.imshow(probs[h], cmap="viridis", vmin=0)
+        ax.set(title=f"head {h}", xlabel="key", ylabel="query")
+        if labels is not None:
+            ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
+            ax.set_yticks(range(len(labels)), labels, fontsize=6)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_attention_on_image(image, attention, grid, path=None, title="class token attention"):
+    """An image beside a map of how much one query (e.g. the class token) attends to each patch.
+
+    Args:
+        image: (C, H, W).
+        attention: (Np,) weights over the patches.
+        grid: (rows, cols) of patches.
+    """
+    image, attention = asnumpy(image), asnumpy(attention)
+    fig = _figure(6, 3)
+    left, right = fig.subplots(1, 2)
+    _show_image(left, image)
+    right.imshow(attention.reshape(grid), cmap="inferno")
+    right.set_xticks([])
+    right.set_yticks([])
+    right.set_title(title)
+    return _save(fig, path)
