@@ -160,15 +160,18 @@ class _BatchUnpickler(pickle.Unpickler):
             return _reconstruct
         if module == "numpy" and name in ("ndarray", "dtype"):
             return getattr(np, name)
-        raise DataError(f"CIFAR-10 batch refers to {module}.{name}, which a data batch never needs")
+        if (module, name) == ("_codecs", "encode"):  # how protocol-2 pickles from Python 3 spell bytes
+            import codecs
+            return codecs.encode
+        raise DataError(f"refers to {module}.{name}, which a CIFAR-10 batch never needs")
 
 
 def read_cifar_batch(raw, source="CIFAR-10 batch"):
     """Parse one CIFAR-10 python batch (bytes) into uint8 images (N, 3, 32, 32) and int64 labels (N,)."""
     try:
         batch = _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except DataError:
-        raise
+    except DataError as e:
+        raise DataError(f"{source}: {e}") from e
     except Exception as e:
         raise DataError(f"{source}: not a readable CIFAR-10 batch ({type(e).__name__}: {e})") from e
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:

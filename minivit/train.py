@@ -253,8 +253,8 @@ def train(s, out_dir, resume=None, progress=True, log=print):
                 f"({h['images_per_s']:.0f} img/s)")
             _write_json_lines(paths["metrics"], history)
             checkpoint.atomic_write(paths["curves"], lambda tmp: viz.plot_history(history).savefig(tmp, format="png"))
-            checkpoint.save_checkpoint(paths["checkpoint"], model, opt, sched, _rng_state(model),
-                                       dataclasses.asdict(s), epoch + 1, history)
+            checkpoint.save_checkpoint(paths["checkpoint"], model, opt, sched, rng_state=_rng_state(model),
+                                       train_settings=dataclasses.asdict(s), epoch=epoch + 1, history=history)
     final = history[-1]
     total = sum(h["epoch_time_s"] for h in history)
     log(f"test accuracy {final['test_acc']:.2%} after {final['epoch']} epochs ({total:.0f}s of training); "

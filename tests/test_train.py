@@ -1,0 +1,121 @@
+"""The training loop and the command line, end to end on small runs."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from minivit import checkpoint, cli, data
+from minivit.train import TrainingDiverged
+
+SMALL = ["--limit", "300", "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--batch-size", "50",
+         "--no-progress"]
+
+
+def test_cli_trains_evaluates_and_exports(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "2", "--out", str(out)] + SMALL) == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "epoch   2/2" in printed
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in lines] == [1, 2]
+    assert all(0 <= h["test_acc"] <= 1 and h["train_loss"] > 0 for h in lines)
+    assert lines[1]["train_loss"] < lines[0]["train_loss"]
+    assert (out / "curves.png").stat().st_size > 1000
+    assert cli.main(["eval", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "Ankle boot" in printed
+    report = json.loads((out / "eval.json").read_text())
+    assert report["images"] == 300 and np.sum(report["confusion_matrix"]) == 300
+    assert abs(report["accuracy"] - lines[-1]["test_acc"]) < 1e-9
+    assert (out / "confusion.png").exists() and (out / "mistakes.png").exists()
+    assert cli.main(["export", str(out), str(tmp_path / "w.npz")]) == 0
+    assert "head.weight" in checkpoint.read_state_dict(tmp_path / "w.npz")
+
+
+def test_resume_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    flags = ["--epochs", "3", "--drop-rate", "0.2", "--pool", "avg"] + SMALL
+    assert cli.main(["train", "--out", str(tmp_path / "straight")] + flags) == 0
+
+    # The same run, interrupted right after the checkpoint of epoch 2 was written.
+    original = checkpoint.save_checkpoint
+
+    def save_then_stop(*args, epoch=0, **kwargs):
+        path = original(*args, epoch=epoch, **kwargs)
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
+    cut = tmp_path / "cut"
+    assert cli.main(["train", "--out", str(cut)] + flags) == 130
+    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
+    assert checkpoint.load_checkpoint(cut / "checkpoint.safetensors").epoch == 2
+
+    assert cli.main(["train", "--resume", str(cut), "--no-progress"]) == 0
+    straight = checkpoint.load_checkpoint(tmp_path / "straight" / "checkpoint.safetensors")
+    resumed = checkpoint.load_checkpoint(cut / "checkpoint.safetensors")
+    assert resumed.epoch == straight.epoch == 3
+    for k, v in straight.model_state.items():
+        np.testing.assert_array_equal(resumed.model_state[k], v, err_msg=k)
+    for i, state in straight.optimizer_state["state"].items():
+        np.testing.assert_array_equal(resumed.optimizer_state["state"][i]["exp_avg"], state["exp_avg"])
+    assert [h["test_acc"] for h in resumed.history] == [h["test_acc"] for h in straight.history]
+    assert len((cut / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--patch-size", "5"], "--patch-size 5 does not divide the 28x28 images"),
+    (["--embed-dim", "30", "--num-heads", "4"], "--embed-dim 30 is not divisible by --num-heads 4"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--pool", "max"], "--pool must be 'token' or 'avg'"),
+    (["--preset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["--dataset", "svhn"], "unknown dataset 'svhn'"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--epochs", "many"], "invalid int value: 'many'"),
+])
+def test_bad_flags_are_rejected_with_a_clear_message(flags, message, capsys, tmp_path):
+    with pytest.raises((SystemExit, ValueError)) as info:
+        cli.main(["train", "--out", str(tmp_path / "x")] + flags)
+    text = capsys.readouterr().err + str(info.value)
+    assert message in text
+
+
+def test_resume_refuses_new_settings_and_out_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "1", "--out", str(out)] + SMALL) == 0
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--resume", str(out), "--lr", "0.1"])
+    assert "drop lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--epochs", "1", "--out", str(out)] + SMALL)
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_and_names_the_step(tmp_path, capsys):
+    code = cli.main(["train", "--epochs", "1", "--lr", "1e30", "--clip-grad", "0", "--out", str(tmp_path / "a")]
+                    + SMALL)
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "the loss became nan at step" in err or "the loss became inf at step" in err
+    code = cli.main(["train", "--epochs", "1", "--lr", "1e30", "--clip-grad", "0", "--anomaly",
+                     "--out", str(tmp_path / "b")] + SMALL)
+    assert code == 1
+    assert "anomaly: " in capsys.readouterr().err
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "none")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("MINIVIT_DATA", raising=False)
+    offline = dataclasses.replace(data.DATASETS["mnist"], urls=("http://127.0.0.1:9/",))
+    monkeypatch.setitem(data.DATASETS, "mnist", offline)
+    code = cli.main(["train", "--preset", "mnist", "--epochs", "1", "--out", str(tmp_path / "r"), "--no-progress"])
+    assert code == 1
+    assert "mnist not found and could not be downloaded" in capsys.readouterr().err
+
+
+def test_training_diverged_is_an_error_type():
+    assert issubclass(TrainingDiverged, RuntimeError)
