@@ -87,6 +87,12 @@ def asnumpy(a):
     return np.asarray(a)
 
 
+def synchronize(a):
+    """Wait for the GPU to finish the work behind ``a`` (a no-op for NumPy arrays and None)."""
+    if is_cupy_array(a):
+        _import_cupy().cuda.get_current_stream().synchronize()
+
+
 def check_same_device(arrays, op_name):
     """Raise a TypeError that names both kinds when NumPy and CuPy arrays meet in one op."""
     kinds = [device_of(a) for a in arrays]
@@ -97,13 +103,52 @@ def check_same_device(arrays, op_name):
                         "move them with .to('cpu') or .to('cuda') first")
 
 
+# erf(x) ~= x P(x^2) / Q(x^2) on [-4, 4], a rational approximation fitted to minimise the relative error
+# (erf(+-4) = +-(1 - 1.5e-8) is 1 in float32). Evaluated in float32 its error stays below 4e-7 (about 3 ulp);
+# it is 5x faster than scipy.special.erf, which dominated the GELU of a float32 training step.
+_ERF_P = (1.1283791697918886, 0.1926883347311345, 0.05567128517710845, 0.004211649886721351,
+          0.0004086557916471232, 6.695601502577491e-06)
+_ERF_Q = (1.0, 0.5040990183965843, 0.11736978479064743, 0.016256923799364942, 0.0014147849473617577,
+          7.187574017141514e-05, 2.5508169385203164e-07)
+
+
+def _erf_rational(x):
+    z = np.clip(x, -4.0, 4.0)
+    t = z * z
+    num = np.full_like(t, _ERF_P[-1])
+    for c in reversed(_ERF_P[:-1]):  # Horner's rule, in place
+        num *= t
+        num += c
+    den = np.full_like(t, _ERF_Q[-1])
+    for c in reversed(_ERF_Q[:-1]):
+        den *= t
+        den += c
+    num *= z
+    num /= den
+    return num
+
+
 def erf(x):
-    """The error function, exact to float rounding (SciPy on the CPU, cupyx.scipy on the GPU)."""
+    """The error function. Exact to float64 rounding (SciPy; cupyx.scipy on the GPU) except for NumPy float32
+    arrays, which get a rational approximation within 4e-7 of the exact value (about 3 float32 ulp)."""
     if is_cupy_array(x):
         from cupyx.scipy.special import erf as cupy_erf
         return cupy_erf(x)
+    if x.dtype == np.float32:
+        return _erf_rational(x)
     from scipy.special import erf as scipy_erf
     return scipy_erf(x)
+
+
+def sum_last(x, keepdims=True):
+    """Sum over the last axis, computed as a product with a vector of ones.
+
+    Same result as ``x.sum(axis=-1)``, but BLAS does it several times faster than NumPy's reduction over a short
+    contiguous axis (0.17 ms instead of 0.78 ms for the (128, 4, 50, 50) attention scores of a small ViT).
+    """
+    xp = get_array_module(x)
+    s = x @ xp.ones(x.shape[-1], dtype=x.dtype)
+    return s[..., None] if keepdims else s
 
 
 def scatter_add(target, index, values):
@@ -113,6 +158,28 @@ def scatter_add(target, index, values):
         cupyx.scatter_add(target, index, values)
     else:
         np.add.at(target, index, values)
+
+
+def tune_malloc():
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
+
+    A training step allocates and frees many arrays of a few MB. By default glibc serves each from fresh pages
+    (mmap) or trims the heap after freeing, so every step pays page faults to get zeroed pages again: about a
+    fifth of a small ViT's step time here. Raising the mmap and trim thresholds keeps that memory in the process.
+    Returns True if the settings were applied (glibc only; elsewhere it does nothing).
+    """
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    ok = mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)       # the largest value glibc accepts
+    ok &= mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
+    ok &= mallopt(M_TOP_PAD, 256 * 1024 * 1024)
+    return bool(ok)
 
 
 _generators = {}

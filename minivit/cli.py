@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from minivit import checkpoint, data
+from minivit import backend, checkpoint, data
 from minivit.train import PRESETS, TrainingDiverged, TrainSettings, evaluate_checkpoint, settings_for, train
 
 # flag -> (TrainSettings field, type, help)
@@ -98,6 +98,7 @@ def run_train(args, parser):
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
+    backend.tune_malloc()
     try:
         if args.command == "train":
             run_train(args, parser)

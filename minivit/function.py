@@ -11,6 +11,7 @@ are keyword arguments and never graph inputs.
 """
 
 import contextlib
+import time
 
 from minivit import backend
 from minivit.tensor import Tensor, is_grad_enabled
@@ -18,6 +19,22 @@ from minivit.tensor import Tensor, is_grad_enabled
 
 class _AnomalyMode:
     enabled = False
+
+
+# The active minivit.profile.Profiler, if any (a one-element list so that other modules can set it).
+_PROFILER = [None]
+
+
+def timed(name, phase, compute, *args):
+    """Run ``compute(*args)``, and report its duration to the active profiler if there is one."""
+    profiler = _PROFILER[0]
+    if profiler is None:
+        return compute(*args)
+    t0 = time.perf_counter()
+    result = compute(*args)
+    backend.synchronize(result[0] if isinstance(result, tuple) else result)
+    profiler.record(name, phase, time.perf_counter() - t0)
+    return result
 
 
 @contextlib.contextmanager
@@ -63,7 +80,7 @@ class Function:
         backend.check_same_device(arrays, type(self).__name__)
         self.needs_input_grad = tuple(t.requires_grad for t in tensors)
         track = is_grad_enabled() and any(self.needs_input_grad)
-        y = self.forward(*arrays, **settings)
+        y = timed(type(self).__name__, "forward", lambda: self.forward(*arrays, **settings))
         if _AnomalyMode.enabled and first_non_finite([y]) is not None:
             bad_inputs = first_non_finite(arrays)
             raise FloatingPointError(

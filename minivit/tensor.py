@@ -163,7 +163,7 @@ class Tensor:
             fn = node._ctx
             if fn is None:
                 continue
-            input_grads = fn.backward(g)
+            input_grads = _function.timed(type(fn).__name__, "backward", fn.backward, g)
             if _function._AnomalyMode.enabled and _function.first_non_finite(input_grads) is not None:
                 raise FloatingPointError(f"anomaly: {type(fn).__name__}.backward produced NaN or Inf in the gradient "
                                          f"of input {_function.first_non_finite(input_grads)}")

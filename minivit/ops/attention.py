@@ -2,7 +2,7 @@
 
 import math
 
-from minivit.backend import get_array_module
+from minivit.backend import get_array_module, sum_last
 from minivit.function import Function
 
 
@@ -21,7 +21,7 @@ class ScaledDotProductAttentionFn(Function):
         s *= self.scale
         s -= s.max(axis=-1, keepdims=True)  # shift by the max: exp never overflows
         p = xp.exp(s, out=s)
-        p /= p.sum(axis=-1, keepdims=True)
+        p /= sum_last(p)
         self.q, self.k, self.v, self.p = q, k, v, p
         self.y = p @ v
         return self.y
@@ -32,7 +32,7 @@ class ScaledDotProductAttentionFn(Function):
         p = self.p
         dv = p.swapaxes(-1, -2) @ dy
         ds = dy @ self.v.swapaxes(-1, -2)
-        ds -= (dy * self.y).sum(axis=-1, keepdims=True)
+        ds -= sum_last(dy * self.y)
         ds *= p
         ds *= self.scale
         dq = ds @ self.k

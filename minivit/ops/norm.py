@@ -1,6 +1,6 @@
 """Layer normalisation over the last axis."""
 
-from minivit.backend import get_array_module
+from minivit.backend import get_array_module, sum_last
 from minivit.function import Function
 
 
@@ -12,8 +12,9 @@ class LayerNormFn(Function):
 
     def forward(self, x, w, b, *, eps=1e-6):
         xp = get_array_module(x)
-        xc = x - x.mean(axis=-1, keepdims=True)
-        self.rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+        D = x.shape[-1]
+        xc = x - sum_last(x) / D
+        self.rstd = 1.0 / xp.sqrt(sum_last(xc * xc) / D + eps)
         self.xhat = xc * self.rstd
         self.w = w
         return self.xhat * w + b
@@ -24,8 +25,9 @@ class LayerNormFn(Function):
         xhat = self.xhat
         dx = dw = db = None
         if self.needs_input_grad[0]:
+            D = dy.shape[-1]
             g = dy * self.w
-            dx = self.rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+            dx = self.rstd * (g - sum_last(g) / D - xhat * (sum_last(g * xhat) / D))
         lead = tuple(range(dy.ndim - 1))
         if self.needs_input_grad[1]:
             dw = (dy * xhat).sum(axis=lead)
