@@ -1,0 +1,64 @@
+"""The backend helpers: erf, last-axis sums, devices, and the profiler built on the op hooks."""
+
+import numpy as np
+import pytest
+from scipy.special import erf as exact_erf
+
+from minivit import backend, nn, optim
+from minivit.profile import Profiler, profile_step
+
+
+def test_float32_erf_is_within_4e7_of_the_exact_value_everywhere():
+    x = np.linspace(-8, 8, 2_000_001, dtype=np.float32)
+    y = backend.erf(x)
+    assert y.dtype == np.float32
+    assert np.abs(y.astype(np.float64) - exact_erf(x.astype(np.float64))).max() < 4e-7
+    np.testing.assert_array_equal(backend.erf(-x), -y)  # odd
+
+
+def test_float64_erf_is_exact():
+    x = np.linspace(-6, 6, 10001)
+    np.testing.assert_array_equal(backend.erf(x), exact_erf(x))
+
+
+def test_sum_last_matches_sum():
+    x = np.random.default_rng(0).standard_normal((3, 4, 5)).astype(np.float32)
+    np.testing.assert_allclose(backend.sum_last(x), x.sum(-1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(backend.sum_last(x, keepdims=False), x.sum(-1), rtol=1e-6)
+
+
+def test_devices():
+    a = np.zeros(3)
+    assert backend.device_of(a) == "cpu" and backend.get_array_module(a) is np
+    assert backend.to_device(a, "cpu") is a
+    assert backend.normalize_device("cuda:0") == "cuda"
+    if not backend.cuda_available():
+        with pytest.raises(RuntimeError, match="CuPy"):
+            backend.to_device(a, "cuda")
+
+
+def test_tune_malloc_applies_on_glibc():
+    assert backend.tune_malloc() in (True, False)
+
+
+def test_profiler_times_every_op_forward_and_backward():
+    model = nn.VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=2,
+                                 num_heads=2)
+    x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    prof = profile_step(model, x, np.array([0, 1, 2, 0]), opt, steps=2)
+    names = {name for name, _ in prof.stats}
+    assert {"LinearFn", "LayerNormFn", "ScaledDotProductAttentionFn", "GELUFn", "CrossEntropyFn",
+            "optimizer.step"} <= names
+    calls = {key: c for key, (c, _) in prof.stats.items()}
+    assert calls[("LinearFn", "forward")] == 2 * (4 * 2 + 1 + 1)  # 4 per block, patch embedding, head
+    assert calls[("LayerNormFn", "backward")] == 2 * 5
+    phases = prof.by_phase()
+    assert phases["forward"] > 0 and phases["backward"] > 0
+    assert sum(phases.values()) <= prof.wall / 2 * 1.01
+    table = prof.table()
+    assert "LinearFn" in table and "share" in table
+    with pytest.raises(RuntimeError, match="already active"):
+        with Profiler():
+            with Profiler():
+                pass
