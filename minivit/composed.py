@@ -49,6 +49,19 @@ def scaled_dot_product_attention(q, k, v, scale=None):
     return softmax(scores, axis=-1) @ v
 
 
+def multi_head_self_attention(qkv, num_heads):
+    """Split a packed qkv into heads, attend in each, put the heads side by side again.
+
+    Shapes: qkv (B, N, 3D) -> (B, N, D)
+    """
+    B, N, three_d = qkv.shape
+    D = three_d // 3
+    hd = D // num_heads
+    heads = qkv.reshape(B, N, 3, num_heads, hd).permute(2, 0, 3, 1, 4)     # (3, B, nh, N, hd)
+    out = scaled_dot_product_attention(heads[0], heads[1], heads[2])       # (B, nh, N, hd)
+    return out.transpose(1, 2).reshape(B, N, D)                            # (B, N, nh*hd)
+
+
 def cross_entropy(logits, target, label_smoothing=0.0):
     """mean over the batch of -sum_k q_k log softmax(logits)_k, q the (smoothed) one-hot target.
 

@@ -7,8 +7,8 @@ backward live there). Inputs may be Tensors or plain arrays (taken as constants)
 import math
 
 from minivit import backend
-from minivit.ops import (CrossEntropyFn, DropoutFn, GELUFn, LayerNormFn, LinearFn, LogSoftmaxFn, PatchifyFn,
-                         ScaledDotProductAttentionFn, SoftmaxFn, UnpatchifyFn)
+from minivit.ops import (CrossEntropyFn, DropoutFn, GELUFn, LayerNormFn, LinearFn, LogSoftmaxFn,
+                         MultiHeadSelfAttentionFn, PatchifyFn, ScaledDotProductAttentionFn, SoftmaxFn, UnpatchifyFn)
 from minivit.tensor import Tensor, concat, stack  # noqa: F401  (part of the functional API)
 
 
@@ -96,6 +96,28 @@ def scaled_dot_product_attention(q, k, v, scale=None, return_attn=False):
                          "q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv)")
     fn = ScaledDotProductAttentionFn()
     out = fn(q, k, v, scale=scale)
+    return (out, Tensor(fn.p)) if return_attn else out
+
+
+def multi_head_self_attention(qkv, num_heads, return_attn=False):
+    """Self-attention with ``num_heads`` heads on a packed projection qkv = [q | k | v] (timm's layout).
+
+    Equal to splitting qkv.reshape(B, N, 3, nh, hd) into q, k, v of shape (B, nh, N, hd), running
+    ``scaled_dot_product_attention`` on them and putting the heads side by side again, in one op.
+
+    Args:
+        qkv: (B, N, 3D), D divisible by ``num_heads``.
+        return_attn: also return the probabilities (B, nh, N, N) as a Tensor without gradient.
+
+    Returns:
+        (B, N, D), or (output, probabilities) with ``return_attn``.
+    """
+    qkv = _tensor(qkv)
+    if qkv.ndim != 3 or qkv.shape[2] % (3 * num_heads):
+        raise ValueError(f"multi_head_self_attention: qkv must be (B, N, 3D) with D divisible by num_heads "
+                         f"{num_heads}, got shape {qkv.shape}")
+    fn = MultiHeadSelfAttentionFn()
+    out = fn(qkv, num_heads=num_heads)
     return (out, Tensor(fn.p)) if return_attn else out
 
 

@@ -24,6 +24,10 @@ PAIRS = {
     "attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
                   lambda q, k, v: composed.scaled_dot_product_attention(q, k, v),
                   [R.standard_normal((2, 3, 5, 4)) for _ in range(3)]),
+    "multi_head_attention": (
+        lambda qkv: F.multi_head_self_attention(qkv, 2),
+        lambda qkv: composed.multi_head_self_attention(qkv, 2),
+        [R.standard_normal((3, 5, 12))]),
     "cross_entropy": (lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1),
                       lambda x, t: composed.cross_entropy(x, t, label_smoothing=0.1),
                       [R.standard_normal((6, 4)), R.integers(0, 4, 6)]),

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from minivit import Tensor, functional as F, nn, ops
+from minivit import Tensor, functional as F, nn
 from minivit.function import Function
 from minivit.gradcheck import GradcheckError, gradcheck, verdict
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import minivit
-from minivit import Tensor, functional as F, nn, optim
+from minivit import functional as F, nn, optim
 from minivit.gradcheck import gradcheck
 
 TINY = dict(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=2, num_heads=2, mlp_ratio=2.0)

@@ -96,6 +96,10 @@ CASES = {
                                                                           randn(2, 2, 5, 3)]),
         (lambda q, k, v: ops.ScaledDotProductAttentionFn.apply(q, k, v, scale=0.7), [randn(2, 3, 4), randn(2, 6, 4),
                                                                                     randn(2, 6, 5)])],
+    "MultiHeadSelfAttentionFn": [
+        (lambda qkv: ops.MultiHeadSelfAttentionFn.apply(qkv, num_heads=2), [randn(2, 5, 12)]),
+        (lambda qkv: ops.MultiHeadSelfAttentionFn.apply(qkv, num_heads=1), [randn(1, 3, 6)]),
+        (lambda qkv: ops.MultiHeadSelfAttentionFn.apply(qkv, num_heads=3), [randn(2, 4, 9) * 3])],
     "CrossEntropyFn": [(lambda x, t: ops.CrossEntropyFn.apply(x, t), [randn(4, 3), labels(4, 3)]),
                        (lambda x, t: ops.CrossEntropyFn.apply(x, t, label_smoothing=0.1), [randn(6, 5), labels(6, 5)]),
                        (lambda x, t: ops.CrossEntropyFn.apply(x, t, reduction="sum"), [randn(3, 4), labels(3, 4)]),
@@ -174,6 +178,16 @@ def test_attention_forward_matches_a_loop():
         weights = _loop_softmax(np.array(scores))
         out[i] = sum(weights[j] * v[j] for j in range(5))
     np.testing.assert_allclose(ops.ScaledDotProductAttentionFn.apply(q, k, v).data, out, rtol=1e-12)
+
+
+def test_multi_head_attention_equals_heads_of_scaled_dot_product_attention():
+    B, N, nh, hd = 2, 5, 3, 4
+    qkv = randn(B, N, 3 * nh * hd)
+    y = ops.MultiHeadSelfAttentionFn.apply(qkv, num_heads=nh).data
+    for h in range(nh):
+        q, k, v = (qkv[:, :, i * nh * hd + h * hd: i * nh * hd + (h + 1) * hd] for i in range(3))
+        np.testing.assert_allclose(y[:, :, h * hd:(h + 1) * hd],
+                                   ops.ScaledDotProductAttentionFn.apply(q, k, v).data, rtol=1e-12)
 
 
 def test_cross_entropy_forward_matches_a_loop():

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 TF = torch.nn.functional
 
 from minivit import Tensor, functional as F, nn, optim  # noqa: E402
-from tests.torch_reference import torch_vit_like  # noqa: E402
+from minivit.torch_reference import torch_vit_like  # noqa: E402
 
 pytestmark = pytest.mark.torch
 R = np.random.default_rng(21)
@@ -44,6 +44,11 @@ OPS = {
                    [R.standard_normal((2, 3, 6)), R.standard_normal(6), R.standard_normal(6)]),
     "attention": (F.scaled_dot_product_attention, TF.scaled_dot_product_attention,
                   [R.standard_normal((2, 3, 5, 4)), R.standard_normal((2, 3, 7, 4)), R.standard_normal((2, 3, 7, 6))]),
+    "multi_head_attention": (
+        lambda qkv: F.multi_head_self_attention(qkv, 3),
+        lambda qkv: TF.scaled_dot_product_attention(*qkv.reshape(2, 5, 3, 3, 4).permute(2, 0, 3, 1, 4))
+        .transpose(1, 2).reshape(2, 5, 12),
+        [R.standard_normal((2, 5, 36))]),
     "cross_entropy": (lambda x, t: F.cross_entropy(x, t), lambda x, t: TF.cross_entropy(x, t),
                       [R.standard_normal((8, 5)), R.integers(0, 5, 8)]),
     "cross_entropy_smoothing": (lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1),
@@ -130,3 +135,23 @@ def test_clip_grad_norm_matches_torch():
     np.testing.assert_allclose(float(norm), tnorm.item(), rtol=1e-12)
     for p, tp in zip(ps, tps):
         np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=1e-6)
+
+
+def test_timm_vit_loads_into_minivit_and_matches_it():
+    """With timm installed (the GPU machines have it): a timm ViT's state dict loads by name and agrees."""
+    timm = pytest.importorskip("timm")
+    config = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=24, depth=2, num_heads=3,
+                  mlp_ratio=2.0)
+    ref = timm.models.vision_transformer.VisionTransformer(**config).double()
+    model = nn.VisionTransformer(**config).double()
+    model.load_state_dict({k: v.detach().numpy() for k, v in ref.state_dict().items()})
+    x = R.standard_normal((3, 3, 16, 16))
+    y = R.integers(0, 5, 3)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    ref_logits = ref(torch.from_numpy(x))
+    TF.cross_entropy(ref_logits, torch.from_numpy(y)).backward()
+    np.testing.assert_allclose(model(x).data, ref_logits.detach().numpy(), rtol=1e-10, atol=1e-12)
+    for name, p in ref.named_parameters():
+        ours = dict(model.named_parameters())[name].grad
+        np.testing.assert_allclose(ours, p.grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)

@@ -91,14 +91,12 @@ class Attention(Module):
         self.keep_attn, self.attn_probs = False, None
 
     def forward(self, x):
-        B, N, D = x.shape
-        nh, hd = self.num_heads, self.head_dim
-        qkv = self.qkv(x).reshape(B, N, 3, nh, hd).permute(2, 0, 3, 1, 4)  # (3, B, nh, N, hd)
-        q, k, v = qkv[0], qkv[1], qkv[2]                                   # (B, nh, N, hd) each
-        out, probs = F.scaled_dot_product_attention(q, k, v, return_attn=True)  # (B, nh, N, hd)
+        # One fused op for: qkv.reshape(B, N, 3, nh, hd) -> q, k, v (B, nh, N, hd) -> softmax(q k^T / sqrt(hd)) v
+        # -> heads side by side (B, N, D); see F.multi_head_self_attention.
+        qkv = self.qkv(x)                                                             # (B, N, 3D)
+        out, probs = F.multi_head_self_attention(qkv, self.num_heads, return_attn=True)  # (B, N, D)
         if self.keep_attn:
-            self.attn_probs = probs.data
-        out = out.transpose(1, 2).reshape(B, N, D)                         # (B, N, nh*hd)
+            self.attn_probs = probs.data                                              # (B, nh, N, N)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self):

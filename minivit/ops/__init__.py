@@ -10,7 +10,7 @@ from minivit.ops.linear import LinearFn
 from minivit.ops.activation import DropoutFn, GELUFn
 from minivit.ops.softmax import LogSoftmaxFn, SoftmaxFn
 from minivit.ops.norm import LayerNormFn
-from minivit.ops.attention import ScaledDotProductAttentionFn
+from minivit.ops.attention import MultiHeadSelfAttentionFn, ScaledDotProductAttentionFn
 from minivit.ops.loss import CrossEntropyFn
 from minivit.ops.patch import PatchifyFn, UnpatchifyFn
 
@@ -19,5 +19,5 @@ __all__ = [
     "ReshapeFn", "PermuteFn", "GetItemFn", "ConcatFn", "StackFn",
     "SumFn", "MeanFn", "MaxFn",
     "LinearFn", "GELUFn", "DropoutFn", "SoftmaxFn", "LogSoftmaxFn", "LayerNormFn",
-    "ScaledDotProductAttentionFn", "CrossEntropyFn", "PatchifyFn", "UnpatchifyFn",
+    "ScaledDotProductAttentionFn", "MultiHeadSelfAttentionFn", "CrossEntropyFn", "PatchifyFn", "UnpatchifyFn",
 ]

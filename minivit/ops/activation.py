@@ -25,8 +25,11 @@ class GELUFn(Function):
         if approximate == "tanh":
             self.t = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
             return 0.5 * x * (1 + self.t)
-        self.cdf = 0.5 * (1 + erf(x * _SQRT_HALF))
-        return x * self.cdf
+        cdf = erf(x * _SQRT_HALF)
+        cdf += 1.0
+        cdf *= 0.5
+        self.cdf = cdf
+        return x * cdf
 
     # exact: dx = dy * (Phi(x) + x * phi(x)),  phi(x) = exp(-x^2/2) / sqrt(2 pi)
     # tanh:  dx = dy * ((1 + t)/2 + x/2 * (1 - t^2) * sqrt(2/pi) * (1 + 3 * 0.044715 x^2))
@@ -37,8 +40,14 @@ class GELUFn(Function):
             t = self.t
             slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
         else:
-            slope = self.cdf + x * _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
-        return (dy * slope,)
+            slope = x * x
+            slope *= -0.5
+            xp.exp(slope, out=slope)
+            slope *= x
+            slope *= _INV_SQRT_2PI
+            slope += self.cdf
+        slope *= dy
+        return (slope,)
 
 
 class DropoutFn(Function):

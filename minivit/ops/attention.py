@@ -1,9 +1,33 @@
-"""Scaled dot-product attention as one op."""
+"""Scaled dot-product attention as one op, and multi-head self-attention on a packed qkv projection."""
 
 import math
 
 from minivit.backend import get_array_module, sum_last
 from minivit.function import Function
+
+
+def attention_forward(q, k, v, scale):
+    """y = softmax(q k^T * scale) v and p = softmax(q k^T * scale).  Shapes: q (..., Nq, d), k (..., Nk, d),
+    v (..., Nk, dv) -> y (..., Nq, dv), p (..., Nq, Nk)"""
+    xp = get_array_module(q)
+    s = q @ k.swapaxes(-1, -2)
+    s *= scale
+    s -= s.max(axis=-1, keepdims=True)  # shift by the max: exp never overflows
+    p = xp.exp(s, out=s)
+    p /= sum_last(p)
+    return p @ v, p
+
+
+# dv = p^T dy ;  dp = dy v^T ;  ds = p * (dp - rowsum(dy * y))   (rowsum(dp * p) = rowsum(dy * y))
+# dq = scale * ds k ;  dk = scale * ds^T q
+def attention_backward(dy, q, k, v, p, y, scale):
+    """The gradients (dq, dk, dv) of attention_forward, given the upstream gradient dy of y."""
+    dv = p.swapaxes(-1, -2) @ dy
+    ds = dy @ v.swapaxes(-1, -2)
+    ds -= sum_last(dy * y)
+    ds *= p
+    ds *= scale
+    return ds @ k, ds.swapaxes(-1, -2) @ q, dv
 
 
 class ScaledDotProductAttentionFn(Function):
@@ -15,26 +39,48 @@ class ScaledDotProductAttentionFn(Function):
     """
 
     def forward(self, q, k, v, *, scale=None):
-        xp = get_array_module(q)
         self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        s = q @ k.swapaxes(-1, -2)
-        s *= self.scale
-        s -= s.max(axis=-1, keepdims=True)  # shift by the max: exp never overflows
-        p = xp.exp(s, out=s)
-        p /= sum_last(p)
-        self.q, self.k, self.v, self.p = q, k, v, p
-        self.y = p @ v
+        self.y, self.p = attention_forward(q, k, v, self.scale)
+        self.q, self.k, self.v = q, k, v
         return self.y
 
-    # dv = p^T dy ;  dp = dy v^T ;  ds = p * (dp - rowsum(dy * y))   (rowsum(dp * p) = rowsum(dy * y))
-    # dq = scale * ds k ;  dk = scale * ds^T q
+    # see attention_backward
     def backward(self, dy):
-        p = self.p
-        dv = p.swapaxes(-1, -2) @ dy
-        ds = dy @ self.v.swapaxes(-1, -2)
-        ds -= sum_last(dy * self.y)
-        ds *= p
-        ds *= self.scale
-        dq = ds @ self.k
-        dk = ds.swapaxes(-1, -2) @ self.q
-        return dq, dk, dv
+        return attention_backward(dy, self.q, self.k, self.v, self.p, self.y, self.scale)
+
+
+class MultiHeadSelfAttentionFn(Function):
+    """Multi-head self-attention on a packed projection qkv = x W_qkv^T + b_qkv, as in timm's Attention.
+
+    The last axis of qkv holds [q | k | v], each split into nh heads of width hd = D / nh; every head attends
+    on its own and the heads' outputs are put side by side again:
+
+        q, k, v = qkv.reshape(B, N, 3, nh, hd) moved to (B, nh, N, hd) each
+        y_h = softmax(q_h k_h^T / sqrt(hd)) v_h ;  y = [y_1 | ... | y_nh]
+
+    One op instead of reshape, permute, three slices, attention, transpose and reshape: the same numbers, but
+    backward writes dq, dk and dv straight into one array of qkv's layout instead of adding three zero-padded
+    slices. The probabilities (B, nh, N, N) are kept as ``self.p``.
+
+    Shapes: qkv (B, N, 3D) -> y (B, N, D)
+    """
+
+    def forward(self, qkv, *, num_heads):
+        B, N, three_d = qkv.shape
+        nh, hd = num_heads, three_d // (3 * num_heads)
+        heads = qkv.reshape(B, N, 3, nh, hd).transpose(2, 0, 3, 1, 4)   # (3, B, nh, N, hd), a view
+        self.q, self.k, self.v = heads[0], heads[1], heads[2]
+        self.scale = 1.0 / math.sqrt(hd)
+        self.y, self.p = attention_forward(self.q, self.k, self.v, self.scale)   # (B, nh, N, hd)
+        return self.y.transpose(0, 2, 1, 3).reshape(B, N, nh * hd)
+
+    # dy (B, N, D) -> per head (B, nh, N, hd) ; then attention_backward ; then back to qkv's layout
+    def backward(self, dy):
+        xp = get_array_module(dy)
+        B, nh, N, hd = self.y.shape
+        dy_heads = dy.reshape(B, N, nh, hd).transpose(0, 2, 1, 3)           # (B, nh, N, hd)
+        dq, dk, dv = attention_backward(dy_heads, self.q, self.k, self.v, self.p, self.y, self.scale)
+        dqkv = xp.empty((B, N, 3, nh, hd), dtype=dy.dtype)
+        for i, g in enumerate((dq, dk, dv)):
+            dqkv[:, :, i] = g.transpose(0, 2, 1, 3)                         # (B, N, nh, hd)
+        return (dqkv.reshape(B, N, 3 * nh * hd),)

@@ -1,6 +1,6 @@
 """Softmax and log-softmax along one axis."""
 
-from minivit.backend import get_array_module, sum_last
+from minivit.backend import get_array_module
 from minivit.function import Function
 
 

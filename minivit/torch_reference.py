@@ -1,7 +1,8 @@
-"""A plain PyTorch ViT with timm's module names and layouts, used as the reference in parity tests and benchmarks.
+"""A plain PyTorch ViT with timm's module names and layouts: the reference for parity tests and benchmarks.
 
-It is written here because timm itself cannot be installed on CPU-only machines; where timm is present,
-tests compare against timm directly too.
+It needs PyTorch, which minivit itself never requires: import this module only where torch is installed. timm
+cannot be installed on CPU-only machines, so this small twin stands in for it; where timm is present the tests
+compare against timm itself as well.
 """
 
 import torch
@@ -86,9 +87,9 @@ class TorchViT(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
-def torch_vit_like(model, dtype=torch.float64):
+def torch_vit_like(model, dtype=torch.float64, device="cpu"):
     """A TorchViT with the config and weights of a minivit VisionTransformer (copied through state_dict)."""
-    ref = TorchViT(**model.config).to(dtype)
-    state = {k: torch.from_numpy(v).to(dtype) for k, v in model.state_dict().items()}
+    ref = TorchViT(**model.config).to(dtype=dtype, device=device)
+    state = {k: torch.from_numpy(v).to(dtype=dtype, device=device) for k, v in model.state_dict().items()}
     ref.load_state_dict(state, strict=True)
     return ref
