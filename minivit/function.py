@@ -63,7 +63,7 @@ class Function:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.__module__.startswith("minivit."):
+        if cls.__module__.startswith("minivit.ops."):
             Function.registry.append(cls)
 
     parents = ()

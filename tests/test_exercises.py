@@ -1,0 +1,206 @@
+"""Every exercise check: it passes a right answer, fails two or three typical wrong ones with specific feedback,
+and reports 'not attempted' for an untouched stub."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy.special import erf
+
+from minivit import exercises as ex
+from minivit.exercises import ExerciseError
+
+
+def stub(*args):
+    return None
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _ln_parts(x, eps):
+    xc = x - x.mean(-1, keepdims=True)
+    rstd = 1 / np.sqrt((xc ** 2).mean(-1, keepdims=True) + eps)
+    return xc * rstd, rstd
+
+
+def ln_backward(x, w, dy, eps):
+    xhat, rstd = _ln_parts(x, eps)
+    g = dy * w
+    lead = tuple(range(x.ndim - 1))
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    return dx, (dy * xhat).sum(lead), dy.sum(lead)
+
+
+def attn_backward(q, k, v, dy, scale_fix=True, mean_fix=True):
+    d = q.shape[-1]
+    s = q @ k.swapaxes(-1, -2) / math.sqrt(d)
+    p = _softmax(s)
+    dv = p.swapaxes(-1, -2) @ dy
+    dp = dy @ v.swapaxes(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) if mean_fix else p * dp
+    ds = ds / math.sqrt(d) if scale_fix else ds
+    return ds @ k, ds.swapaxes(-1, -2) @ q, dv
+
+
+def adamw(p, g, m, v, t, lr, betas, eps, wd, decay_first=True, correct=True):
+    b1, b2 = betas
+    if decay_first:
+        p = p * (1 - lr * wd)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    mh, vh = (m / (1 - b1 ** t), v / (1 - b2 ** t)) if correct else (m, v)
+    p = p - lr * mh / (np.sqrt(vh) + eps)
+    if not decay_first:
+        p = p - lr * wd * p
+    return p, m, v
+
+
+def rollout(layers, residual=True):
+    out = None
+    for a in layers:
+        a = a.mean(1)
+        if residual:
+            a = 0.5 * (a + np.eye(a.shape[-1]))
+            a = a / a.sum(-1, keepdims=True)
+        out = a if out is None else a @ out
+    return out
+
+
+def topo(root):
+    order, seen = [], set()
+
+    def visit(t):
+        if id(t) in seen:
+            return
+        seen.add(id(t))
+        if t._ctx is not None:
+            for p in t._ctx.parents:
+                if p.requires_grad:
+                    visit(p)
+        order.append(t)
+    visit(root)
+    return order[::-1]
+
+
+def sincos(D, grid):
+    gh, gw = grid
+    r, c = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+    w = 10000.0 ** (-np.arange(D // 4) / (D // 4))
+    r, c = r.reshape(-1, 1) * w, c.reshape(-1, 1) * w
+    return np.concatenate([np.sin(r), np.cos(r), np.sin(c), np.cos(c)], 1)
+
+
+def patchify(x, P):
+    B, C, H, W = x.shape
+    return x.reshape(B, C, H // P, P, W // P, P).transpose(0, 2, 4, 1, 3, 5).reshape(B, -1, C * P * P)
+
+
+def patchify_back(dy, shape, P):
+    B, C, H, W = shape
+    return dy.reshape(B, H // P, W // P, C, P, P).transpose(0, 3, 1, 4, 2, 5).reshape(shape)
+
+
+EXERCISES = {
+    # name: (check, right answer, [wrong answers])
+    "accuracy": (ex.check_accuracy, lambda lo, la: (lo.argmax(1) == la).mean(),
+                 [lambda lo, la: (lo.argmin(1) == la).mean(), lambda lo, la: (lo.argmax(0)[:len(la)] == la).mean()]),
+    "central_difference": (ex.check_central_difference, lambda f, x, h: (f(x + h) - f(x - h)) / (2 * h),
+                           [lambda f, x, h: (f(x + h) - f(x)) / h, lambda f, x, h: (f(x + h) - f(x - h)) / h]),
+    "topological_order": (ex.check_topological_order, topo,
+                          [lambda root: topo(root)[::-1], lambda root: topo(root)[:-1]]),
+    "relative_error": (ex.check_relative_error, lambda a, n: np.abs(a - n) / np.maximum(np.abs(a) + np.abs(n), 1e-12),
+                       [lambda a, n: np.abs(a - n) / (np.abs(a) + np.abs(n)), lambda a, n: np.abs(a - n) / np.abs(n)]),
+    "linear_backward": (ex.check_linear_backward, lambda x, w, dy: (dy @ w, dy.T @ x, dy.sum(0)),
+                        [lambda x, w, dy: (dy @ w, x.T @ dy, dy.sum(0)),
+                         lambda x, w, dy: (dy @ w, dy.T @ x, dy.mean(0)),
+                         lambda x, w, dy: (dy @ w.T, dy.T @ x, dy.sum(0))]),
+    "softmax_backward": (ex.check_softmax_backward, lambda y, dy: y * (dy - (dy * y).sum(-1, keepdims=True)),
+                         [lambda y, dy: y * dy, lambda y, dy: y * (1 - y) * dy,
+                          lambda y, dy: y * (dy - (dy * y).sum())]),
+    "cross_entropy_backward": (
+        ex.check_cross_entropy_backward,
+        lambda x, t: (_softmax(x) - np.eye(x.shape[1])[t]) / len(t),
+        [lambda x, t: _softmax(x) - np.eye(x.shape[1])[t], lambda x, t: (_softmax(x) - 1) / len(t),
+         lambda x, t: (np.eye(x.shape[1])[t] - _softmax(x)) / len(t)]),
+    "layer_norm_backward": (ex.check_layer_norm_backward, ln_backward,
+                            [lambda x, w, dy, eps: (dy * w * _ln_parts(x, eps)[1],) + ln_backward(x, w, dy, eps)[1:],
+                             lambda x, w, dy, eps: ln_backward(x, w, dy, eps)[:2] + (dy.mean(tuple(range(x.ndim - 1))),),
+                             lambda x, w, dy, eps: ln_backward(x, np.ones_like(w), dy, eps)]),
+    "gelu_backward": (ex.check_gelu_backward,
+                      lambda x, dy: dy * (0.5 * (1 + erf(x / math.sqrt(2))) + x * np.exp(-x * x / 2) / math.sqrt(2 * math.pi)),
+                      [lambda x, dy: dy * 0.5 * (1 + erf(x / math.sqrt(2))),
+                       lambda x, dy: dy * (0.5 * (1 + erf(x / math.sqrt(2))) + x * np.exp(-x * x / 2))]),
+    "patchify": (ex.check_patchify, patchify,
+                 [lambda x, P: x.reshape(x.shape[0], -1, x.shape[1] * P * P),
+                  lambda x, P: patchify(x.transpose(0, 1, 3, 2), P)]),
+    "patchify_backward": (ex.check_patchify_backward, patchify_back,
+                          [lambda dy, shape, P: dy.reshape(shape),
+                           lambda dy, shape, P: patchify_back(dy, shape, P).transpose(0, 1, 3, 2).reshape(shape)]),
+    "attention_backward": (ex.check_attention_backward, attn_backward,
+                           [lambda q, k, v, dy: attn_backward(q, k, v, dy, scale_fix=False),
+                            lambda q, k, v, dy: attn_backward(q, k, v, dy, mean_fix=False),
+                            lambda q, k, v, dy: attn_backward(q, k, v, dy)[::-1]]),
+    "split_heads": (ex.check_split_heads,
+                    lambda qkv, nh: tuple(qkv.reshape(qkv.shape[0], qkv.shape[1], 3, nh, -1).transpose(2, 0, 3, 1, 4)),
+                    [lambda qkv, nh: tuple(qkv.reshape(qkv.shape[0], qkv.shape[1], nh, 3, -1).transpose(3, 0, 2, 1, 4)),
+                     lambda qkv, nh: tuple(qkv.reshape(qkv.shape[0], qkv.shape[1], 3, nh, -1).transpose(2, 0, 1, 3, 4))]),
+    "sincos_2d": (ex.check_sincos_2d, sincos,
+                  [lambda D, g: sincos(D, g[::-1]), lambda D, g: np.concatenate([np.sin(sincos(D, g)[:, :D // 2]),
+                                                                                  sincos(D, g)[:, D // 2:]], 1)]),
+    "adamw_update": (ex.check_adamw_update, adamw,
+                     [lambda *a: adamw(*a, decay_first=False), lambda *a: adamw(*a, correct=False)]),
+    "attention_rollout": (ex.check_attention_rollout, rollout,
+                          [lambda layers: rollout(layers, residual=False), lambda layers: rollout(layers[::-1])]),
+    "get_array_module": (ex.check_get_array_module, lambda x: np, [lambda x: math, lambda x: type(x)]),
+}
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_right_answer_passes(name):
+    check, right, _ = EXERCISES[name]
+    feedback = check(right)
+    assert feedback.passed, str(feedback)
+    assert "[PASSED]" in str(feedback)
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_wrong_answers_fail_with_specific_feedback(name):
+    check, _, wrongs = EXERCISES[name]
+    assert len(wrongs) >= 2
+    for wrong in wrongs:
+        feedback = check(wrong)
+        assert feedback.status == "failed", f"{name}: a wrong answer passed:\n{feedback}"
+        text = str(feedback)
+        assert "[FAILED]" in text and "hint:" in text
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_a_stub_is_not_attempted_and_strict_mode_raises(name, monkeypatch):
+    check = EXERCISES[name][0]
+    assert check(stub).status == "not attempted"
+    monkeypatch.setenv("MINIVIT_STRICT_CHECKS", "1")
+    with pytest.raises(ExerciseError, match=name):
+        check(stub)
+
+
+def test_every_check_is_exercised_here():
+    checks = {n[len("check_"):] for n in dir(ex) if n.startswith("check_")}
+    assert checks == set(EXERCISES)
+
+
+def test_gradient_feedback_names_the_input_and_the_worst_element():
+    text = str(ex.check_linear_backward(EXERCISES["linear_backward"][2][1]))
+    assert "db (4,): worst at (" in text and "your gradient" in text and "finite differences" in text
+
+
+def test_a_gradient_of_the_wrong_shape_is_explained():
+    text = str(ex.check_linear_backward(lambda x, w, dy: (dy @ w, dy.T @ x, dy.sum())))
+    assert "the gradient for b has shape () , expected (4,)".replace(" ,", ",") in text
+
+
+def test_a_forward_difference_gets_its_own_hint():
+    text = str(ex.check_central_difference(lambda f, x, h: (f(x + h) - f(x)) / h))
+    assert "forward difference" in text
