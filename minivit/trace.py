@@ -53,9 +53,9 @@ class AttentionTrace:
 
     def plot(self, image=0, path=None):
         """Scores, scaled scores and probabilities of one image, one row per head."""
-        from minivit.viz import _figure, _save
+        from minivit.viz import _save, figure
         names = ("scores", "scaled", "probs")
-        fig = _figure(3.2 * len(names), 3 * self.num_heads)
+        fig = figure(3.2 * len(names), 3 * self.num_heads)
         axes = np.array(fig.subplots(self.num_heads, len(names))).reshape(self.num_heads, len(names))
         for h in range(self.num_heads):
             for j, name in enumerate(names):

@@ -9,7 +9,8 @@ import numpy as np
 from minivit.backend import asnumpy
 
 
-def _figure(width, height):
+def figure(width, height):
+    """A new matplotlib Figure (no pyplot state, works without a display); show it by leaving it last in a cell."""
     from matplotlib.figure import Figure
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
@@ -22,7 +23,7 @@ def _save(fig, path):
 
 def plot_history(history, path=None):
     """Loss and accuracy per epoch, train and test, from a list of metric dicts (as in metrics.jsonl)."""
-    fig = _figure(10, 4)
+    fig = figure(10, 4)
     loss_ax, acc_ax = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in history]
     for key, label in (("train_loss", "train"), ("test_loss", "test")):
@@ -47,7 +48,7 @@ def confusion_matrix(labels, predictions, num_classes):
 def plot_confusion(counts, classes, path=None):
     """A confusion matrix as a heat map, each row normalised to the share of its class."""
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig = _figure(7, 6)
+    fig = figure(7, 6)
     ax = fig.subplots()
     im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
@@ -72,6 +73,25 @@ def _show_image(ax, image):
     ax.set_yticks([])
 
 
+def plot_images(images, titles=None, cols=8, path=None):
+    """A grid of images (N, C, H, W), uint8 or float, with optional titles."""
+    images = asnumpy(images)
+    rows = max(1, -(-len(images) // cols))
+    fig = figure(1.3 * cols, 1.5 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for i, (ax, image) in enumerate(zip(axes, images)):
+        ax.axis("on")
+        if image.dtype != np.uint8:  # show floats stretched to their own range
+            lo, hi = image.min(), image.max()
+            image = ((image - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8)
+        _show_image(ax, image)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+    return _save(fig, path)
+
+
 def plot_mistakes(images, labels, predictions, confidences, classes, path=None, count=24):
     """The most confident wrong predictions: each image with its true and predicted class.
 
@@ -84,7 +104,7 @@ def plot_mistakes(images, labels, predictions, confidences, classes, path=None, 
     worst = wrong[np.argsort(-confidences[wrong])][:count]
     cols = 6
     rows = max(1, -(-len(worst) // cols))
-    fig = _figure(2 * cols, 2.3 * rows)
+    fig = figure(2 * cols, 2.3 * rows)
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax in axes:
         ax.axis("off")
@@ -101,7 +121,7 @@ def plot_patch_grid(image, patch_size, path=None):
     """One image with the patch grid drawn over it, each patch numbered in the order the model reads it."""
     image = asnumpy(image)
     C, H, W = image.shape
-    fig = _figure(4, 4)
+    fig = figure(4, 4)
     ax = fig.subplots()
     _show_image(ax, image)
     for k in range(0, H + 1, patch_size):
@@ -119,7 +139,7 @@ def plot_attention(probs, path=None, title="attention", labels=None):
     """Attention probabilities (nh, N, N) or (N, N) as heat maps, one per head (queries down, keys across)."""
     probs = asnumpy(probs)
     probs = probs[None] if probs.ndim == 2 else probs
-    fig = _figure(3 * len(probs), 3.2)
+    fig = figure(3 * len(probs), 3.2)
     axes = np.atleast_1d(fig.subplots(1, len(probs)))
     for h, ax in enumerate(axes):
         ax.imshow(probs[h], cmap="viridis", vmin=0)
@@ -140,7 +160,7 @@ def plot_attention_on_image(image, attention, grid, path=None, title="class toke
         grid: (rows, cols) of patches.
     """
     image, attention = asnumpy(image), asnumpy(attention)
-    fig = _figure(6, 3)
+    fig = figure(6, 3)
     left, right = fig.subplots(1, 2)
     _show_image(left, image)
     right.imshow(attention.reshape(grid), cmap="inferno")
