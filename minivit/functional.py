@@ -9,7 +9,10 @@ import math
 from minivit import backend
 from minivit.ops import (CrossEntropyFn, DropoutFn, GELUFn, LayerNormFn, LinearFn, LogSoftmaxFn,
                          MultiHeadSelfAttentionFn, PatchifyFn, ScaledDotProductAttentionFn, SoftmaxFn, UnpatchifyFn)
-from minivit.tensor import Tensor, concat, stack  # noqa: F401  (part of the functional API)
+from minivit.tensor import Tensor, concat, stack
+
+__all__ = ["linear", "gelu", "softmax", "log_softmax", "layer_norm", "scaled_dot_product_attention",
+           "multi_head_self_attention", "cross_entropy", "dropout", "patchify", "unpatchify", "concat", "stack"]
 
 
 def _tensor(x):

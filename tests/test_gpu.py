@@ -46,3 +46,21 @@ def test_a_training_step_makes_no_host_device_transfer():
         sched.step()
     assert backend.transfers == before
     assert bool(cupy.isfinite(loss.data))
+
+
+def test_the_cli_trains_on_the_gpu(tmp_path):
+    from minivit import cli
+    args = ["train", "--device", "cuda", "--epochs", "1", "--limit", "256", "--embed-dim", "16", "--depth", "1",
+            "--num-heads", "2", "--no-progress", "--out", str(tmp_path / "run")]
+    assert cli.main(args) == 0
+    assert cli.main(["eval", str(tmp_path / "run"), "--device", "cuda"]) == 0
+
+
+def test_gradient_checks_run_in_float64_on_the_gpu():
+    import cupy
+    from minivit.gradcheck import gradcheck
+    model = nn.VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=1,
+                                 num_heads=2).to("cuda")
+    x = cupy.asarray(np.random.default_rng(0).standard_normal((2, 1, 8, 8)))
+    report = gradcheck(model, [x], mode="directional")
+    assert report.ok and report.max_rel < 1e-6, report
