@@ -118,11 +118,23 @@ def peak_memory_mb(framework, preset, batch, device, steps=3):
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
 
+def peak_rss_mb():
+    """This process's peak resident memory. VmHWM starts afresh at exec; ru_maxrss would carry the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def memory_probe(framework, preset, batch, device, steps):
     backend.tune_malloc()
     c = model_config(preset)
     images, labels = make_inputs(c, batch)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = peak_rss_mb()
     if framework == "minivit":
         step = MinivitStep(c, images, labels, device)
     else:
@@ -144,11 +156,11 @@ def memory_probe(framework, preset, batch, device, steps):
     else:
         for _ in range(steps):
             step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        peak = peak_rss_mb() - base
     print(json.dumps({"peak_mb": peak}))
 
 
-def bench(preset, batch, device, steps, warmup, with_torch, profile):
+def bench(preset, batch, device, steps, warmup, with_torch, profile, pause=0.2):
     c = model_config(preset)
     images, labels = make_inputs(c, batch)
     ours = MinivitStep(c, images, labels, device)
@@ -161,6 +173,9 @@ def bench(preset, batch, device, steps, warmup, with_torch, profile):
     times = {name: [] for name in contenders}
     for _ in range(steps):
         for name, step in contenders.items():  # alternate, so drifts in machine speed hit both
+            # Worker threads of BLAS and OpenMP spin for a while after each call; a pause lets the other
+            # library's threads go to sleep so that they do not compete for the cores during this step.
+            time.sleep(pause)
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
@@ -200,6 +215,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=15, help="timed steps per contender")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--pause", type=float, default=0.2, help="seconds of rest before each timed step")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both libraries")
     parser.add_argument("--no-torch", action="store_true", help="time minivit alone")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -238,7 +254,7 @@ def main(argv=None):
     results = []
     for preset in presets:
         for batch in args.batch or PRESETS[preset]["batches"]:
-            r = bench(preset, batch, args.device, args.steps, args.warmup, with_torch, args.profile)
+            r = bench(preset, batch, args.device, args.steps, args.warmup, with_torch, args.profile, args.pause)
             if not args.no_memory:
                 r["minivit"]["peak_mb"] = peak_memory_mb("minivit", preset, batch, args.device)
                 if with_torch:
