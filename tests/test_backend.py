@@ -48,7 +48,7 @@ def test_profiler_times_every_op_forward_and_backward():
     opt = optim.SGD(model.parameters(), lr=0.1)
     prof = profile_step(model, x, np.array([0, 1, 2, 0]), opt, steps=2)
     names = {name for name, _ in prof.stats}
-    assert {"LinearFn", "LayerNormFn", "ScaledDotProductAttentionFn", "GELUFn", "CrossEntropyFn",
+    assert {"LinearFn", "LayerNormFn", "MultiHeadSelfAttentionFn", "GELUFn", "CrossEntropyFn",
             "optimizer.step"} <= names
     calls = {key: c for key, (c, _) in prof.stats.items()}
     assert calls[("LinearFn", "forward")] == 2 * (4 * 2 + 1 + 1)  # 4 per block, patch embedding, head
