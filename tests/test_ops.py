@@ -265,3 +265,20 @@ def test_layer_norm_of_a_constant_row_is_finite():
         np.testing.assert_allclose(y.data, 0.0)
         y.backward(np.ones_like(x))
         assert np.isfinite(xt.grad).all()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, -1e3])
+def test_attention_is_right_where_exp_of_the_scores_would_overflow_or_vanish(scale):
+    rng = np.random.default_rng(3)
+    q, k, v = rng.standard_normal((2, 5, 4)) * scale, rng.standard_normal((2, 6, 4)), rng.standard_normal((2, 6, 3))
+    s = q @ k.swapaxes(-1, -2) / 2.0
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    for dtype in (np.float64, np.float32):
+        out = ops.ScaledDotProductAttentionFn.apply(q.astype(dtype), k.astype(dtype), v.astype(dtype)).data
+        assert np.isfinite(out).all()
+        np.testing.assert_allclose(out, p @ v, rtol=1e-4, atol=1e-5)
+    qkv = np.concatenate([q[:, :5], k[:, :5], v[:, :5, :1].repeat(4, -1)], axis=-1)   # (2, 5, 12), one head
+    assert np.isfinite(ops.MultiHeadSelfAttentionFn.apply(qkv, num_heads=1).data).all()
+    report = gradcheck(lambda a, b, c: ops.ScaledDotProductAttentionFn.apply(a, b, c), [q / scale * 30, k, v])
+    assert report.ok, report

@@ -12,9 +12,21 @@ def attention_forward(q, k, v, scale):
     xp = get_array_module(q)
     s = q @ k.swapaxes(-1, -2)
     s *= scale
-    s -= s.max(axis=-1, keepdims=True)  # shift by the max: exp never overflows
+    # Softmax does not change when a row is shifted; the usual shift by the row max only keeps exp from
+    # overflowing. Scores of a working model are far from exp's limits, so on the CPU try without it (two passes
+    # fewer over the largest array of the step) and shift only if some row's sum overflowed or vanished. On the
+    # GPU that check would wait for the device, so the shift is always made there.
+    if xp.__name__ == "numpy":
+        with xp.errstate(over="ignore", under="ignore"):   # an overflow here only sends us to the shift below
+            p = xp.exp(s)
+        total = sum_last(p)
+        if bool(((total > 1e-30) & (total < 1e30)).all()):
+            p /= total
+            return p @ v, p
+    s -= s.max(axis=-1, keepdims=True)
     p = xp.exp(s, out=s)
-    p /= sum_last(p)
+    total = sum_last(p)
+    p /= total
     return p @ v, p
 
 

@@ -1,5 +1,6 @@
 """The linear (fully connected) layer as one op."""
 
+from minivit.backend import sum_rows
 from minivit.function import Function
 
 
@@ -25,5 +26,5 @@ class LinearFn(Function):
         dw = dy2.T @ x2 if self.needs_input_grad[1] else None
         if len(self.needs_input_grad) == 2:
             return dx, dw
-        db = dy2.sum(axis=0) if self.needs_input_grad[2] else None
+        db = sum_rows(dy2) if self.needs_input_grad[2] else None
         return dx, dw, db

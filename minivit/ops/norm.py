@@ -1,6 +1,6 @@
 """Layer normalisation over the last axis."""
 
-from minivit.backend import get_array_module, sum_last
+from minivit.backend import get_array_module, sum_last, sum_rows
 from minivit.function import Function
 
 
@@ -13,24 +13,31 @@ class LayerNormFn(Function):
     def forward(self, x, w, b, *, eps=1e-6):
         xp = get_array_module(x)
         D = x.shape[-1]
-        xc = x - sum_last(x) / D
-        self.rstd = 1.0 / xp.sqrt(sum_last(xc * xc) / D + eps)
-        self.xhat = xc * self.rstd
-        self.w = w
-        return self.xhat * w + b
+        xc = x - sum_last(x) * (1.0 / D)
+        rstd = sum_last(xc * xc)
+        rstd *= 1.0 / D
+        rstd += eps
+        self.rstd = 1.0 / xp.sqrt(rstd, out=rstd)
+        xc *= self.rstd
+        self.xhat, self.w = xc, w
+        y = xc * w
+        y += b
+        return y
 
     # g = dy * w ;  dx = rstd * (g - mean(g) - xhat * mean(g * xhat))      (means over the last axis)
     # dw = sum(dy * xhat) ;  db = sum(dy)                                   (sums over all leading axes)
     def backward(self, dy):
         xhat = self.xhat
+        D = dy.shape[-1]
         dx = dw = db = None
         if self.needs_input_grad[0]:
-            D = dy.shape[-1]
-            g = dy * self.w
-            dx = self.rstd * (g - sum_last(g) / D - xhat * (sum_last(g * xhat) / D))
-        lead = tuple(range(dy.ndim - 1))
+            dx = dy * self.w                                   # g
+            mean_gx = sum_last(dx * xhat) * (1.0 / D)
+            dx -= sum_last(dx) * (1.0 / D)
+            dx -= xhat * mean_gx
+            dx *= self.rstd
         if self.needs_input_grad[1]:
-            dw = (dy * xhat).sum(axis=lead)
+            dw = sum_rows((dy * xhat).reshape(-1, D))
         if self.needs_input_grad[2]:
-            db = dy.sum(axis=lead)
+            db = sum_rows(dy.reshape(-1, D))
         return dx, dw, db
