@@ -188,7 +188,7 @@ def train(s, out_dir, resume=None, progress=True, log=print):
     ds = load_data(s, progress)
     info = ds.info
     train_loader = data.DataLoader(ds.train_images, ds.train_labels, s.batch_size, info.mean, info.std,
-                                   shuffle=True, seed=s.seed, augment=s.augment)
+                                   shuffle=True, seed=s.seed, augment=s.augment, pad=info.shape[1] // 8)
     steps_per_epoch = len(train_loader)
 
     model = build_model(s, info).to(device=s.device)
