@@ -5,7 +5,8 @@
     python benchmarks/train_step.py --device cuda        # CuPy against PyTorch CUDA
 
 Both models get the same weights (copied through the timm-named state dict), the same images and labels and
-the same thread count. A step is forward, cross-entropy, backward and an AdamW update. The two contenders
+the same number of threads (minivit's own, see minivit.set_num_threads, with NumPy's BLAS on one thread inside
+them; PyTorch's intra-op threads). A step is forward, cross-entropy, backward and an AdamW update. The two contenders
 alternate step by step after a warm-up; the table gives medians, their ratio, images/s, achieved GFLOP/s (model
 FLOPs counted analytically, backward = 2x forward), that as a share of the machine's GEMM peak (a large float32
 matmul timed in the same run), and the peak memory of a step (each framework measured in a fresh subprocess).
@@ -132,6 +133,7 @@ def peak_rss_mb():
 
 def memory_probe(framework, preset, batch, device, steps):
     backend.tune_malloc()
+    backend.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count())))
     c = model_config(preset)
     images, labels = make_inputs(c, batch)
     base = peak_rss_mb()
@@ -229,6 +231,7 @@ def main(argv=None):
         memory_probe(args.memory_probe, args.preset[0], args.batch[0], args.device, args.steps)
         return 0
     backend.tune_malloc()
+    backend.set_num_threads(args.threads)
     with_torch = not args.no_torch
     if with_torch:
         try:

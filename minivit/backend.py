@@ -7,6 +7,9 @@ Every op finds its array library with ``xp = get_array_module(x)`` and then writ
 so one backward serves both libraries.
 """
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 _cupy = None
@@ -155,6 +158,54 @@ def sum_rows(x):
     """Sum over the first axis of a 2-D array, as a product with a vector of ones (faster than ``x.sum(0)``)."""
     xp = get_array_module(x)
     return xp.ones(x.shape[0], dtype=x.dtype) @ x
+
+
+_threads = {"n": 1, "pool": None, "blas_limit": None}
+
+
+def set_num_threads(n=None):
+    """Run minivit's heavy ops on ``n`` CPU threads (all cores when None; 1 turns it off, the default).
+
+    Each op then cuts its rows (tokens, images) into ``n`` blocks and works on them at once: NumPy releases the
+    interpreter lock inside its loops and BLAS calls, so the threads really run in parallel, and the elementwise
+    work that NumPy does on one core uses them all. NumPy's own BLAS is set to one thread meanwhile (with
+    threadpoolctl), because its idle worker threads spin on the cores for a while after each call and would take
+    them from ours. Other libraries' BLAS (PyTorch's, say) are left alone.
+    """
+    if n is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n = max(1, int(n))
+    if _threads["blas_limit"] is not None:
+        _threads["blas_limit"].restore_original_limits()
+        _threads["blas_limit"] = None
+    if n > 1:
+        from threadpoolctl import ThreadpoolController
+        numpy_blas = [lib.filepath for lib in ThreadpoolController().lib_controllers
+                      if lib.user_api == "blas" and "numpy" in lib.filepath]
+        if numpy_blas:
+            _threads["blas_limit"] = ThreadpoolController().select(filepath=numpy_blas).limit(limits=1)
+    _threads["n"] = n
+    _threads["pool"] = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="minivit") if n > 1 else None
+    return n
+
+
+def get_num_threads():
+    return _threads["n"]
+
+
+def parallel_rows(n_rows, body, xp=np):
+    """Call ``body(rows)`` for blocks of ``range(n_rows)`` (as slices), one block per thread; return the results.
+
+    ``body`` writes its rows of the outputs in place and may return a partial result (a sum over its rows) for
+    the caller to add up. With one thread, or CuPy arrays (``xp`` is cupy), it is a single call on all rows.
+    """
+    parts = min(_threads["n"], n_rows)
+    if parts < 2 or xp.__name__ != "numpy":
+        return [body(slice(0, n_rows))]
+    edges = [n_rows * i // parts for i in range(parts + 1)]
+    blocks = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    futures = [_threads["pool"].submit(body, rows) for rows in blocks[1:]]
+    return [body(blocks[0])] + [f.result() for f in futures]
 
 
 def scatter_add(target, index, values):

@@ -99,6 +99,7 @@ def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
     backend.tune_malloc()
+    backend.set_num_threads()  # every core
     try:
         if args.command == "train":
             run_train(args, parser)

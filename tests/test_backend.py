@@ -62,3 +62,48 @@ def test_profiler_times_every_op_forward_and_backward():
         with Profiler():
             with Profiler():
                 pass
+
+
+@pytest.fixture
+def two_threads():
+    backend.set_num_threads(2)
+    yield
+    backend.set_num_threads(1)
+
+
+def test_threaded_ops_pass_the_gradient_check(two_threads):
+    from minivit import functional as F
+    from minivit.gradcheck import gradcheck
+    rng = np.random.default_rng(0)
+    cases = {
+        "linear": (lambda x, w, b: F.linear(x, w, b), [rng.standard_normal((5, 3, 4)), rng.standard_normal((6, 4)),
+                                                      rng.standard_normal(6)]),
+        "layer_norm": (lambda x, w, b: F.layer_norm(x, w, b), [rng.standard_normal((3, 4, 5)), rng.standard_normal(5),
+                                                              rng.standard_normal(5)]),
+        "gelu": (lambda x: F.gelu(x), [rng.standard_normal((3, 7))]),
+        "attention": (lambda qkv: F.multi_head_self_attention(qkv, 2), [rng.standard_normal((3, 4, 12))]),
+    }
+    assert backend.get_num_threads() == 2
+    for name, (fn, inputs) in cases.items():
+        report = gradcheck(fn, inputs)
+        assert report.ok, f"{name}\n{report}"
+
+
+def test_threads_change_no_result_beyond_rounding(two_threads):
+    from minivit import functional as F
+    model = nn.VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=5, embed_dim=16, depth=2,
+                                 num_heads=2)
+    x = np.random.default_rng(0).standard_normal((6, 1, 16, 16)).astype(np.float32)
+    y = np.arange(6) % 5
+
+    def run():
+        model.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss.item(), [p.grad.copy() for p in model.parameters()]
+    loss2, grads2 = run()
+    backend.set_num_threads(1)
+    loss1, grads1 = run()
+    assert abs(loss1 - loss2) < 1e-6
+    for a, b in zip(grads1, grads2):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -2,12 +2,34 @@
 
 import math
 
-from minivit.backend import erf, get_array_module
+from minivit.backend import erf, get_array_module, parallel_rows
 from minivit.function import Function
 
 _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def gelu_exact(x):
+    """(x * Phi(x), Phi(x)) with Phi(x) = (1 + erf(x / sqrt 2)) / 2."""
+    cdf = erf(x * _SQRT_HALF)
+    cdf += 1.0
+    cdf *= 0.5
+    return x * cdf, cdf
+
+
+# dx = dy * (Phi(x) + x * phi(x)),  phi(x) = exp(-x^2/2) / sqrt(2 pi)
+def gelu_exact_backward(x, cdf, dy):
+    """dx of gelu_exact, given Phi(x) from the forward."""
+    xp = get_array_module(x)
+    slope = x * x
+    slope *= -0.5
+    xp.exp(slope, out=slope)
+    slope *= x
+    slope *= _INV_SQRT_2PI
+    slope += cdf
+    slope *= dy
+    return slope
 
 
 class GELUFn(Function):
@@ -25,29 +47,29 @@ class GELUFn(Function):
         if approximate == "tanh":
             self.t = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
             return 0.5 * x * (1 + self.t)
-        cdf = erf(x * _SQRT_HALF)
-        cdf += 1.0
-        cdf *= 0.5
-        self.cdf = cdf
-        return x * cdf
+        flat = x.reshape(-1)
+        y, self.cdf = xp.empty_like(flat), xp.empty_like(flat)
 
-    # exact: dx = dy * (Phi(x) + x * phi(x)),  phi(x) = exp(-x^2/2) / sqrt(2 pi)
+        def part(r):
+            y[r], self.cdf[r] = gelu_exact(flat[r])
+        parallel_rows(len(flat), part, xp)
+        return y.reshape(x.shape)
+
+    # exact: see gelu_exact_backward
     # tanh:  dx = dy * ((1 + t)/2 + x/2 * (1 - t^2) * sqrt(2/pi) * (1 + 3 * 0.044715 x^2))
     def backward(self, dy):
         xp = get_array_module(dy)
         x = self.x
         if self.approximate == "tanh":
             t = self.t
-            slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
-        else:
-            slope = x * x
-            slope *= -0.5
-            xp.exp(slope, out=slope)
-            slope *= x
-            slope *= _INV_SQRT_2PI
-            slope += self.cdf
-        slope *= dy
-        return (slope,)
+            return (dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)),)
+        flat, dy_flat = x.reshape(-1), dy.reshape(-1)
+        dx = xp.empty_like(flat)
+
+        def part(r):
+            dx[r] = gelu_exact_backward(flat[r], self.cdf[r], dy_flat[r])
+        parallel_rows(len(flat), part, xp)
+        return (dx.reshape(x.shape),)
 
 
 class DropoutFn(Function):

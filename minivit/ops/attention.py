@@ -2,7 +2,7 @@
 
 import math
 
-from minivit.backend import get_array_module, sum_last
+from minivit.backend import get_array_module, parallel_rows, sum_last
 from minivit.function import Function
 
 
@@ -78,12 +78,18 @@ class MultiHeadSelfAttentionFn(Function):
     """
 
     def forward(self, qkv, *, num_heads):
+        xp = get_array_module(qkv)
         B, N, three_d = qkv.shape
         nh, hd = num_heads, three_d // (3 * num_heads)
         heads = qkv.reshape(B, N, 3, nh, hd).transpose(2, 0, 3, 1, 4)   # (3, B, nh, N, hd), a view
         self.q, self.k, self.v = heads[0], heads[1], heads[2]
         self.scale = 1.0 / math.sqrt(hd)
-        self.y, self.p = attention_forward(self.q, self.k, self.v, self.scale)   # (B, nh, N, hd)
+        self.y = xp.empty((B, nh, N, hd), dtype=qkv.dtype)
+        self.p = xp.empty((B, nh, N, N), dtype=qkv.dtype)
+
+        def images(b):  # the images of a batch are independent
+            self.y[b], self.p[b] = attention_forward(self.q[b], self.k[b], self.v[b], self.scale)
+        parallel_rows(B, images, xp)
         return self.y.transpose(0, 2, 1, 3).reshape(B, N, nh * hd)
 
     # dy (B, N, D) -> per head (B, nh, N, hd) ; then attention_backward ; then back to qkv's layout
@@ -91,8 +97,11 @@ class MultiHeadSelfAttentionFn(Function):
         xp = get_array_module(dy)
         B, nh, N, hd = self.y.shape
         dy_heads = dy.reshape(B, N, nh, hd).transpose(0, 2, 1, 3)           # (B, nh, N, hd)
-        dq, dk, dv = attention_backward(dy_heads, self.q, self.k, self.v, self.p, self.y, self.scale)
         dqkv = xp.empty((B, N, 3, nh, hd), dtype=dy.dtype)
-        for i, g in enumerate((dq, dk, dv)):
-            dqkv[:, :, i] = g.transpose(0, 2, 1, 3)                         # (B, N, nh, hd)
+
+        def images(b):
+            grads = attention_backward(dy_heads[b], self.q[b], self.k[b], self.v[b], self.p[b], self.y[b], self.scale)
+            for i, g in enumerate(grads):                                   # dq, dk, dv
+                dqkv[b, :, i] = g.transpose(0, 2, 1, 3)                     # (b, N, nh, hd)
+        parallel_rows(B, images, xp)
         return (dqkv.reshape(B, N, 3 * nh * hd),)

@@ -1,6 +1,6 @@
 """The linear (fully connected) layer as one op."""
 
-from minivit.backend import sum_rows
+from minivit.backend import get_array_module, parallel_rows, sum_rows
 from minivit.function import Function
 
 
@@ -11,20 +11,35 @@ class LinearFn(Function):
     """
 
     def forward(self, x, w, b=None):
+        xp = get_array_module(x)
         self.x, self.w = x, w
         # One 2-D product over all leading axes keeps BLAS busy with one large, contiguous operand.
-        y = x.reshape(-1, x.shape[-1]) @ w.T
-        if b is not None:
-            y += b
+        x2 = x.reshape(-1, x.shape[-1])                                   # (M, in)
+        y = xp.empty((len(x2), w.shape[0]), dtype=x.dtype)               # (M, out)
+
+        def rows(r):
+            xp.matmul(x2[r], w.T, out=y[r])
+            if b is not None:
+                y[r] += b
+        parallel_rows(len(x2), rows, xp)
         return y.reshape(*x.shape[:-1], w.shape[0])
 
     # dx = dy W ; dW = dy^T x (summed over all leading axes) ; db = dy summed over all leading axes
     def backward(self, dy):
+        xp = get_array_module(dy)
         x2 = self.x.reshape(-1, self.x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = (dy2 @ self.w).reshape(self.x.shape) if self.needs_input_grad[0] else None
-        dw = dy2.T @ x2 if self.needs_input_grad[1] else None
+        need_dx, need_dw = self.needs_input_grad[0], self.needs_input_grad[1]
+        need_db = len(self.needs_input_grad) == 3 and self.needs_input_grad[2]
+        dx = xp.empty_like(x2) if need_dx else None
+
+        def rows(r):  # dx for these rows, and their share of the sums dW and db
+            if need_dx:
+                xp.matmul(dy2[r], self.w, out=dx[r])
+            return (dy2[r].T @ x2[r] if need_dw else None), (sum_rows(dy2[r]) if need_db else None)
+        parts = parallel_rows(len(dy2), rows, xp)
+        dw = sum(p[0] for p in parts) if need_dw else None
+        dx = dx.reshape(self.x.shape) if need_dx else None
         if len(self.needs_input_grad) == 2:
             return dx, dw
-        db = sum_rows(dy2) if self.needs_input_grad[2] else None
-        return dx, dw, db
+        return dx, dw, (sum(p[1] for p in parts) if need_db else None)
