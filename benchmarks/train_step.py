@@ -231,7 +231,6 @@ def main(argv=None):
         memory_probe(args.memory_probe, args.preset[0], args.batch[0], args.device, args.steps)
         return 0
     backend.tune_malloc()
-    backend.set_num_threads(args.threads)
     with_torch = not args.no_torch
     if with_torch:
         try:
@@ -242,7 +241,8 @@ def main(argv=None):
             with_torch = False
     xp = backend.get_array_module(backend.to_device(np.zeros(1), args.device))
     presets = args.preset or (["bench", "cifar"] if args.device == "cpu" else ["cifar", "vit-s16"])
-    peak = gemm_peak(xp)
+    peak = gemm_peak(xp)  # with BLAS's own threads, before minivit takes it to one thread per worker
+    backend.set_num_threads(args.threads)
     device_name = platform.processor() or platform.machine()
     if args.device == "cuda":
         device_name = xp.cuda.runtime.getDeviceProperties(0)["name"].decode()
