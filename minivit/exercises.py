@@ -224,6 +224,14 @@ def _all_nodes(root):
     return out
 
 
+def check_sigmoid_backward(fn):
+    """fn(y, dy) -> dx for y = 1 / (1 + exp(-x))."""
+    rng = _rng(2)
+    cases = [[rng.standard_normal((3, 4)) * 2], [rng.standard_normal(7)]]
+    return _gate("sigmoid_backward", "dy/dx = y (1 - y): write it with the output y, then multiply by dy",
+                 lambda x: 1.0 / (1.0 + np.exp(-x)), lambda xs, y, dy: fn(y, dy), cases, ("x",))
+
+
 # ------------------------------------------------------------------------------------------------ lesson 3
 def check_relative_error(fn):
     """fn(a, n) -> |a - n| / max(|a| + |n|, 1e-12) elementwise (the symmetric relative error with a zero guard)."""
@@ -366,6 +374,31 @@ def check_split_heads(fn):
     return _run("split_heads", "reshape to (B, N, 3, nh, hd), then transpose(2, 0, 3, 1, 4)", body)
 
 
+def check_split_heads_backward(fn):
+    """fn(dq, dk, dv) -> dqkv (B, N, 3D): the gradients of the heads put back in qkv's layout."""
+    rng = _rng(15)
+    cases = [[rng.standard_normal((2, 5, 3 * 3 * 4))], [rng.standard_normal((1, 3, 3 * 1 * 2))]]
+    heads = (3, 1)
+
+    def gate(c):
+        nh = heads[c]
+
+        def forward(qkv):                                    # (3, B, nh, N, hd): q, k and v stacked
+            B, N, three_d = qkv.shape
+            return qkv.reshape(B, N, 3, nh, three_d // (3 * nh)).transpose(2, 0, 3, 1, 4)
+        return _gradient_gate(forward, lambda xs, y, dy: fn(dy[0], dy[1], dy[2]), [cases[c]], ("qkv",))
+
+    def body():
+        problems, worst = [], 0.0
+        for c in range(len(cases)):
+            p, w = gate(c)
+            problems += p
+            worst = max(worst, w)
+        return problems, f"matches finite differences on {len(cases)} cases (largest relative error {worst:.1e})"
+    return _run("split_heads_backward", "undo the forward: stack (dq, dk, dv), transpose(1, 3, 0, 2, 4) to (B, N, 3, "
+                "nh, hd), reshape to (B, N, 3D)", body)
+
+
 # ------------------------------------------------------------------------------------------------ lesson 11
 def check_sincos_2d(fn):
     """fn(embed_dim, (rows, cols)) -> (rows*cols, embed_dim) fixed 2-D sine-cosine position embedding."""
@@ -379,6 +412,21 @@ def check_sincos_2d(fn):
         return problems, "the same table as the library"
     return _run("sincos_2d", "w_i = 10000^(-i/(D/4)); concatenate sin(row w), cos(row w), sin(col w), cos(col w)",
                 body)
+
+
+def check_tokens_backward(fn):
+    """fn(dy (B, N, D)) -> (dcls (1, 1, D), dpatches (B, N-1, D), dpos (1, N, D)) for
+    y = concat([cls copied to every image, patches], axis=1) + pos."""
+    rng = _rng(16)
+    cases = [[rng.standard_normal((1, 1, 4)), rng.standard_normal((3, 5, 4)), rng.standard_normal((1, 6, 4))],
+             [rng.standard_normal((1, 1, 2)), rng.standard_normal((2, 3, 2)), rng.standard_normal((1, 4, 2))]]
+
+    def forward(cls, patches, pos):
+        copies = np.broadcast_to(cls, (patches.shape[0], 1, cls.shape[-1]))
+        return np.concatenate([copies, patches], axis=1) + pos
+    return _gate("tokens_backward", "the class token and the position embedding were copied to every image: sum their "
+                 "gradients over the batch (keepdims); the patches get the rest of dy", forward,
+                 lambda xs, y, dy: fn(dy), cases, ("cls", "patches", "pos"))
 
 
 # ------------------------------------------------------------------------------------------------ lesson 12

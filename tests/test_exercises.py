@@ -103,6 +103,16 @@ def patchify_back(dy, shape, P):
     return dy.reshape(B, H // P, W // P, C, P, P).transpose(0, 3, 1, 4, 2, 5).reshape(shape)
 
 
+def merge(dq, dk, dv):
+    g = np.stack([dq, dk, dv])                               # (3, B, nh, N, hd)
+    B, N = g.shape[1], g.shape[3]
+    return g.transpose(1, 3, 0, 2, 4).reshape(B, N, -1)
+
+
+def tokens_back(dy):
+    return dy[:, :1].sum(0, keepdims=True), dy[:, 1:], dy.sum(0, keepdims=True)
+
+
 EXERCISES = {
     # name: (check, right answer, [wrong answers])
     "accuracy": (ex.check_accuracy, lambda lo, la: (lo.argmax(1) == la).mean(),
@@ -111,6 +121,16 @@ EXERCISES = {
                            [lambda f, x, h: (f(x + h) - f(x)) / h, lambda f, x, h: (f(x + h) - f(x - h)) / h]),
     "topological_order": (ex.check_topological_order, topo,
                           [lambda root: topo(root)[::-1], lambda root: topo(root)[:-1]]),
+    "sigmoid_backward": (ex.check_sigmoid_backward, lambda y, dy: dy * y * (1 - y),
+                         [lambda y, dy: dy * y, lambda y, dy: dy * (1 - y), lambda y, dy: y * (1 - y)]),
+    "split_heads_backward": (ex.check_split_heads_backward, merge,
+                             [lambda dq, dk, dv: np.stack([dq, dk, dv]).reshape(dq.shape[0], dq.shape[2], -1),
+                              lambda dq, dk, dv: np.stack([dq, dk, dv]).transpose(1, 3, 2, 0, 4).reshape(
+                                  dq.shape[0], dq.shape[2], -1)]),
+    "tokens_backward": (ex.check_tokens_backward, tokens_back,
+                        [lambda dy: (dy[:1, :1], dy[:, 1:], dy.sum(0, keepdims=True)),
+                         lambda dy: (dy[:, :1].sum(0, keepdims=True), dy[:, 1:], dy[:1]),
+                         lambda dy: (dy[:, :1].mean(0, keepdims=True), dy[:, 1:], dy.sum(0, keepdims=True))]),
     "relative_error": (ex.check_relative_error, lambda a, n: np.abs(a - n) / np.maximum(np.abs(a) + np.abs(n), 1e-12),
                        [lambda a, n: np.abs(a - n) / (np.abs(a) + np.abs(n)), lambda a, n: np.abs(a - n) / np.abs(n)]),
     "linear_backward": (ex.check_linear_backward, lambda x, w, dy: (dy @ w, dy.T @ x, dy.sum(0)),

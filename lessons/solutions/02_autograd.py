@@ -15,3 +15,8 @@ def topological_order(root):
             if node._ctx is not None:
                 stack.extend((p, False) for p in node._ctx.parents if p.requires_grad)
     return order[::-1]
+
+
+def sigmoid_backward(y, dy):
+    """y = sigmoid(x), dy = dL/dy -> dL/dx"""
+    return dy * y * (1 - y)
