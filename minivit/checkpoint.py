@@ -14,7 +14,7 @@ timm (safetensors or ``.npz``, read with ``allow_pickle=False``).
 
 import json
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,19 +37,25 @@ def _safetensors():
 
 
 def atomic_write(path, write):
-    """Call ``write(tmp_path)`` to create a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(tmp_path)`` to create a temporary file beside ``path``, then rename it to ``path``.
+
+    The temporary name is unique to this process and call; the file gets the permissions of any new file
+    (0666 less the umask), whatever ``write`` created it with.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        write(tmp)
+        write(str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
     return path
 
 

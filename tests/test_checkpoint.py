@@ -116,3 +116,12 @@ def test_corrupt_and_foreign_files_get_clear_errors(tmp_path):
         checkpoint.load_checkpoint(tmp_path / "plain.safetensors")
     with pytest.raises(CheckpointError, match="no such file"):
         checkpoint.load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_files_get_the_permissions_of_any_new_file(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = checkpoint.save_checkpoint(tmp_path / "c.safetensors", nn.VisionTransformer(**CONFIG))
+        assert os.stat(path).st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
