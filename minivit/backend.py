@@ -184,6 +184,8 @@ def set_num_threads(n=None):
                       if lib.user_api == "blas" and "numpy" in lib.filepath]
         if numpy_blas:
             _threads["blas_limit"] = ThreadpoolController().select(filepath=numpy_blas).limit(limits=1)
+    if _threads["pool"] is not None:
+        _threads["pool"].shutdown(wait=False)
     _threads["n"] = n
     _threads["pool"] = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="minivit") if n > 1 else None
     return n
