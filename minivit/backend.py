@@ -115,19 +115,22 @@ _ERF_Q = (1.0, 0.5040990183965843, 0.11736978479064743, 0.016256923799364942, 0.
           7.187574017141514e-05, 2.5508169385203164e-07)
 
 
+def _horner(t, coefficients):
+    """c0 + t (c1 + t (c2 + ...)), evaluated in place from the highest coefficient down."""
+    value = t * coefficients[-1]
+    for c in reversed(coefficients[1:-1]):
+        value += c
+        value *= t
+    value += coefficients[0]
+    return value
+
+
 def _erf_rational(x):
     z = np.clip(x, -4.0, 4.0)
     t = z * z
-    num = np.full_like(t, _ERF_P[-1])
-    for c in reversed(_ERF_P[:-1]):  # Horner's rule, in place
-        num *= t
-        num += c
-    den = np.full_like(t, _ERF_Q[-1])
-    for c in reversed(_ERF_Q[:-1]):
-        den *= t
-        den += c
+    num = _horner(t, _ERF_P)
     num *= z
-    num /= den
+    num /= _horner(t, _ERF_Q)
     return num
 
 
