@@ -4,14 +4,40 @@ Each function draws on a new ``matplotlib.figure.Figure`` (no global pyplot stat
 returns it; pass ``path`` to also save it as a PNG.
 """
 
+import io
+
 import numpy as np
 
 from minivit.backend import asnumpy
+
+_notebook = {"registered": False}
+
+
+def _show_in_notebooks():
+    """Teach a running IPython kernel to draw these Figures as PNG: without pyplot (which these functions avoid,
+    so that they work with no display) a Figure left last in a notebook cell would only print its repr."""
+    _notebook["registered"] = True
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    from matplotlib.figure import Figure
+
+    def png(fig):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        return buffer.getvalue()
+    shell.display_formatter.formatters["image/png"].for_type(Figure, png)
 
 
 def figure(width, height):
     """A new matplotlib Figure (no pyplot state, works without a display); show it by leaving it last in a cell."""
     from matplotlib.figure import Figure
+    if not _notebook["registered"]:
+        _show_in_notebooks()
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 

@@ -72,12 +72,19 @@ def test_notebooks_are_stored_without_outputs():
                 assert not cell.outputs and cell.execution_count is None, f"{path.name} has stored outputs"
 
 
+def images(nb):
+    return sum("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_lesson_runs_unsolved(path, tmp_path):
     nb = execute(nbformat.read(path, as_version=4), tmp_path, strict=False)
     text = outputs_text(nb)
     assert "[NOT ATTEMPTED]" in text
     assert "[FAILED]" not in text
+    figures = sum(c.source.count("viz.") + c.source.count(".plot(") for c in nb.cells if c.cell_type == "code")
+    if figures:
+        assert images(nb) > 0, f"{path.name} draws figures but none was shown as an image"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
