@@ -204,7 +204,7 @@ def train(s, out_dir, resume=None, progress=True, log=print):
         log(f"resuming {resume} after epoch {start_epoch} of {s.epochs}")
     else:
         backend.manual_seed(s.seed)
-    log(f"{s.preset}: {s.dataset} ({len(ds.train_labels)} train / {len(ds.test_labels)} test images), "
+    log(f"{s.preset}: {s.dataset} from {ds.folder} ({len(ds.train_labels)} train / {len(ds.test_labels)} test images), "
         f"ViT patch {s.patch_size} width {s.embed_dim} depth {s.depth} heads {s.num_heads} "
         f"({model.num_parameters():,} parameters), {s.epochs} epochs of {steps_per_epoch} steps on {s.device}")
 
