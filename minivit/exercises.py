@@ -377,26 +377,14 @@ def check_split_heads(fn):
 def check_split_heads_backward(fn):
     """fn(dq, dk, dv) -> dqkv (B, N, 3D): the gradients of the heads put back in qkv's layout."""
     rng = _rng(15)
-    cases = [[rng.standard_normal((2, 5, 3 * 3 * 4))], [rng.standard_normal((1, 3, 3 * 1 * 2))]]
-    heads = (3, 1)
+    nh = 3
+    cases = [[rng.standard_normal((2, 5, 3 * nh * 4))], [rng.standard_normal((1, 3, 3 * nh * 2))]]
 
-    def gate(c):
-        nh = heads[c]
-
-        def forward(qkv):                                    # (3, B, nh, N, hd): q, k and v stacked
-            B, N, three_d = qkv.shape
-            return qkv.reshape(B, N, 3, nh, three_d // (3 * nh)).transpose(2, 0, 3, 1, 4)
-        return _gradient_gate(forward, lambda xs, y, dy: fn(dy[0], dy[1], dy[2]), [cases[c]], ("qkv",))
-
-    def body():
-        problems, worst = [], 0.0
-        for c in range(len(cases)):
-            p, w = gate(c)
-            problems += p
-            worst = max(worst, w)
-        return problems, f"matches finite differences on {len(cases)} cases (largest relative error {worst:.1e})"
-    return _run("split_heads_backward", "undo the forward: stack (dq, dk, dv), transpose(1, 3, 0, 2, 4) to (B, N, 3, "
-                "nh, hd), reshape to (B, N, 3D)", body)
+    def forward(qkv):                                        # (3, B, nh, N, hd): q, k and v stacked
+        B, N, three_d = qkv.shape
+        return qkv.reshape(B, N, 3, nh, three_d // (3 * nh)).transpose(2, 0, 3, 1, 4)
+    return _gate("split_heads_backward", "undo the forward: stack (dq, dk, dv), transpose(1, 3, 0, 2, 4) to (B, N, 3, "
+                 "nh, hd), reshape to (B, N, 3D)", forward, lambda xs, y, dy: fn(dy[0], dy[1], dy[2]), cases, ("qkv",))
 
 
 # ------------------------------------------------------------------------------------------------ lesson 11

@@ -164,12 +164,14 @@ class Tensor:
             if fn is None:
                 continue
             input_grads = _function.timed(type(fn).__name__, "backward", fn.backward, g)
-            if _function._AnomalyMode.enabled and _function.first_non_finite(input_grads) is not None:
-                raise FloatingPointError(f"anomaly: {type(fn).__name__}.backward produced NaN or Inf in the gradient "
-                                         f"of input {_function.first_non_finite(input_grads)}")
             if not isinstance(input_grads, tuple) or len(input_grads) != len(fn.parents):
                 raise RuntimeError(f"{type(fn).__name__}.backward must return a tuple of {len(fn.parents)} "
                                    f"gradients (one per input, None where not needed)")
+            if _function._AnomalyMode.enabled:
+                bad = _function.first_non_finite(input_grads)
+                if bad is not None:
+                    raise FloatingPointError(f"anomaly: {type(fn).__name__}.backward produced NaN or Inf in the "
+                                             f"gradient of input {bad}")
             for i, (parent, pg) in enumerate(zip(fn.parents, input_grads)):
                 if pg is None or not parent.requires_grad:
                     continue

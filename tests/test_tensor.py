@@ -205,3 +205,24 @@ def test_to_and_detach_make_new_leaves():
     assert y.dtype == np.float64 and y.is_leaf and y.device == "cpu"
     assert not (x * 2).detach().requires_grad
     assert "requires_grad=True" in repr(x)
+
+
+def test_anomaly_mode_names_the_op_in_forward_and_in_backward():
+    from minivit.function import Function, detect_anomaly
+
+    class NanGrad(Function):
+        def forward(self, x):
+            return x * 1.0
+
+        def backward(self, dy):
+            return (dy * np.nan,)
+
+    x = Tensor(np.array([1.0, -1.0]), requires_grad=True)
+    with detect_anomaly():
+        with np.errstate(invalid="ignore"), pytest.raises(FloatingPointError, match="anomaly: LogFn produced NaN"):
+            x.log()
+        y = NanGrad.apply(x).sum()
+        with pytest.raises(FloatingPointError, match="anomaly: NanGrad.backward produced NaN or Inf in the "
+                                                     "gradient of input 0"):
+            y.backward()
+    (x * 2).sum().backward()  # outside the block nothing is checked
