@@ -125,25 +125,25 @@ def _horner(t, coefficients):
     return value
 
 
-def _erf_rational(x):
+def _erf_rational(x, out=None):
     z = np.clip(x, -4.0, 4.0)
     t = z * z
     num = _horner(t, _ERF_P)
     num *= z
-    num /= _horner(t, _ERF_Q)
-    return num
+    return np.divide(num, _horner(t, _ERF_Q), out=out)
 
 
-def erf(x):
-    """The error function. Exact to float64 rounding (SciPy; cupyx.scipy on the GPU) except for NumPy float32
-    arrays, which get a rational approximation within 4e-7 of the exact value (about 3 float32 ulp)."""
+def erf(x, out=None):
+    """The error function, written into ``out`` when given. Exact to float64 rounding (SciPy; cupyx.scipy on the
+    GPU) except for NumPy float32 arrays, which get a rational approximation within 4e-7 of the exact value
+    (about 3 float32 ulp)."""
     if is_cupy_array(x):
         from cupyx.scipy.special import erf as cupy_erf
-        return cupy_erf(x)
+        return cupy_erf(x, out=out)
     if x.dtype == np.float32:
-        return _erf_rational(x)
+        return _erf_rational(x, out=out)
     from scipy.special import erf as scipy_erf
-    return scipy_erf(x)
+    return scipy_erf(x, out=out)
 
 
 def sum_last(x, keepdims=True):
@@ -198,19 +198,27 @@ def get_num_threads():
     return _threads["n"]
 
 
-def parallel_rows(n_rows, body, xp=np):
-    """Call ``body(rows)`` for blocks of ``range(n_rows)`` (as slices), one block per thread; return the results.
+def parallel_rows(n_rows, body, xp=np, block=None):
+    """Call ``body(rows)`` for blocks of ``range(n_rows)`` (as slices), the blocks shared out over the threads;
+    return the results in order.
 
     ``body`` writes its rows of the outputs in place and may return a partial result (a sum over its rows) for
-    the caller to add up. With one thread, or CuPy arrays (``xp`` is cupy), it is a single call on all rows.
+    the caller to add up. Each thread takes one run of rows, cut into blocks of at most ``block`` rows when given
+    (so that a block's temporaries stay in the core's cache). With one thread, or CuPy arrays (``xp`` is cupy),
+    it is a single call on all rows.
     """
-    parts = min(_threads["n"], n_rows)
-    if parts < 2 or xp.__name__ != "numpy":
+    if xp.__name__ != "numpy":
         return [body(slice(0, n_rows))]
+
+    def run(lo, hi):
+        step = max(1, hi - lo if block is None else block)
+        return [body(slice(i, min(i + step, hi))) for i in range(lo, hi, step)]
+    parts = min(_threads["n"], n_rows)
+    if parts < 2:
+        return run(0, n_rows)
     edges = [n_rows * i // parts for i in range(parts + 1)]
-    blocks = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
-    futures = [_threads["pool"].submit(body, rows) for rows in blocks[1:]]
-    return [body(blocks[0])] + [f.result() for f in futures]
+    futures = [_threads["pool"].submit(run, lo, hi) for lo, hi in zip(edges[1:-1], edges[2:])]
+    return run(edges[0], edges[1]) + [r for f in futures for r in f.result()]
 
 
 def scatter_add(target, index, values):

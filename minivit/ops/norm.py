@@ -4,32 +4,37 @@ from minivit.backend import get_array_module, parallel_rows, sum_last, sum_rows
 from minivit.function import Function
 
 
-def layer_norm_rows(x, w, b, eps):
-    """(y, xhat, rstd) for rows x (M, D): xhat = (x - mean) * rstd, rstd = 1 / sqrt(var + eps), y = xhat w + b."""
+def layer_norm_rows(x, w, b, eps, y, xhat, rstd):
+    """LayerNorm of rows x (M, D), written into y (M, D), xhat (M, D) and rstd (M, 1):
+    xhat = (x - mean) * rstd, rstd = 1 / sqrt(var + eps), y = xhat w + b."""
     xp = get_array_module(x)
     D = x.shape[-1]
-    xhat = x - sum_last(x) * (1.0 / D)
-    rstd = sum_last(xhat * xhat)
-    rstd *= 1.0 / D
-    rstd += eps
-    rstd = 1.0 / xp.sqrt(rstd, out=rstd)
+    xp.subtract(x, sum_last(x) * (1.0 / D), out=xhat)                  # x - mean
+    xp.multiply(xhat, xhat, out=y)                                      # y holds the squares for a moment
+    var = sum_last(y) * (1.0 / D)
+    xp.divide(1.0, xp.sqrt(var + eps), out=rstd)
     xhat *= rstd
-    y = xhat * w
+    xp.multiply(xhat, w, out=y)
     y += b
-    return y, xhat, rstd
 
 
 # g = dy * w ;  dx = rstd * (g - mean(g) - xhat * mean(g * xhat))      (means over the last axis)
 # dw = sum(dy * xhat) ;  db = sum(dy)                                   (sums over all rows)
-def layer_norm_rows_backward(dy, xhat, rstd, w):
-    """(dx, dw, db) of layer_norm_rows for rows (M, D); dw and db are sums over these rows."""
+# The row sums are matrix-vector products: sum(g) = dy @ w and sum(g * xhat) = (dy * xhat) @ w.
+def layer_norm_rows_backward(dy, xhat, rstd, w, dx):
+    """dx of layer_norm_rows for rows (M, D), written into dx; returns (dw, db) summed over these rows."""
+    xp = get_array_module(dy)
     D = dy.shape[-1]
-    dx = dy * w                                                         # g
-    mean_gx = sum_last(dx * xhat) * (1.0 / D)
-    dx -= sum_last(dx) * (1.0 / D)
-    dx -= xhat * mean_gx
+    dy_xhat = dy * xhat
+    dw, db = sum_rows(dy_xhat), sum_rows(dy)
+    mean_g = (dy @ w)[:, None] * (1.0 / D)                              # (M, 1)
+    mean_gx = (dy_xhat @ w)[:, None] * (1.0 / D)
+    xp.multiply(xhat, mean_gx, out=dy_xhat)                             # reuse the buffer: xhat * mean(g xhat)
+    dy_xhat += mean_g
+    xp.multiply(dy, w, out=dx)                                          # g
+    dx -= dy_xhat
     dx *= rstd
-    return dx, sum_rows(dy * xhat), sum_rows(dy)
+    return dw, db
 
 
 class LayerNormFn(Function):
@@ -46,7 +51,7 @@ class LayerNormFn(Function):
         self.w = w
 
         def rows(r):
-            y[r], self.xhat[r], self.rstd[r] = layer_norm_rows(x2[r], w, b, eps)
+            layer_norm_rows(x2[r], w, b, eps, y[r], self.xhat[r], self.rstd[r])
         parallel_rows(len(x2), rows, xp)
         return y.reshape(x.shape)
 
@@ -57,7 +62,6 @@ class LayerNormFn(Function):
         dx = xp.empty_like(dy2)
 
         def rows(r):
-            dx[r], dw_rows, db_rows = layer_norm_rows_backward(dy2[r], self.xhat[r], self.rstd[r], self.w)
-            return dw_rows, db_rows
+            return layer_norm_rows_backward(dy2[r], self.xhat[r], self.rstd[r], self.w, dx[r])
         parts = parallel_rows(len(dy2), rows, xp)
         return dx.reshape(dy.shape), sum(p[0] for p in parts), sum(p[1] for p in parts)
