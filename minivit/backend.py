@@ -207,7 +207,7 @@ def parallel_rows(n_rows, body, xp=np, block=None):
     (so that a block's temporaries stay in the core's cache). With one thread, or CuPy arrays (``xp`` is cupy),
     it is a single call on all rows.
     """
-    if xp.__name__ != "numpy":
+    if xp.__name__ != "numpy" or n_rows == 0:
         return [body(slice(0, n_rows))]
 
     def run(lo, hi):

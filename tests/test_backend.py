@@ -1,4 +1,6 @@
-"""The backend helpers: erf, last-axis sums, devices, and the profiler built on the op hooks."""
+"""The backend helpers: erf, last-axis sums, devices, threads, and the profiler built on the op hooks."""
+
+import math
 
 import numpy as np
 import pytest
@@ -87,6 +89,33 @@ def test_threaded_ops_pass_the_gradient_check(two_threads):
     for name, (fn, inputs) in cases.items():
         report = gradcheck(fn, inputs)
         assert report.ok, f"{name}\n{report}"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("block", [None, 1, 3, 100])
+def test_parallel_rows_visits_every_row_once_in_order(threads, block):
+    backend.set_num_threads(threads)
+    try:
+        parts = backend.parallel_rows(10, lambda r: (r.start, r.stop), block=block)
+        assert backend.parallel_rows(0, lambda r: (r.start, r.stop), block=block) == [(0, 0)]
+    finally:
+        backend.set_num_threads(1)
+    assert [i for lo, hi in parts for i in range(lo, hi)] == list(range(10))
+    assert len(parts) >= threads
+    if block is not None:
+        assert all(hi - lo <= block for lo, hi in parts)
+
+
+def test_gelu_in_blocks_smaller_than_a_threads_share_passes_the_gradient_check(two_threads, monkeypatch):
+    from minivit import functional as F
+    from minivit.gradcheck import gradcheck
+    from minivit.ops.activation import GELUFn
+    monkeypatch.setattr(GELUFn, "BLOCK", 4)
+    x = np.random.default_rng(0).standard_normal((3, 7))
+    report = gradcheck(lambda x: F.gelu(x), [x])
+    assert report.ok, str(report)
+    exact = x * 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    np.testing.assert_allclose(F.gelu(x).data, exact, rtol=1e-13)
 
 
 def test_threads_change_no_result_beyond_rounding(two_threads):
