@@ -6,10 +6,11 @@
 
 Both models get the same weights (copied through the timm-named state dict), the same images and labels and
 the same number of threads (minivit's own, see minivit.set_num_threads, with NumPy's BLAS on one thread inside
-them; PyTorch's intra-op threads). A step is forward, cross-entropy, backward and an AdamW update. The two contenders
-alternate step by step after a warm-up; the table gives medians, their ratio, images/s, achieved GFLOP/s (model
-FLOPs counted analytically, backward = 2x forward), that as a share of the machine's GEMM peak (a large float32
-matmul timed in the same run), and the peak memory of a step (each framework measured in a fresh subprocess).
+them; PyTorch's intra-op threads). A step is forward, cross-entropy, backward and an AdamW update. After a
+warm-up the two contenders alternate, each time a pause, an untimed step and a timed step; the table gives
+medians, their ratio, images/s, achieved GFLOP/s (model FLOPs counted analytically, backward = 2x forward), that
+as a share of the machine's GEMM peak (a large float32 matmul timed in the same run), and the peak memory of a
+step (each framework measured in a fresh subprocess).
 """
 
 import argparse
@@ -176,8 +177,12 @@ def bench(preset, batch, device, steps, warmup, with_torch, profile, pause=0.2):
     for _ in range(steps):
         for name, step in contenders.items():  # alternate, so drifts in machine speed hit both
             # Worker threads of BLAS and OpenMP spin for a while after each call; a pause lets the other
-            # library's threads go to sleep so that they do not compete for the cores during this step.
+            # library's threads go to sleep so that they do not compete for the cores during this step. But
+            # cores left idle come back slowly (on this virtual machine the first tens of milliseconds after a
+            # pause run at half speed), so an untimed step wakes them before the timed one: a steady state, as
+            # in training, where steps follow each other.
             time.sleep(pause)
+            step()
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
