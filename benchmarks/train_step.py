@@ -8,9 +8,10 @@ Both models get the same weights (copied through the timm-named state dict), the
 the same number of threads (minivit's own, see minivit.set_num_threads, with NumPy's BLAS on one thread inside
 them; PyTorch's intra-op threads). A step is forward, cross-entropy, backward and an AdamW update. After a
 warm-up the two contenders alternate, each time a pause, an untimed step and a timed step; the table gives
-medians, their ratio, images/s, achieved GFLOP/s (model FLOPs counted analytically, backward = 2x forward), that
-as a share of the machine's GEMM peak (a large float32 matmul timed in the same run), and the peak memory of a
-step (each framework measured in a fresh subprocess).
+medians, their ratio (in brackets the quartiles of the ratios of each minivit step to the PyTorch step after
+it: how much of the ratio is the machine's noise), images/s, achieved GFLOP/s (model FLOPs counted
+analytically, backward = 2x forward), that as a share of the machine's GEMM peak (a large float32 matmul timed
+in the same run), and the peak memory of a step (each framework measured in a fresh subprocess).
 """
 
 import argparse
@@ -195,6 +196,11 @@ def bench(preset, batch, device, steps, warmup, with_torch, profile, pause=0.2):
     for name, ts in times.items():
         ms = 1e3 * float(np.median(ts))
         result[name] = {"ms": ms, "images_per_s": batch / ms * 1e3, "gflops": flops / ms / 1e6}
+    if "pytorch" in times:
+        # Each minivit step against the PyTorch step right after it: the quartiles of these paired ratios show
+        # how much of the ratio is the machine's noise.
+        paired = np.array(times["minivit"]) / np.array(times["pytorch"])
+        result["paired_ratio_quartiles"] = [float(q) for q in np.percentile(paired, [25, 75])]
     if profile:
         from minivit.profile import profile_step
         result["profile"] = profile_step(ours.model, ours.images, ours.labels, ours.opt, steps=3).table()
@@ -209,6 +215,8 @@ def table_row(r, peak):
     """One markdown row: times, their ratio, images/s, GFLOP/s with the share of the GEMM peak, peak memory."""
     m, t = r["minivit"], r.get("pytorch")
     ratio = f"{m['ms'] / t['ms']:.2f}x" if t else "-"
+    if "paired_ratio_quartiles" in r:
+        ratio += " ({:.2f}-{:.2f})".format(*r["paired_ratio_quartiles"])
 
     def share(x):
         return "-" if x is None else f"{x['gflops']:.0f} ({100 * x['gflops'] / peak:.0f}%)"

@@ -3,6 +3,7 @@ benchmark, not in tests), and its FLOP count matches a count by hand."""
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -38,4 +39,7 @@ def test_benchmark_runs_and_reports_every_column(tmp_path):
         import torch  # noqa: F401
     except ImportError:
         pytest.skip("PyTorch is not installed: the comparison columns are empty")
-    assert result["pytorch"]["ms"] > 0 and "x |" in text
+    assert result["pytorch"]["ms"] > 0
+    low, high = result["paired_ratio_quartiles"]
+    assert 0 < low <= high
+    assert re.search(r"\| \d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\) \|", text), text
