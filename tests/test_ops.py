@@ -279,6 +279,11 @@ def test_attention_is_right_where_exp_of_the_scores_would_overflow_or_vanish(sca
         assert np.isfinite(out).all()
         np.testing.assert_allclose(out, p @ v, rtol=1e-4, atol=1e-5)
     qkv = np.concatenate([q[:, :5], k[:, :5], v[:, :5, :1].repeat(4, -1)], axis=-1)   # (2, 5, 12), one head
-    assert np.isfinite(ops.MultiHeadSelfAttentionFn.apply(qkv, num_heads=1).data).all()
+    for dtype in (np.float64, np.float32):
+        a = qkv.astype(dtype)
+        multi = ops.MultiHeadSelfAttentionFn.apply(a, num_heads=1).data
+        single = ops.ScaledDotProductAttentionFn.apply(a[..., :4], a[..., 4:8], a[..., 8:]).data
+        assert np.isfinite(multi).all()
+        np.testing.assert_allclose(multi, single, rtol=1e-5, atol=1e-6)
     report = gradcheck(lambda a, b, c: ops.ScaledDotProductAttentionFn.apply(a, b, c), [q / scale * 30, k, v])
     assert report.ok, report

@@ -46,9 +46,9 @@ def attention_forward(q, k, v, scale, y=None, p=None):
     return xp.matmul(p, v, out=y), p
 
 
-# With ds_scaled = scale * ds, the scale folded into the small copy of v^T instead of a pass over ds:
 # dv = p^T dy ;  ds = p * (dp - rowsum(dy * y)), dp = dy v^T   (rowsum(dp * p) = rowsum(dy * y))
 # dq = scale * ds k ;  dk = scale * ds^T q
+# The array `ds` below holds scale * ds: the scale rides on the small copy of v^T instead of a pass over ds.
 def attention_backward(dy, q, k, v, p, y, scale, dq=None, dk=None, dv=None):
     """The gradients (dq, dk, dv) of attention_forward, given the upstream gradient dy of y; written into
     ``dq``, ``dk`` and ``dv`` when given."""
