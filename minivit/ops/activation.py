@@ -4,6 +4,8 @@ import math
 
 from minivit.backend import erf, get_array_module, parallel_rows
 from minivit.function import Function
+from minivit.ops.arithmetic import ErfFn
+from minivit.tensor import Tensor
 
 _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -73,6 +75,15 @@ class GELUFn(Function):
         parallel_rows(len(flat), part, xp, block=self.BLOCK)
         return (dx.reshape(x.shape),)
 
+    def backward_graph(self, dy):
+        (x,) = self.parents
+        if self.approximate == "tanh":
+            t = (_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()
+            return (dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)),)
+        cdf = 0.5 * (1.0 + ErfFn.apply(x * _SQRT_HALF))                      # Phi(x)
+        pdf = (-0.5 * x * x).exp() * _INV_SQRT_2PI                           # phi(x)
+        return (dy * (cdf + x * pdf),)
+
 
 class DropoutFn(Function):
     """y = x * m / (1 - p), m_i ~ Bernoulli(1 - p) drawn from ``generator`` (inverted dropout).
@@ -85,6 +96,9 @@ class DropoutFn(Function):
         self.mask *= 1.0 / (1.0 - p)
         return x * self.mask
 
-    # dx = dy * m / (1 - p)
+    # dx = dy * m / (1 - p); the mask is a constant of the draw, so the second derivative in x is 0
     def backward(self, dy):
         return (dy * self.mask,)
+
+    def backward_graph(self, dy):
+        return (dy * Tensor(self.mask),)

@@ -3,7 +3,9 @@
 import math
 
 from minivit.backend import get_array_module, parallel_rows, sum_last
-from minivit.function import Function
+from minivit.function import Function, unbroadcast
+from minivit.ops.shape import StackFn
+from minivit.ops.softmax import SoftmaxFn
 
 
 def transposed_copy(a, scale):
@@ -60,6 +62,16 @@ def attention_backward(dy, q, k, v, p, y, scale, dq=None, dk=None, dv=None):
             xp.matmul(p.swapaxes(-1, -2), dy, out=dv))
 
 
+def attention_backward_graph(dy, q, k, v, scale):
+    """attention_backward on Tensors, with p recomputed from q and k: gradients that can be differentiated again.
+    Shapes as attention_forward; returns (dq, dk, dv) in the broadcast batch shape."""
+    p = SoftmaxFn.apply((q @ k.transpose(-1, -2)) * scale, axis=-1)
+    dv = p.transpose(-1, -2) @ dy
+    dp = dy @ v.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+    return (ds @ k) * scale, (ds.transpose(-1, -2) @ q) * scale, dv
+
+
 class ScaledDotProductAttentionFn(Function):
     """y = softmax(q k^T * scale) v, the softmax over keys; scale = 1/sqrt(d) unless given.
 
@@ -74,9 +86,14 @@ class ScaledDotProductAttentionFn(Function):
         self.q, self.k, self.v = q, k, v
         return self.y
 
-    # see attention_backward
+    # see attention_backward; batch axes that q, k or v shared by broadcasting are summed back
     def backward(self, dy):
-        return attention_backward(dy, self.q, self.k, self.v, self.p, self.y, self.scale)
+        grads = attention_backward(dy, self.q, self.k, self.v, self.p, self.y, self.scale)
+        return tuple(unbroadcast(g, x.shape) for g, x in zip(grads, (self.q, self.k, self.v)))
+
+    def backward_graph(self, dy):
+        grads = attention_backward_graph(dy, *self.parents, self.scale)
+        return tuple(unbroadcast(g, x.shape) for g, x in zip(grads, self.parents))
 
 
 class MultiHeadSelfAttentionFn(Function):
@@ -124,3 +141,12 @@ class MultiHeadSelfAttentionFn(Function):
                                dq=dq[b], dk=dk[b], dv=dv[b])
         parallel_rows(B, images, xp)
         return (dqkv.reshape(B, N, 3 * nh * hd),)
+
+    def backward_graph(self, dy):
+        (qkv,) = self.parents
+        B, nh, N, hd = self.y.shape
+        heads = qkv.reshape(B, N, 3, nh, hd).permute(2, 0, 3, 1, 4)                  # (3, B, nh, N, hd)
+        dy_heads = dy.reshape(B, N, nh, hd).permute(0, 2, 1, 3)                      # (B, nh, N, hd)
+        grads = attention_backward_graph(dy_heads, heads[0], heads[1], heads[2], self.scale)
+        dheads = StackFn.apply(*grads, axis=0)                                       # (3, B, nh, N, hd)
+        return (dheads.permute(1, 3, 0, 2, 4).reshape(B, N, 3 * nh * hd),)

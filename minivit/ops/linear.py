@@ -43,3 +43,12 @@ class LinearFn(Function):
         if len(self.needs_input_grad) == 2:
             return dx, dw
         return dx, dw, (sum(p[1] for p in parts) if need_db else None)
+
+    def backward_graph(self, dy):
+        x, w = self.parents[:2]
+        dy2 = dy.reshape(-1, dy.shape[-1])                                  # (M, out)
+        dx = (dy @ w) if self.needs_input_grad[0] else None
+        dw = dy2.transpose() @ x.reshape(-1, x.shape[-1]) if self.needs_input_grad[1] else None
+        if len(self.parents) == 2:
+            return dx, dw
+        return dx, dw, (dy2.sum(axis=0) if self.needs_input_grad[2] else None)

@@ -2,6 +2,8 @@
 
 from minivit.backend import get_array_module
 from minivit.function import Function
+from minivit.ops.softmax import SoftmaxFn
+from minivit.tensor import Tensor
 
 
 class CrossEntropyFn(Function):
@@ -41,3 +43,12 @@ class CrossEntropyFn(Function):
         else:
             dx *= dy[:, None]
         return dx, None
+
+    def backward_graph(self, dy):
+        x, t = self.parents
+        xp = get_array_module(x.data)
+        B, K = x.shape
+        q = xp.full((B, K), self.s / K, dtype=x.dtype)
+        q[xp.arange(B), t.data] += 1.0 - self.s                         # the smoothed one-hot target
+        dloss = dy * (1.0 / B) if self.reduction == "mean" else dy if self.reduction == "sum" else dy.reshape(B, 1)
+        return (SoftmaxFn.apply(x, axis=1) - Tensor(q)) * dloss, None

@@ -48,7 +48,7 @@ class LayerNormFn(Function):
         x2 = x.reshape(-1, x.shape[-1])                                 # (M, D): every token on its own
         y, self.xhat = xp.empty_like(x2), xp.empty_like(x2)
         self.rstd = xp.empty((len(x2), 1), dtype=x.dtype)
-        self.w = w
+        self.w, self.eps = w, eps
 
         def rows(r):
             layer_norm_rows(x2[r], w, b, eps, y[r], self.xhat[r], self.rstd[r])
@@ -65,3 +65,14 @@ class LayerNormFn(Function):
             return layer_norm_rows_backward(dy2[r], self.xhat[r], self.rstd[r], self.w, dx[r])
         parts = parallel_rows(len(dy2), rows, xp)
         return dx.reshape(dy.shape), sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+    # The same formulas on Tensors, with xhat and rstd recomputed from x so that their derivatives count.
+    def backward_graph(self, dy):
+        x, w, _ = self.parents
+        xc = x - x.mean(axis=-1, keepdims=True)
+        rstd = ((xc * xc).mean(axis=-1, keepdims=True) + self.eps) ** -0.5
+        xhat = xc * rstd
+        g = dy * w
+        dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+        rows = tuple(range(dy.ndim - 1))
+        return dx, (dy * xhat).sum(axis=rows), dy.sum(axis=rows)

@@ -27,6 +27,10 @@ class PatchifyFn(Function):
         dx = dy.reshape(B, H // P, W // P, C, P, P).transpose(0, 3, 1, 4, 2, 5)  # (B, C, gh, P, gw, P)
         return (dx.reshape(B, C, H, W),)
 
+    def backward_graph(self, dy):
+        B, C, H, W = self.x_shape
+        return (UnpatchifyFn.apply(dy, patch_size=self.P, grid=(H // self.P, W // self.P)),)
+
 
 class UnpatchifyFn(Function):
     """Put flattened (C, P, P) patches back into images: the inverse of ``PatchifyFn``.
@@ -49,3 +53,6 @@ class UnpatchifyFn(Function):
         P = self.P
         dx = dy.reshape(B, C, H // P, P, W // P, P).transpose(0, 2, 4, 1, 3, 5)
         return (dx.reshape(self.x_shape),)
+
+    def backward_graph(self, dy):
+        return (PatchifyFn.apply(dy, patch_size=self.P),)

@@ -22,6 +22,11 @@ class SoftmaxFn(Function):
         y = self.y
         return (y * (dy - (dy * y).sum(axis=self.axis, keepdims=True)),)
 
+    def backward_graph(self, dy):
+        (x,) = self.parents
+        y = SoftmaxFn.apply(x, axis=self.axis)
+        return (y * (dy - (dy * y).sum(axis=self.axis, keepdims=True)),)
+
 
 class LogSoftmaxFn(Function):
     """y = x - max x - log sum exp(x - max x) along ``axis``.
@@ -40,3 +45,7 @@ class LogSoftmaxFn(Function):
     def backward(self, dy):
         xp = get_array_module(dy)
         return (dy - xp.exp(self.y) * dy.sum(axis=self.axis, keepdims=True),)
+
+    def backward_graph(self, dy):
+        (x,) = self.parents
+        return (dy - SoftmaxFn.apply(x, axis=self.axis) * dy.sum(axis=self.axis, keepdims=True),)
