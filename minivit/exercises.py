@@ -484,13 +484,13 @@ def _softmax_last(x):
 
 
 def _softmax_double_backward_mistakes(y, dy, v):
-    """The right (dx, ddy) of sum(v * y * (dy - sum(dy * y))) and what typical slips give instead."""
+    """What typical slips give instead of (dx, ddy), the gradients of sum(v * y * (dy - sum(dy * y))), each with
+    the words that explain it."""
     s, r = (dy * y).sum(-1, keepdims=True), (v * y).sum(-1, keepdims=True)
 
     def through_softmax(gy):                                # d/dx from d/dy: softmax's own backward
         return y * (gy - (gy * y).sum(-1, keepdims=True))
-    gy = v * (dy - s) - dy * r                              # d/dy, y in front and inside s
-    right = (through_softmax(gy), y * (v - r))
+    gy = v * (dy - s) - dy * r                              # the right d/dy: y in front and inside s
     dx_mistakes = [
         (np.zeros_like(y), "dx is zero: y was treated as a constant, but y = softmax(x) moves with x, and so does "
                            "the backward y * (dy - s) built from it"),
@@ -510,7 +510,7 @@ def _softmax_double_backward_mistakes(y, dy, v):
         (np.zeros_like(v), "ddy is zero: the backward depends on dy (linearly), so its derivative in dy is "
                            "softmax's backward applied to v"),
     ]
-    return right, dx_mistakes, ddy_mistakes
+    return dx_mistakes, ddy_mistakes
 
 
 def check_softmax_double_backward(fn):
@@ -544,7 +544,7 @@ def _diagnose_softmax_double_backward(fn, x, dy, v):
     (g,) = grad(SoftmaxFn.apply(xt), xt, dyt, create_graph=True)
     engine = [t.data for t in grad(g, (xt, dyt), v)]
     y = _softmax_last(x)
-    right, dx_mistakes, ddy_mistakes = _softmax_double_backward_mistakes(y, dy, v)
+    dx_mistakes, ddy_mistakes = _softmax_double_backward_mistakes(y, dy, v)
     got = _call(fn, y, dy, v)
     if not isinstance(got, tuple) or len(got) != 2:
         return []
