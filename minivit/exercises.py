@@ -538,7 +538,7 @@ def check_softmax_double_backward(fn):
 def _diagnose_softmax_double_backward(fn, x, dy, v):
     """Lines naming the slip behind a wrong answer, and how it compares with the engine's double backward."""
     from minivit.autograd import grad
-    from minivit.ops.softmax import SoftmaxFn
+    from minivit.ops import SoftmaxFn
 
     xt, dyt = Tensor(x, requires_grad=True), Tensor(dy, requires_grad=True)
     (g,) = grad(SoftmaxFn.apply(xt), xt, dyt, create_graph=True)
