@@ -112,8 +112,12 @@ def test_corrupt_and_foreign_files_get_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="cut.safetensors: not a readable safetensors file"):
         checkpoint.load_checkpoint(tmp_path / "cut.safetensors")
     checkpoint.export_state_dict(model, tmp_path / "plain.safetensors")
-    with pytest.raises(CheckpointError, match="not a minivit checkpoint"):
+    with pytest.raises(CheckpointError, match="exported weights, not a training checkpoint"):
         checkpoint.load_checkpoint(tmp_path / "plain.safetensors")
+    from safetensors.numpy import save_file
+    save_file(model.state_dict(), str(tmp_path / "timm.safetensors"))
+    with pytest.raises(CheckpointError, match="not a minivit checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "timm.safetensors")
     with pytest.raises(CheckpointError, match="no such file"):
         checkpoint.load_checkpoint(tmp_path / "missing.safetensors")
 

@@ -59,26 +59,27 @@ def test_label_count_must_match_images(tmp_path):
     folder = write_idx_pair(tmp_path / "fashion-mnist")
     data.write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(7))
     with pytest.raises(data.DataError, match="7 labels for 20 images"):
-        data.load_dataset("fashion-mnist", tmp_path, allow_download=False)
+        data.load_dataset("fashion-mnist", tmp_path, allow_download=False, verify=False)
 
 
 def test_load_from_an_explicit_folder_and_from_the_environment(tmp_path, monkeypatch):
     write_idx_pair(tmp_path / "a" / "mnist", n=12)
-    ds = data.load_dataset("mnist", tmp_path / "a", allow_download=False)
+    ds = data.load_dataset("mnist", tmp_path / "a", allow_download=False, verify=False)
     assert ds.train_images.shape == (12, 1, 28, 28) and ds.train_labels.dtype == np.int64
     assert ds.folder == tmp_path / "a" / "mnist"
     write_idx_pair(tmp_path / "env", n=8)  # files directly in the folder also count
     monkeypatch.setenv("MINIVIT_DATA", str(tmp_path / "env"))
-    assert data.load_dataset("mnist", allow_download=False).train_images.shape[0] == 8
-    assert data.load_dataset("mnist", tmp_path / "a", allow_download=False).train_images.shape[0] == 12
+    assert data.load_dataset("mnist", allow_download=False, verify=False).train_images.shape[0] == 8
+    assert data.load_dataset("mnist", tmp_path / "a", allow_download=False, verify=False).train_images.shape[0] == 12
 
 
 def test_missing_files_say_where_to_put_them(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("MINIVIT_DATA", raising=False)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match=r"mnist not found; put train-images-idx3-ubyte.gz, .* in one of: "
-                                             f".*{tmp_path / 'nowhere'}"):
-        data.load_dataset("mnist", tmp_path / "nowhere", allow_download=False)
+                                             f".*{tmp_path / 'empty'}"):
+        data.load_dataset("mnist", tmp_path / "empty", allow_download=False)
     with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
         data.load_dataset("svhn")
 
@@ -120,7 +121,7 @@ def test_cifar10_reads_from_the_archive(tmp_path):
     folder = tmp_path / "cifar10"
     folder.mkdir()
     cifar_archive(folder / "cifar-10-python.tar.gz")
-    ds = data.load_dataset("cifar10", tmp_path, allow_download=False)
+    ds = data.load_dataset("cifar10", tmp_path, allow_download=False, verify=False)
     assert ds.train_images.shape == (20, 3, 32, 32) and ds.test_images.shape == (4, 3, 32, 32)
     assert ds.train_images.dtype == np.uint8 and ds.train_labels.max() <= 9
 
@@ -188,6 +189,7 @@ def test_missing_dataset_is_downloaded_into_the_data_dir(tmp_path, server, monke
         "mnist", info.classes, info.shape, info.mean, info.std, info.files, hashes, ("http://127.0.0.1:9/", url)))
     monkeypatch.delenv("MINIVIT_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "data").mkdir()
     ds = data.load_dataset("mnist", tmp_path / "data", progress=False)
     assert ds.folder == tmp_path / "data" / "mnist" and ds.train_images.shape == (10, 1, 28, 28)
     hashes["t10k-images-idx3-ubyte.gz"] = "0" * 64
