@@ -158,7 +158,8 @@ def main(argv=None):
         if args is not None and args.debug:
             raise
         code, text = _describe(err)
-        print(f"minivit: error: {text}", file=sys.stderr)
+        one_line = " ".join(line.strip() for line in text.splitlines())
+        print(f"minivit: error: {one_line}", file=sys.stderr)
         return code
     return 0
 

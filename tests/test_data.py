@@ -234,3 +234,69 @@ def test_augmentation_crops_with_padding_and_flips():
 def test_loader_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match=r"expected images \(N, C, H, W\) and labels \(N,\)"):
         data.DataLoader(np.zeros((3, 28, 28)), np.zeros(3), 2, (0,), (1,))
+
+
+# ------------------------------------------------------------------------------------------------ what is checked
+def write_labels(path, labels, code):
+    """A gzipped IDX label file with the given type code (0x09 int8, 0x0D float32, ...)."""
+    header = bytes([0, 0, code, 1]) + len(labels).to_bytes(4, "big")
+    path.write_bytes(gzip.compress(header + labels.tobytes()))
+
+
+@pytest.mark.parametrize("labels, code, message", [
+    (np.array([0, 1, -3, 2] * 5, np.int8), 0x09, r"labels must be 0..9 for 10 classes, got -3..2"),
+    (np.array([0.5, 1.7] * 10, ">f4"), 0x0D, r"labels must be integers, got float32"),
+    (np.array([0, 10] * 10, np.uint8), 0x08, r"labels must be 0..9 for 10 classes, got 0..10"),
+])
+def test_labels_are_checked_when_read(tmp_path, labels, code, message):
+    folder = write_idx_pair(tmp_path / "mnist")
+    write_labels(folder / "t10k-labels-idx1-ubyte.gz", labels, code)
+    with pytest.raises(data.DataError, match=f"t10k-labels-idx1-ubyte.gz: {message}"):
+        data.load_dataset("mnist", tmp_path, allow_download=False, verify=False)
+
+
+def test_cifar_labels_are_checked_too():
+    raw = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1.5, 2.0]}, protocol=2)
+    with pytest.raises(data.DataError, match="labels must be integers, got float64"):
+        data.read_cifar_batch(raw)
+
+
+def test_local_files_must_be_the_published_ones(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINIVIT_DATA", raising=False)
+    write_idx_pair(tmp_path / "mnist")  # MNIST's file names, other contents (as Fashion-MNIST's would be)
+    with pytest.raises(data.DataError, match=r"mnist/train-images-idx3-ubyte.gz: not the published mnist file "
+                                             r"\(its SHA-256 differs\); .* pass --no-verify"):
+        data.load_dataset("mnist", tmp_path, allow_download=False)
+    assert data.load_dataset("mnist", tmp_path, allow_download=False, verify=False).train_images.shape[0] == 20
+
+
+def test_a_named_data_dir_must_exist(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIVIT_DATA", str(write_idx_pair(tmp_path / "env")))  # would be found next
+    with pytest.raises(data.DataError, match=f"the data folder {tmp_path / 'typo'} does not exist"):
+        data.load_dataset("mnist", tmp_path / "typo", allow_download=False, verify=False)
+
+
+def test_a_partial_data_set_lists_only_the_missing_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINIVIT_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = write_idx_pair(tmp_path / "mnist")
+    (folder / "t10k-images-idx3-ubyte.gz").unlink()
+    (folder / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(data.DataError) as info:
+        data.load_dataset("mnist", tmp_path, allow_download=False)
+    assert str(info.value).endswith(f"{folder} holds 2 of its 4 files; missing: train-labels-idx1-ubyte.gz, "
+                                    "t10k-images-idx3-ubyte.gz")
+
+
+def test_a_failed_download_leaves_no_empty_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINIVIT_DATA", raising=False)
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "none")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    info = data.DATASETS["mnist"]
+    monkeypatch.setitem(data.DATASETS, "mnist", data.DatasetInfo(
+        "mnist", info.classes, info.shape, info.mean, info.std, info.files, info.sha256, ("http://127.0.0.1:9/",)))
+    (tmp_path / "data").mkdir()
+    for data_dir in (tmp_path / "data", None):
+        with pytest.raises(data.DataError, match="could not be downloaded"):
+            data.load_dataset("mnist", data_dir, progress=False)
+    assert list((tmp_path / "data").iterdir()) == [] and not (tmp_path / "cache").exists()
