@@ -152,7 +152,7 @@ def main(argv=None):
         elif args.command == "export":
             run_export(args)
     except KeyboardInterrupt as err:
-        print(f"\nminivit: interrupted; {err or 'nothing was written'}", file=sys.stderr)
+        print(f"\nminivit: interrupted; {err or 'the command did not finish'}", file=sys.stderr)
         return 130
     except Exception as err:
         if args is not None and args.debug:

@@ -239,6 +239,8 @@ def plural(count, word):
 
 def _saved_state(path, epoch, total, out_dir):
     """What an interrupted run leaves, for the message that ends it."""
+    if epoch == total:
+        return f"{path} holds all {plural(total, 'epoch')}: the run is complete"
     if epoch is not None:
         return f"{path} holds epoch {epoch} of {total}: continue with  minivit train --resume {out_dir}"
     if path.exists():
