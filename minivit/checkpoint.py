@@ -62,6 +62,10 @@ def atomic_write(path, write):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename == str(tmp):  # a full disk, say: name the file the user knows
+            e.filename = str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

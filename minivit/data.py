@@ -130,10 +130,15 @@ def read_idx(path):
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def write_idx(path, array):
-    """Write a uint8 array as a gzipped IDX file (the format of MNIST and Fashion-MNIST)."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+def write_idx(path, array, dtype=np.uint8):
+    """Write an array as a gzipped IDX file (the format of MNIST and Fashion-MNIST) of one of IDX's types:
+    uint8 (MNIST's), int8, int16, int32, float32 or float64, stored big-endian."""
+    codes = {np.dtype(t): code for code, t in _IDX_TYPES.items()}
+    stored = np.dtype(dtype).newbyteorder(">")
+    if stored not in codes:
+        raise ValueError(f"write_idx: IDX has no type for {np.dtype(dtype)}")
+    array = np.ascontiguousarray(array, dtype=stored)
+    header = bytes([0, 0, codes[stored], array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
     with open(path, "wb") as f:  # mtime=0: the same array always gives the same bytes
         with gzip.GzipFile(fileobj=f, mode="wb", mtime=0, filename="") as gz:
             gz.write(header + array.tobytes())
@@ -286,7 +291,7 @@ def locate(name, data_dir=None, allow_download=True, progress=True):
     A ``data_dir`` that is given must exist. A failed download leaves no empty folder behind.
     """
     info = dataset_info(name)
-    if data_dir is not None and not info.embedded and not Path(data_dir).is_dir():
+    if data_dir is not None and not Path(data_dir).is_dir():
         raise DataError(f"the data folder {data_dir} does not exist (--data-dir); create it, or leave --data-dir "
                         "out to look in the usual places")
     candidates = candidate_dirs(info, data_dir)

@@ -10,6 +10,7 @@ import pytest
 
 from minivit import backend, checkpoint, cli, data, train
 from minivit.rundir import RunFolder
+from tests.test_data import write_idx_pair
 
 SMALL = ["--limit", "200", "--embed-dim", "8", "--depth", "1", "--num-heads", "2", "--batch-size", "50",
          "--no-progress"]
@@ -106,8 +107,8 @@ def test_item4_flipped_bytes_in_a_checkpoint_are_an_error_not_wrong_weights(caps
 
 
 def test_item5_bad_labels_stop_before_training(capsys, tmp_path):
-    folder = tmp_path / "data" / "fashion-mnist"
-    write_idx_files(folder, labels=np.array([0, 1, -3, 2] * 5, np.int8))
+    folder = write_idx_pair(tmp_path / "data" / "fashion-mnist")
+    data.write_idx(folder / "train-labels-idx1-ubyte.gz", [0, 1, -3, 2] * 5, np.int8)
     code, out, err = run_cli(capsys, "train", "--preset", "fashion", "--epochs", "1", "--data-dir", tmp_path / "data",
                              "--no-verify", "--out", tmp_path / "r", "--no-progress")
     assert code == 1 and "epoch" not in out.replace("1 epoch of", "")
@@ -116,7 +117,7 @@ def test_item5_bad_labels_stop_before_training(capsys, tmp_path):
 
 
 def test_item6_mnist_files_that_are_not_mnist_are_refused(capsys, tmp_path, monkeypatch):
-    write_idx_files(tmp_path / "data")  # files with MNIST's names, but not MNIST's contents
+    write_idx_pair(tmp_path / "data")  # files with MNIST's names, but not MNIST's contents
     monkeypatch.setenv("MINIVIT_DATA", str(tmp_path / "data"))
     code, _, err = run_cli(capsys, "train", "--preset", "mnist", "--epochs", "1", "--out", tmp_path / "r",
                            "--no-progress")
@@ -126,7 +127,7 @@ def test_item6_mnist_files_that_are_not_mnist_are_refused(capsys, tmp_path, monk
 
 
 def test_item7_a_data_dir_that_does_not_exist_is_an_error(capsys, tmp_path, monkeypatch):
-    write_idx_files(tmp_path / "elsewhere")
+    write_idx_pair(tmp_path / "elsewhere")
     monkeypatch.setenv("MINIVIT_DATA", str(tmp_path / "elsewhere"))  # the next place in the lookup order
     code, _, err = run_cli(capsys, "train", "--preset", "mnist", "--no-verify", "--data-dir", tmp_path / "typo",
                            "--out", tmp_path / "r", "--no-progress")
@@ -182,12 +183,14 @@ def test_item10_faults_at_run_time_are_one_line_errors_with_exit_code_1(capsys, 
     assert code == 1
     assert_one_line_error(err, f"{tmp_path / 'a-file' / 'r'}: Not a directory")
 
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", "checkpoint.tmp")
-    monkeypatch.setattr(checkpoint, "save_tensors", disk_full)
+    def disk_full(tensors, tmp, metadata=None):
+        with open(tmp, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device", tmp)
+    monkeypatch.setattr("safetensors.numpy.save_file", disk_full)
     code, _, err = run_cli(capsys, "train", "--epochs", "1", "--out", tmp_path / "full", *SMALL)
     assert code == 1
-    assert_one_line_error(err, "checkpoint.tmp: No space left on device")
+    assert_one_line_error(err, f"{tmp_path / 'full' / 'checkpoint.safetensors'}: No space left on device")
     assert not (tmp_path / "full").exists()
 
 
@@ -266,28 +269,6 @@ def test_item12_one_epoch_is_not_one_epochs(capsys, tmp_path):
     assert code == 0
     assert "1 epoch of 1 step on cpu" in printed and "after 1 epoch (" in printed
     assert "1 epochs" not in printed and "1 steps" not in printed
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-def write_idx_files(folder, labels=None, n=20):
-    """The four IDX files of an MNIST-like data set with random images; ``labels`` may have any integer dtype."""
-    rng = np.random.default_rng(0)
-    labels = (np.arange(n) % 10).astype(np.uint8) if labels is None else labels
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "t10k"):
-        data.write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (len(labels), 28, 28)))
-        write_raw_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
-    return folder
-
-
-def write_raw_idx(path, array):
-    """An IDX file of any of its types (int8 0x09, float32 0x0D, ...), gzipped."""
-    import gzip
-    code = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
-    array = np.asarray(array)
-    array = array.astype(array.dtype.newbyteorder(">")) if array.dtype.itemsize > 1 else array
-    header = bytes([0, 0, code[array.dtype], array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
-    path.write_bytes(gzip.compress(header + array.tobytes()))
 
 
 if __name__ == "__main__":

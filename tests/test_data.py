@@ -28,6 +28,11 @@ def test_idx_round_trip_and_raw_files(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
     data.write_idx(tmp_path / "x.gz", images)
     np.testing.assert_array_equal(data.read_idx(tmp_path / "x.gz"), images)
+    values = images.astype(np.int16) // 2 - 64  # -64..63: fits every IDX type
+    for dtype in (np.int8, np.int16, np.int32, np.float32, np.float64):
+        data.write_idx(tmp_path / "t.gz", values, dtype)
+        back = data.read_idx(tmp_path / "t.gz")
+        assert back.dtype == dtype and np.array_equal(back, values)
     (tmp_path / "x.raw").write_bytes(gzip.decompress((tmp_path / "x.gz").read_bytes()))
     np.testing.assert_array_equal(data.read_idx(tmp_path / "x.raw"), images)
 
@@ -237,20 +242,14 @@ def test_loader_rejects_mismatched_inputs():
 
 
 # ------------------------------------------------------------------------------------------------ what is checked
-def write_labels(path, labels, code):
-    """A gzipped IDX label file with the given type code (0x09 int8, 0x0D float32, ...)."""
-    header = bytes([0, 0, code, 1]) + len(labels).to_bytes(4, "big")
-    path.write_bytes(gzip.compress(header + labels.tobytes()))
-
-
-@pytest.mark.parametrize("labels, code, message", [
-    (np.array([0, 1, -3, 2] * 5, np.int8), 0x09, r"labels must be 0..9 for 10 classes, got -3..2"),
-    (np.array([0.5, 1.7] * 10, ">f4"), 0x0D, r"labels must be integers, got float32"),
-    (np.array([0, 10] * 10, np.uint8), 0x08, r"labels must be 0..9 for 10 classes, got 0..10"),
+@pytest.mark.parametrize("labels, dtype, message", [
+    ([0, 1, -3, 2] * 5, np.int8, r"labels must be 0..9 for 10 classes, got -3..2"),
+    ([0.5, 1.7] * 10, np.float32, r"labels must be integers, got float32"),
+    ([0, 10] * 10, np.uint8, r"labels must be 0..9 for 10 classes, got 0..10"),
 ])
-def test_labels_are_checked_when_read(tmp_path, labels, code, message):
+def test_labels_are_checked_when_read(tmp_path, labels, dtype, message):
     folder = write_idx_pair(tmp_path / "mnist")
-    write_labels(folder / "t10k-labels-idx1-ubyte.gz", labels, code)
+    data.write_idx(folder / "t10k-labels-idx1-ubyte.gz", labels, dtype)
     with pytest.raises(data.DataError, match=f"t10k-labels-idx1-ubyte.gz: {message}"):
         data.load_dataset("mnist", tmp_path, allow_download=False, verify=False)
 
