@@ -116,7 +116,7 @@ def run_train(args):
         ckpt = _checkpoint_path(args.resume)
         settings = TrainSettings(**{k: overrides[k] for k in RESUME_FLAGS if overrides[k] is not None})
         return train(settings, args.out or ckpt.parent, resume=ckpt, epochs=overrides["epochs"],
-                     progress=not args.no_progress)
+                     overwrite=args.overwrite, progress=not args.no_progress)
     settings = settings_for(args.preset, **overrides)
     out = args.out or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     return train(settings, out, overwrite=args.overwrite, progress=not args.no_progress)

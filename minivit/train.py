@@ -262,7 +262,7 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
         epochs: with ``resume``, the run's new length. More epochs than the checkpoint holds extend a finished run:
             the warmup is kept and the cosine decay is stretched to the new end, so the learning rate continues
             from where an ``epochs``-long schedule is at this step.
-        overwrite: let a new run replace the run that ``out_dir`` holds (SettingsError otherwise).
+        overwrite: let this run replace another run that ``out_dir`` holds (SettingsError otherwise).
 
     Returns:
         dict with the history (one dict per epoch), the final test accuracy and the output paths.
@@ -275,15 +275,15 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
              "curves": out_dir / "curves.png"}
     with RunFolder(out_dir, log):
         log(f"run folder: {out_dir}")
-        if resume is None and not overwrite and paths["checkpoint"].exists():
+        continues_here = resume is not None and Path(resume).resolve() == paths["checkpoint"].resolve()
+        if not overwrite and not continues_here and paths["checkpoint"].exists():
             raise SettingsError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, "
                                 "or pass --overwrite")
         ckpt = None
         if resume is not None:
             ckpt = checkpoint.load_checkpoint(resume)
             s = _resumed_settings(ckpt, s, epochs, resume)
-        saved_epoch = ckpt.epoch if ckpt is not None and Path(resume).resolve() == paths["checkpoint"].resolve() \
-            else None
+        saved_epoch = ckpt.epoch if continues_here else None
         try:
             ds = load_data(s, progress)
             info = ds.info
@@ -344,7 +344,8 @@ def _resumed_settings(ckpt, s, epochs, resume):
         raise SettingsError(f"{resume} has finished all {plural(total, 'epoch')}; extend it with --epochs N "
                             f"(N > {total})")
     return validate(TrainSettings(**{**saved, "device": s.device, "data_dir": s.data_dir or saved.get("data_dir"),
-                                     "anomaly": s.anomaly, "verify": s.verify, "epochs": total}))
+                                     "anomaly": s.anomaly, "verify": s.verify and saved.get("verify", True),
+                                     "epochs": total}))
 
 
 def _train_epoch(model, opt, sched, loader, epoch, s, progress):
@@ -392,7 +393,7 @@ def evaluate_checkpoint(path, out_dir=None, data_dir=None, device="cpu", log=pri
         raise checkpoint.CheckpointError(f"{path}: does not record the data set it was trained on, so it cannot be "
                                          "evaluated here")
     settings = validate(TrainSettings(**{**s, "data_dir": data_dir or s.get("data_dir"), "device": device,
-                                         "verify": verify}))
+                                         "verify": verify and s.get("verify", True)}))
     model.to(device=device)
     ds = load_data(settings, progress)
     info = ds.info

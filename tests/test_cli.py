@@ -250,6 +250,27 @@ def test_item12_a_finished_run_is_extended_with_resume_and_epochs(capsys, run):
     assert before.history[1]["lr"] == pytest.approx(before.train_settings["min_lr"])
 
 
+def test_resume_into_another_folder_never_replaces_the_run_it_holds(capsys, run, tmp_path):
+    other = shutil.copytree(run, tmp_path / "other")
+    before = (other / checkpoint.CHECKPOINT_NAME).read_bytes()
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--epochs", "3", "--out", other)
+    assert code == 2
+    assert_one_line_error(err, f"{other} already holds a run")
+    assert (other / checkpoint.CHECKPOINT_NAME).read_bytes() == before
+
+
+def test_a_run_on_your_own_data_stays_unverified_when_resumed_and_evaluated(capsys, tmp_path):
+    write_idx_pair(tmp_path / "data" / "fashion-mnist", n=50)
+    out = tmp_path / "r"
+    flags = ["--preset", "fashion", "--data-dir", tmp_path / "data", "--embed-dim", "8", "--depth", "1",
+             "--num-heads", "2", "--batch-size", "25", "--no-progress"]
+    code, _, err = run_cli(capsys, "train", "--epochs", "1", "--out", out, *flags)
+    assert code == 1 and "not the published fashion-mnist file" in err
+    assert run_cli(capsys, "train", "--epochs", "1", "--out", out, "--no-verify", *flags)[0] == 0
+    assert run_cli(capsys, "train", "--resume", out, "--epochs", "2", "--no-progress")[0] == 0
+    assert run_cli(capsys, "eval", out)[0] == 0
+
+
 def test_item12_an_export_records_its_config_and_can_be_evaluated(capsys, run, tmp_path):
     exported = tmp_path / "vit.safetensors"
     assert run_cli(capsys, "export", run, exported)[0] == 0
