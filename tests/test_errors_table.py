@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minivit import checkpoint, cli, data, train
+from minivit import checkpoint, cli, data
 from minivit.rundir import RunFolder
+from tests.test_cli import interrupt_at_evaluation
 from tests.test_data import write_idx_pair
 
 DOC = Path(__file__).parents[1] / "docs" / "errors.md"
@@ -77,16 +78,7 @@ def partial_mnist(tmp, run):
 
 
 def interrupt(call):
-    def setup(tmp, monkeypatch):
-        calls, original = [], train.evaluate
-
-        def evaluate(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == call:
-                raise KeyboardInterrupt
-            return original(*args, **kwargs)
-        monkeypatch.setattr(train, "evaluate", evaluate)
-    return setup
+    return lambda tmp, monkeypatch: interrupt_at_evaluation(monkeypatch, call)
 
 
 def disk_full(tmp, monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 
 from minivit import checkpoint, cli, data
 from minivit.train import SettingsError, TrainingDiverged, settings_for
+from tests.test_cli import assert_one_line_error, run_cli
 
 SMALL = ["--limit", "300", "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--batch-size", "50",
          "--no-progress"]
@@ -64,18 +65,6 @@ def test_resume_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path, 
         np.testing.assert_array_equal(resumed.optimizer_state["state"][i]["exp_avg"], state["exp_avg"])
     assert [h["test_acc"] for h in resumed.history] == [h["test_acc"] for h in straight.history]
     assert len((cut / "metrics.jsonl").read_text().splitlines()) == 3
-
-
-def run_cli(capsys, *argv):
-    """(exit code, stdout, stderr) of ``minivit argv...`` run in this process."""
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(err, message):
-    assert err.startswith("minivit: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err and message in err, err
 
 
 @pytest.mark.parametrize("flags, message", [
