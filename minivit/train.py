@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,9 +139,13 @@ def settings_for(preset, **overrides):
 def validate(s):
     """Check settings before any work starts; raise SettingsError naming every flag that is wrong and why."""
     problems = []
+    kinds = {f.name: numbers.Integral if f.type is int else numbers.Real for f in dataclasses.fields(s)}
     for name, allowed in RANGES.items():
         value = getattr(s, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in allowed:
+        if isinstance(value, bool) or not isinstance(value, kinds[name]):
+            kind = "a whole number" if kinds[name] is numbers.Integral else "a number"
+            problems.append(f"{flag(name)} must be {kind}, got {value!r}")
+        elif value not in allowed:
             problems.append(f"{flag(name)} {value} is out of range: expected {allowed}")
     for name, allowed in CHOICES.items():
         if getattr(s, name) not in allowed:

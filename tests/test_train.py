@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minivit import checkpoint, cli, data
-from minivit.train import SettingsError, TrainingDiverged, settings_for
+from minivit.train import SettingsError, TrainingDiverged, TrainSettings, settings_for, validate
 from tests.test_cli import assert_one_line_error, run_cli
 
 SMALL = ["--limit", "300", "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--batch-size", "50",
@@ -104,6 +104,15 @@ def test_a_preset_scales_its_warmup_to_the_run_instead_of_refusing():
     assert settings_for("cifar10", epochs=1, warmup_epochs=0.5).warmup_epochs == 0.5  # the user's own value stays
     with pytest.raises(SettingsError, match=r"--warmup-epochs 3 is longer than the run \(--epochs 1\)"):
         settings_for("cifar10", epochs=1, warmup_epochs=3)
+
+
+def test_settings_of_the_wrong_type_are_named():
+    for values, message in (({"epochs": 2.5}, "--epochs must be a whole number, got 2.5"),
+                            ({"lr": "0.1"}, "--lr must be a number, got '0.1'"),
+                            ({"drop_rate": float("inf")}, "--drop-rate inf is out of range: expected [0, 1)")):
+        with pytest.raises(SettingsError, match=re.escape(message)):
+            validate(TrainSettings(**values))
+    assert validate(TrainSettings(epochs=np.int64(3), lr=np.float64(1e-3))).epochs == 3
 
 
 def test_help_shows_the_defaults(capsys):
