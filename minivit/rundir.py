@@ -35,17 +35,21 @@ class RunFolder:
         self._created = make_folders(self.path)
         try:
             self._lock()
-        except BaseException:
-            remove_empty_folders(self._created)
+            for tmp in checkpoint.remove_stale_temporaries(self.path):
+                self.log(f"removed {tmp}, left by a write that was interrupted")
+        except BaseException:  # Ctrl-C included: leave nothing behind
+            self._release()
             raise
-        for tmp in checkpoint.remove_stale_temporaries(self.path):
-            self.log(f"removed {tmp}, left by a write that was interrupted")
         return self
 
     def __exit__(self, *exc):
-        self.lock_path.unlink(missing_ok=True)  # before closing: the next owner always locks a fresh file
-        os.close(self._fd)
-        self._fd = None
+        self._release()
+
+    def _release(self):
+        if self._fd is not None:
+            self.lock_path.unlink(missing_ok=True)  # before closing: the next owner always locks a fresh file
+            os.close(self._fd)
+            self._fd = None
         remove_empty_folders(self._created)
 
     def _lock(self):
@@ -61,12 +65,12 @@ class RunFolder:
             if _same_file(fd, self.lock_path):
                 break
             os.close(fd)  # the owner removed the file while we opened it: lock the new one
+        self._fd = fd
         stale = _read(fd)
         if stale:
             self.log(f"{self.lock_path}: {stale} is no longer running; taking over its stale lock")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
-        self._fd = fd
 
 
 

@@ -290,43 +290,27 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
             s = _resumed_settings(ckpt, s, epochs, resume)
         saved_epoch = ckpt.epoch if continues_here else None
         try:
-            ds = load_data(s, progress)
-            info = ds.info
-            train_loader = data.DataLoader(ds.train_images, ds.train_labels, s.batch_size, info.mean, info.std,
-                                           shuffle=True, seed=s.seed, augment=s.augment, pad=info.shape[1] // 8)
-            steps_per_epoch = len(train_loader)
-
-            model = build_model(s, info).to(device=s.device)
-            opt = optim.AdamW(optim.param_groups_weight_decay(model, s.weight_decay), lr=s.lr)
-            total_steps = s.epochs * steps_per_epoch
-            sched = optim.WarmupCosine(opt, round(s.warmup_epochs * steps_per_epoch), total_steps, s.min_lr)
-            history, start_epoch = [], 0
+            run = _prepare(s, ckpt, progress)
             if ckpt is not None:
-                model.load_state_dict(ckpt.model_state)
-                opt.load_state_dict(ckpt.optimizer_state)
-                sched.load_state_dict({**ckpt.schedule_state, "total_steps": total_steps})  # stretched if extended
-                _restore_rng_state(model, ckpt.rng_state)
-                history, start_epoch = list(ckpt.history), ckpt.epoch
-                log(f"resuming {resume} after epoch {start_epoch} of {s.epochs}")
-            else:
-                backend.manual_seed(s.seed)
-            log(f"{s.preset}: {s.dataset} from {ds.folder} ({len(ds.train_labels)} train / {len(ds.test_labels)} "
-                f"test images), ViT patch {s.patch_size} width {s.embed_dim} depth {s.depth} heads {s.num_heads} "
-                f"({model.num_parameters():,} parameters), {plural(s.epochs, 'epoch')} of "
-                f"{plural(steps_per_epoch, 'step')} on {s.device}")
-
+                log(f"resuming {resume} after epoch {ckpt.epoch} of {s.epochs}")
+            log(f"{s.preset}: {s.dataset} from {run.data.folder} ({len(run.data.train_labels)} train / "
+                f"{len(run.data.test_labels)} test images), ViT patch {s.patch_size} width {s.embed_dim} depth "
+                f"{s.depth} heads {s.num_heads} ({run.model.num_parameters():,} parameters), "
+                f"{plural(s.epochs, 'epoch')} of {plural(len(run.loader), 'step')} on {s.device}")
+            ds, info, model, history = run.data, run.data.info, run.model, run.history
             anomaly = detect_anomaly() if s.anomaly else contextlib.nullcontext()
             with anomaly:
-                for epoch in range(start_epoch, s.epochs):
-                    history.append(_train_epoch(model, opt, sched, train_loader, epoch, s, progress))
+                for epoch in range(len(history), s.epochs):
+                    history.append(_train_epoch(model, run.opt, run.sched, run.loader, epoch, s, progress))
                     result = evaluate(model, ds.test_images, ds.test_labels, info.mean, info.std, device=s.device)
                     history[-1].update(test_loss=result["loss"], test_acc=result["acc"])
                     h = history[-1]
                     log(f"epoch {epoch + 1:3d}/{s.epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.2%}  "
                         f"test loss {h['test_loss']:.4f} acc {h['test_acc']:.2%}  {h['epoch_time_s']:.1f}s "
                         f"({h['images_per_s']:.0f} img/s)")
-                    checkpoint.save_checkpoint(paths["checkpoint"], model, opt, sched, rng_state=_rng_state(model),
-                                               train_settings=dataclasses.asdict(s), epoch=epoch + 1, history=history)
+                    checkpoint.save_checkpoint(paths["checkpoint"], model, run.opt, run.sched,
+                                               rng_state=_rng_state(model), train_settings=dataclasses.asdict(s),
+                                               epoch=epoch + 1, history=history)
                     saved_epoch = epoch + 1
                     _write_reports(paths, history)
         except KeyboardInterrupt:
@@ -336,6 +320,37 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
     log(f"test accuracy {final['test_acc']:.2%} after {plural(final['epoch'], 'epoch')} ({total:.0f}s of training); "
         f"checkpoint {paths['checkpoint']}, metrics {paths['metrics']}, curves {paths['curves']}")
     return {"history": history, "test_acc": final["test_acc"], "model": model, "paths": paths, "settings": s}
+
+
+@dataclass
+class _Run:
+    """What a training run works with."""
+    data: data.Dataset
+    loader: data.DataLoader
+    model: VisionTransformer
+    opt: optim.AdamW
+    sched: optim.WarmupCosine
+    history: list             # one row of metrics per finished epoch
+
+
+def _prepare(s, ckpt, progress):
+    """Data, model, optimizer and schedule as ``s`` says, in the state of checkpoint ``ckpt`` if there is one."""
+    ds = load_data(s, progress)
+    info = ds.info
+    loader = data.DataLoader(ds.train_images, ds.train_labels, s.batch_size, info.mean, info.std, shuffle=True,
+                             seed=s.seed, augment=s.augment, pad=info.shape[1] // 8)
+    model = build_model(s, info).to(device=s.device)
+    opt = optim.AdamW(optim.param_groups_weight_decay(model, s.weight_decay), lr=s.lr)
+    total_steps = s.epochs * len(loader)
+    sched = optim.WarmupCosine(opt, round(s.warmup_epochs * len(loader)), total_steps, s.min_lr)
+    if ckpt is None:
+        backend.manual_seed(s.seed)
+        return _Run(ds, loader, model, opt, sched, [])
+    model.load_state_dict(ckpt.model_state)
+    opt.load_state_dict(ckpt.optimizer_state)
+    sched.load_state_dict({**ckpt.schedule_state, "total_steps": total_steps})  # stretched when the run is extended
+    _restore_rng_state(model, ckpt.rng_state)
+    return _Run(ds, loader, model, opt, sched, list(ckpt.history))
 
 
 def _resumed_settings(ckpt, s, epochs, resume):

@@ -116,7 +116,11 @@ def test_random_kills_never_lose_or_damage_a_checkpoint_and_resume_exactly(tmp_p
             in_write += child.args[1] == "-c" and child.returncode == -signal.SIGKILL
         if child.returncode == 130:  # stopped cleanly (Ctrl-C or SIGTERM): it says what is saved, removes its lock
             assert "minivit: interrupted; " in output and "Traceback" not in output, output
-            assert not (out / LOCK_NAME).exists() and temporaries(out) == []
+            lock = (out / LOCK_NAME).read_text() if (out / LOCK_NAME).exists() else ""
+            assert f"process {child.pid} " not in lock, output
+            assert not [name for name in temporaries(out) if f".{child.pid}." in name], output
+            if "run folder:" in output:  # it owned the folder: what killed runs left is gone too
+                assert lock == "" and temporaries(out) == [], output
             said = re.search(r"holds epoch (\d+) of|holds all (\d+) epochs|(nothing was saved)", output)
             if said:  # (a signal during the start names nothing)
                 assert check_folder(out) == int(said[1] or said[2] or 0), output
