@@ -1,8 +1,12 @@
 """Training and evaluation: the loop behind ``minivit train`` and ``minivit eval``.
 
 One epoch: shuffled batches -> forward -> cross-entropy -> backward -> clip -> AdamW step -> schedule step; then
-an evaluation on the test split, a line in metrics.jsonl, the curves in curves.png and a checkpoint, each
-written atomically. A run resumed from its checkpoint ends with exactly the weights of an uninterrupted run.
+an evaluation on the test split, a checkpoint, a line in metrics.jsonl and the curves in curves.png, each written
+atomically (the checkpoint first, so the metrics never run ahead of it). A run resumed from its checkpoint ends
+with exactly the weights of an uninterrupted run.
+
+Settings are checked before anything starts (``validate``: each against its range, then against each other), and
+a run owns its folder while it works (``minivit.rundir``).
 """
 
 import contextlib

@@ -146,3 +146,18 @@ def finish_and_compare(out, expected):
             np.testing.assert_array_equal(resumed.optimizer_state["state"][i][name], state[name])
     assert [h["test_acc"] for h in resumed.history] == [h["test_acc"] for h in expected.history]
     assert resumed.rng_state == expected.rng_state
+
+
+def test_two_runs_on_one_folder_the_second_stops_at_once(tmp_path):
+    out = tmp_path / "run"
+    first = start(["train", "--epochs", 50, "--out", out, *FLAGS])
+    assert first.stdout.readline() == f"run folder: {out}\n"  # it holds the lock from here on
+    second = start(["train", "--epochs", 1, "--out", out, *FLAGS])
+    output = second.communicate(timeout=120)[0]
+    assert second.returncode == 1
+    assert output.startswith(f"minivit: error: {out} is in use by process {first.pid} on host "), output
+    first.send_signal(signal.SIGTERM)
+    output = first.communicate(timeout=120)[0]
+    assert first.returncode == 130 and "minivit: interrupted; " in output
+    epoch = check_folder(out)
+    assert epoch < 50 and ("nothing was saved" in output if epoch == 0 else f"holds epoch {epoch} of 50" in output)
