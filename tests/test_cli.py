@@ -1,6 +1,7 @@
 """The command line under bad input and faults (issue 18): one-line errors, exit codes, nothing silently wrong,
 nothing lost. The tests are named after the issue's numbered items."""
 
+import dataclasses
 import errno
 import shutil
 import sys
@@ -221,7 +222,7 @@ def test_item11_a_failed_start_leaves_no_folders(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "none")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("MINIVIT_DATA", raising=False)
-    offline = data.DATASETS["mnist"].__class__(**{**data.DATASETS["mnist"].__dict__, "urls": ("http://127.0.0.1:9/",)})
+    offline = dataclasses.replace(data.DATASETS["mnist"], urls=("http://127.0.0.1:9/",))
     monkeypatch.setitem(data.DATASETS, "mnist", offline)
     (tmp_path / "data").mkdir()
     code, _, err = run_cli(capsys, "train", "--preset", "mnist", "--data-dir", tmp_path / "data",

@@ -1,9 +1,11 @@
 """docs/errors.md: what each bad input and fault gets from the command line, produced by running each one.
 
 The test runs every case below and compares the table with docs/errors.md, so the documented messages are the
-real ones. After changing a message, rewrite the file with:  MINIVIT_WRITE_DOCS=1 python -m pytest tests/test_errors_table.py
+real ones. After changing a message, rewrite the file with
+    MINIVIT_WRITE_DOCS=1 python -m pytest tests/test_errors_table.py
 """
 
+import dataclasses
 import errno
 import os
 import re
@@ -155,9 +157,8 @@ def test_docs_errors_md_shows_what_each_case_gets(finished_run, tmp_path, monkey
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("MINIVIT_DATA", raising=False)
     for name in ("mnist", "fashion-mnist", "cifar10"):  # never the network
-        info = data.DATASETS[name]
-        monkeypatch.setitem(data.DATASETS, name, data.DatasetInfo(
-            info.name, info.classes, info.shape, info.mean, info.std, info.files, info.sha256, ("http://127.0.0.1:9/",)))
+        offline = dataclasses.replace(data.DATASETS[name], urls=("http://127.0.0.1:9/",))
+        monkeypatch.setitem(data.DATASETS, name, offline)
     rows = []
     for i, (what, command, setup, patch) in enumerate(CASES):
         with monkeypatch.context() as m:

@@ -30,7 +30,8 @@ def test_a_lock_left_by_a_killed_process_is_stale_and_reported(tmp_path):
     code = ("import os, signal, sys; from minivit.rundir import RunFolder; f = RunFolder(sys.argv[1]).__enter__(); "
             "os.kill(os.getpid(), signal.SIGKILL)")
     root = Path(__file__).parents[1]  # this checkout's minivit, not an installed one
-    child = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    child = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=root,
+                             env={**os.environ, "PYTHONPATH": str(root)})
     assert child.wait() == -signal.SIGKILL
     left = (out / LOCK_NAME).read_text().strip()
     assert left.startswith(f"process {child.pid} on host ")
