@@ -299,3 +299,20 @@ def test_a_failed_download_leaves_no_empty_folder(tmp_path, monkeypatch):
         with pytest.raises(data.DataError, match="could not be downloaded"):
             data.load_dataset("mnist", data_dir, progress=False)
     assert list((tmp_path / "data").iterdir()) == [] and not (tmp_path / "cache").exists()
+
+
+def test_known_good_copies_are_accepted_and_nothing_else():
+    info = data.DATASETS["fashion-mnist"]
+    name = "train-labels-idx1-ubyte.gz"
+    assert info.is_known(name, info.sha256[name]) and info.is_known(name, info.repacked_sha256[name])
+    assert not info.is_known(name, data.DATASETS["mnist"].sha256[name]) and not info.is_known(name, None)
+
+
+@pytest.mark.skipif(not (data.DEBIAN_DIR / "fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_debians_fashion_mnist_is_accepted_and_is_not_mnist(monkeypatch):
+    monkeypatch.delenv("MINIVIT_DATA", raising=False)
+    ds = data.load_dataset("fashion-mnist", allow_download=False)
+    assert ds.folder == data.DEBIAN_DIR / "fashion-mnist" and np.bincount(ds.train_labels).tolist() == [6000] * 10
+    monkeypatch.setenv("MINIVIT_DATA", str(data.DEBIAN_DIR / "fashion-mnist"))  # issue 18, item 6
+    with pytest.raises(data.DataError, match="not the published mnist file"):
+        data.load_dataset("mnist", allow_download=False)
