@@ -5,7 +5,7 @@ One ``.safetensors`` file holds
     metadata  JSON strings: the model config, the training settings, the optimizer's hyper-parameters and step
               counts, the schedule, the random generators' states, the epoch and the metrics so far.
 
-Every file written here carries ``sha256`` in its metadata: a SHA-256 of its tensors (name, dtype, shape and
+Every file written here carries ``minivit.sha256`` in its metadata: a SHA-256 of its tensors (name, dtype, shape and
 bytes, in name order) and of the rest of its metadata. Reading checks it, so a damaged file is an error, never
 silently wrong weights. (Files from elsewhere, timm's for instance, have no checksum and are read unchecked.)
 
@@ -29,7 +29,8 @@ import numpy as np
 
 FORMAT = "minivit.checkpoint.v1"
 CHECKPOINT_NAME = "checkpoint.safetensors"  # the checkpoint inside a run folder
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
+_TEMPORARY = re.compile(r"\..+\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")  # the names atomic_write gives
+CHECKSUM_KEY = "minivit.sha256"  # the metadata entry with the checksum (a name no other tool writes)
 
 
 class CheckpointError(Exception):
@@ -53,7 +54,7 @@ def atomic_write(path, write):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # matches _TEMPORARY
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(str(tmp))
         umask = os.umask(0)
@@ -97,13 +98,13 @@ def _process_exists(pid):
 
 
 def checksum(tensors, metadata):
-    """SHA-256 (hex) of the tensors (name, dtype, shape and bytes, in name order) and of the metadata but ``sha256``."""
+    """SHA-256 (hex) of the tensors (name, dtype, shape and bytes, in name order) and of the other metadata."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])
         digest.update(f"{name} {array.dtype.str} {array.shape}\n".encode())
         digest.update(array.tobytes())
-    digest.update(json.dumps({k: v for k, v in metadata.items() if k != "sha256"}, sort_keys=True).encode())
+    digest.update(json.dumps({k: v for k, v in metadata.items() if k != CHECKSUM_KEY}, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -112,7 +113,7 @@ def save_tensors(path, tensors, metadata=None):
     st_numpy, _ = _safetensors()
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     metadata = dict(metadata or {})
-    metadata["sha256"] = checksum(arrays, metadata)
+    metadata[CHECKSUM_KEY] = checksum(arrays, metadata)
     atomic_write(path, lambda tmp: st_numpy.save_file(arrays, tmp, metadata=metadata))
     return Path(path)
 
@@ -129,7 +130,7 @@ def load_tensors(path):
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
-    if "sha256" in metadata and checksum(tensors, metadata) != metadata["sha256"]:
+    if CHECKSUM_KEY in metadata and checksum(tensors, metadata) != metadata[CHECKSUM_KEY]:
         raise CheckpointError(f"{path}: damaged: its contents no longer match the SHA-256 recorded when it was "
                               "written; use another copy (or the run's earlier checkpoint)")
     return tensors, metadata

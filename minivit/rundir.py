@@ -73,7 +73,6 @@ class RunFolder:
         os.pwrite(fd, f"process {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
 
 
-
 def make_folders(path):
     """Create the folder ``path`` and its missing parents; return the folders created, deepest first."""
     path = Path(path)

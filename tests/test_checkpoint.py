@@ -145,7 +145,7 @@ def test_a_checksum_guards_the_tensors_and_the_metadata(tmp_path):
     model = nn.VisionTransformer(**CONFIG)
     path = checkpoint.save_checkpoint(tmp_path / "c.safetensors", model, epoch=2, history=[{"test_acc": 0.75}])
     tensors, meta = checkpoint.load_tensors(path)
-    assert meta["sha256"] == checkpoint.checksum(tensors, meta) and len(meta["sha256"]) == 64
+    assert meta["minivit.sha256"] == checkpoint.checksum(tensors, meta) and len(meta["minivit.sha256"]) == 64
     good = path.read_bytes()
     flip(path, -5)  # one byte of the last tensor's data
     with pytest.raises(CheckpointError, match="c.safetensors: damaged: its contents no longer match the SHA-256"):
