@@ -124,6 +124,8 @@ def run_train(args):
 
 def run_export(args):
     source, target = _checkpoint_path(args.checkpoint), args.output
+    if target.suffix not in (".safetensors", ".npz"):
+        raise UsageError(f"{target}: an export is a .safetensors file (with the model's config) or a .npz file")
     if target.exists() and source.exists() and target.resolve() == source.resolve():
         raise UsageError(f"{target} is the checkpoint being exported; choose another file name")
     if target.exists() and not args.force:
