@@ -49,6 +49,7 @@ def _save(fig, path):
 
 def plot_history(history, path=None):
     """Loss and accuracy per epoch, train and test, from a list of metric dicts (as in metrics.jsonl)."""
+    from matplotlib.ticker import MaxNLocator
     fig = figure(10, 4)
     loss_ax, acc_ax = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in history]
@@ -59,6 +60,8 @@ def plot_history(history, path=None):
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even for one epoch
+        ax.set_xlim(min(epochs, default=1) - 0.5, max(epochs, default=1) + 0.5)
         ax.grid(alpha=0.3)
         ax.legend()
     return _save(fig, path)
@@ -72,20 +75,22 @@ def confusion_matrix(labels, predictions, num_classes):
 
 
 def plot_confusion(counts, classes, path=None):
-    """A confusion matrix as a heat map, each row normalised to the share of its class."""
+    """A confusion matrix as a heat map: cell (i, j) shows, in colour and in figures, the percentage of the images
+    of true class i that were predicted as class j (each row sums to 100)."""
+    from matplotlib.ticker import PercentFormatter
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     fig = figure(7, 6)
     ax = fig.subplots()
     im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (share of each true class)")
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (% of each true class)")
     for i in range(len(classes)):
         for j in range(len(classes)):
             if counts[i, j]:
-                ax.text(j, i, counts[i, j], ha="center", va="center", fontsize=7,
+                ax.text(j, i, f"{100 * shares[i, j]:.0f}", ha="center", va="center", fontsize=7,
                         color="white" if shares[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, format=PercentFormatter(xmax=1))
     return _save(fig, path)
 
 
