@@ -14,8 +14,8 @@ from pathlib import Path
 
 from minivit import backend, checkpoint, data
 from minivit.rundir import RunLocked
-from minivit.train import (PRESETS, SettingsError, TrainingDiverged, TrainSettings, evaluate_checkpoint, flag,
-                           settings_for, train)
+from minivit.train import (PRESETS, STOP, SettingsError, TrainingDiverged, TrainSettings, evaluate_checkpoint,
+                           flag, settings_for, train)
 
 # flag -> (TrainSettings field, type, help)
 TRAIN_FLAGS = {
@@ -135,17 +135,15 @@ def run_export(args):
     print(f"wrote {len(model.state_dict())} tensors with timm's names to {path}")
 
 
-def _stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt  # `kill` stops a run as Ctrl-C does: the lock is released, the message says what is saved
-
-
 def main(argv=None):
     args = None
     try:
         args = _parser().parse_args(argv)
         backend.tune_malloc()
         backend.set_num_threads()  # every core
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        # `kill` stops a run as Ctrl-C does, at the next step: the lock is released, the message says what is saved
+        signal.signal(signal.SIGTERM, STOP.handler)
+        signal.signal(signal.SIGINT, STOP.handler)
         if args.command == "train":
             run_train(args)
         elif args.command == "eval":

@@ -77,6 +77,35 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf."""
 
 
+class StopRequest:
+    """A stop asked for by a signal (Ctrl-C, ``kill``), honoured at the next step boundary.
+
+    Python raises KeyboardInterrupt wherever the signal lands: inside an import (which then fails as an
+    ImportError), a file write or a wait on the worker threads. While a training loop watches (``watching``), the
+    command's handler only notes the request and the loop raises KeyboardInterrupt itself, between steps. A second
+    signal, or one that comes while nothing watches, raises at once.
+    """
+
+    def __init__(self):
+        self.watching = False
+        self.asked = False
+
+    def handler(self, signum, frame):
+        if self.watching and not self.asked:
+            self.asked = True
+            return
+        raise KeyboardInterrupt
+
+    def check(self):
+        """Raise KeyboardInterrupt if a stop was asked for."""
+        if self.asked:
+            self.asked = False
+            raise KeyboardInterrupt
+
+
+STOP = StopRequest()
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped a run; the message says what its folder holds."""
 
@@ -228,6 +257,7 @@ def evaluate(model, images, labels, mean, std, batch_size=256, device="cpu"):
             probs = backend.asnumpy(F.softmax(logits, axis=1).data)
             predictions.append(probs.argmax(1))
             confidences.append(probs.max(1))
+            STOP.check()
     model.train()
     predictions = np.concatenate(predictions)
     return {"loss": total_loss / len(labels), "acc": float((predictions == labels).mean()),
@@ -303,11 +333,13 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
                 f"{plural(s.epochs, 'epoch')} of {plural(len(run.loader), 'step')} on {s.device}")
             ds, info, model, history = run.data, run.data.info, run.model, run.history
             anomaly = detect_anomaly() if s.anomaly else contextlib.nullcontext()
+            STOP.watching = True
             with anomaly:
                 for epoch in range(len(history), s.epochs):
                     history.append(_train_epoch(model, run.opt, run.sched, run.loader, epoch, s, progress))
                     result = evaluate(model, ds.test_images, ds.test_labels, info.mean, info.std, device=s.device)
                     history[-1].update(test_loss=result["loss"], test_acc=result["acc"])
+                    STOP.check()
                     h = history[-1]
                     log(f"epoch {epoch + 1:3d}/{s.epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.2%}  "
                         f"test loss {h['test_loss']:.4f} acc {h['test_acc']:.2%}  {h['epoch_time_s']:.1f}s "
@@ -317,8 +349,11 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
                                                epoch=epoch + 1, history=history)
                     saved_epoch = epoch + 1
                     _write_reports(paths, history)
+                    STOP.check()
         except KeyboardInterrupt:
             raise TrainingInterrupted(_saved_state(paths["checkpoint"], saved_epoch, s.epochs, out_dir)) from None
+        finally:
+            STOP.watching = STOP.asked = False
     final = history[-1]
     total = sum(h["epoch_time_s"] for h in history)
     log(f"test accuracy {final['test_acc']:.2%} after {plural(final['epoch'], 'epoch')} ({total:.0f}s of training); "
@@ -401,6 +436,7 @@ def _train_epoch(model, opt, sched, loader, epoch, s, progress):
         correct += int((backend.asnumpy(logits.data.argmax(1)) == y).sum())
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}",
                         img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        STOP.check()
     bar.close()
     train_time = time.perf_counter() - t0
     return {"epoch": epoch + 1, "step": (epoch + 1) * steps, "train_loss": loss_sum / seen,

@@ -158,6 +158,6 @@ def test_two_runs_on_one_folder_the_second_stops_at_once(tmp_path):
     assert output.startswith(f"minivit: error: {out} is in use by process {first.pid} on host "), output
     first.send_signal(signal.SIGTERM)
     output = first.communicate(timeout=120)[0]
-    assert first.returncode == 130 and "minivit: interrupted; " in output
+    assert first.returncode == 130 and "minivit: interrupted; " in output, output
     epoch = check_folder(out)
     assert epoch < 50 and ("nothing was saved" in output if epoch == 0 else f"holds epoch {epoch} of 50" in output)
