@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 TF = torch.nn.functional
 
-from minivit import functional as F  # noqa: E402
+from minivit import Tensor, functional as F, gan, grad, nn  # noqa: E402
 from tests.test_torch_parity import _compare  # noqa: E402
 from tests.test_torch_second_order import _ours, _theirs  # noqa: E402
 
@@ -96,3 +96,132 @@ def test_the_written_out_formula_is_torchs_binary_cross_entropy_with_pos_weight(
     np.testing.assert_allclose(torch_bce_formula(*args).numpy(), ref.numpy(), rtol=TOL)
     np.testing.assert_allclose(F.binary_cross_entropy_with_logits(x, t, weight=w, pos_weight=pw).data, ref.numpy(),
                                rtol=TOL)
+
+
+# ------------------------------------------------------------------------------------------------ GAN losses
+def _torch_relu(x):
+    return torch.clamp(x, min=0)
+
+
+# name -> (ours, the same formula in PyTorch written with probabilities where the paper does, logits shapes)
+GAN_LOSSES = {
+    "discriminator_minimax": (gan.discriminator_loss,
+                              lambda r, f: -torch.log(torch.sigmoid(r)).mean() - torch.log(1 - torch.sigmoid(f)).mean(),
+                              [(6, 1), (5, 1)]),
+    "generator_minimax": (gan.generator_loss_minimax, lambda f: torch.log(1 - torch.sigmoid(f)).mean(), [(7,)]),
+    "generator_non_saturating": (gan.generator_loss_non_saturating, lambda f: -torch.log(torch.sigmoid(f)).mean(),
+                                 [(7, 1)]),
+    "hinge_discriminator": (gan.hinge_discriminator_loss,
+                            lambda r, f: _torch_relu(1 - r).mean() + _torch_relu(1 + f).mean(), [(8,), (8,)]),
+    "hinge_generator": (gan.hinge_generator_loss, lambda f: -f.mean(), [(5,)]),
+    "wasserstein_critic": (gan.wasserstein_critic_loss, lambda r, f: f.mean() - r.mean(), [(6, 1), (4, 1)]),
+    "wasserstein_generator": (gan.wasserstein_generator_loss, lambda f: -f.mean(), [(6,)]),
+}
+
+
+@pytest.mark.parametrize("name", GAN_LOSSES)
+def test_gan_loss_matches_its_formula_in_torch(name):
+    ours, theirs, shapes = GAN_LOSSES[name]
+    _compare(ours, theirs, [R.standard_normal(s) * 2 for s in shapes], np.float64)
+
+
+def test_discriminator_loss_is_binary_cross_entropy_and_finite_on_confident_logits():
+    real, fake = np.array([1e4, -1e4, 0.3]), np.array([-1e4, 1e4, -0.2])
+    expected = (F.binary_cross_entropy_with_logits(real, np.ones(3)).data
+                + F.binary_cross_entropy_with_logits(fake, np.zeros(3)).data)
+    np.testing.assert_allclose(gan.discriminator_loss(real, fake).data, expected, rtol=1e-12)
+    assert np.isfinite(gan.generator_loss_minimax(fake).data) and np.isfinite(
+        gan.generator_loss_non_saturating(fake).data)
+
+
+def test_the_minimax_generator_loss_saturates_where_the_non_saturating_one_does_not():
+    fake = Tensor(np.array([-8.0, -8.0]), requires_grad=True)   # D rejects the fakes with confidence
+    (g_minimax,) = grad(gan.generator_loss_minimax(fake), fake)
+    (g_non_saturating,) = grad(gan.generator_loss_non_saturating(fake), fake)
+    assert np.abs(g_minimax.data).max() < 1e-3 < 0.4 < np.abs(g_non_saturating.data).min()
+
+
+# ------------------------------------------------------------------------------------------------ penalties
+class _Critic(nn.Module):
+    """An MLP critic on (B, C, H, W) batches, flattened: Linear -> GELU -> Linear -> one score."""
+
+    def __init__(self, n_in, hidden, seed):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.fc1, self.act, self.fc2 = nn.Linear(n_in, hidden, rng=rng), nn.GELU(), nn.Linear(hidden, 1, rng=rng)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x.reshape(x.shape[0], -1))))
+
+
+def _torch_twin(critic):
+    twin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(critic.fc1.in_features, critic.fc1.out_features),
+                               torch.nn.GELU(), torch.nn.Linear(critic.fc2.in_features, 1)).double()
+    with torch.no_grad():
+        for mine, theirs in ((critic.fc1, twin[1]), (critic.fc2, twin[3])):
+            theirs.weight.copy_(torch.from_numpy(mine.weight.data))
+            theirs.bias.copy_(torch.from_numpy(mine.bias.data))
+    return twin
+
+
+def _assert_same_parameter_gradients(critic, twin):
+    pairs = ((critic.fc1, twin[1]), (critic.fc2, twin[3]))
+    for i, (mine, theirs) in enumerate(pairs):
+        for name in ("weight", "bias"):
+            if getattr(theirs, name).grad is None:   # torch: no path from it (the last bias, in an input gradient)
+                got = getattr(mine, name).grad
+                assert got is None or np.abs(got).max() == 0, f"layer {i} {name}"
+                continue
+            want = getattr(theirs, name).grad.numpy()
+            np.testing.assert_allclose(getattr(mine, name).grad, want, rtol=TOL, atol=TOL * np.abs(want).max(),
+                                       err_msg=f"layer {i} {name}")
+
+
+def test_wgan_gp_critic_loss_matches_torch_in_value_and_every_parameter_gradient():
+    """L = E[f(fake)] - E[f(real)] + lam E[(||grad f(x_hat)||_2 - 1)^2], x_hat = a x + (1 - a) fake per sample."""
+    critic = _Critic(6, 16, seed=3).double()
+    twin = _torch_twin(critic)
+    real, fake = R.standard_normal((5, 1, 2, 3)), R.standard_normal((5, 1, 2, 3))
+
+    loss = (gan.wasserstein_critic_loss(critic(real), critic(fake))
+            + gan.gradient_penalty(critic, real, fake, lam=10.0, generator=np.random.default_rng(8)))
+    loss.backward()
+
+    a = torch.from_numpy(np.random.default_rng(8).random((5, 1, 1, 1)))   # the same draw as gan.interpolate
+    x_hat = (a * torch.from_numpy(real) + (1 - a) * torch.from_numpy(fake)).requires_grad_(True)
+    (g,) = torch.autograd.grad(twin(x_hat).sum(), x_hat, create_graph=True)
+    penalty = 10.0 * ((g.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+    loss_ref = twin(torch.from_numpy(fake)).mean() - twin(torch.from_numpy(real)).mean() + penalty
+    loss_ref.backward()
+
+    assert penalty.item() > 1e-3   # the penalty is not trivially zero, so its gradients are tested
+    np.testing.assert_allclose(loss.data, loss_ref.item(), rtol=TOL)
+    _assert_same_parameter_gradients(critic, twin)
+
+
+def test_r1_penalty_matches_torch_in_value_and_every_parameter_gradient():
+    """R1 = gamma/2 E[||grad_x D(x)||^2] on real data."""
+    critic = _Critic(6, 8, seed=5).double()
+    twin = _torch_twin(critic)
+    real = R.standard_normal((4, 1, 3, 2))
+
+    penalty = gan.r1_penalty(critic, real, gamma=3.0)
+    penalty.backward()
+
+    x = torch.from_numpy(real).requires_grad_(True)
+    (g,) = torch.autograd.grad(twin(x).sum(), x, create_graph=True)
+    penalty_ref = 3.0 / 2 * (g.flatten(1) ** 2).sum(dim=1).mean()
+    penalty_ref.backward()
+
+    np.testing.assert_allclose(penalty.data, penalty_ref.item(), rtol=TOL)
+    _assert_same_parameter_gradients(critic, twin)
+
+
+def test_interpolates_lie_on_the_segment_with_one_weight_per_sample():
+    real, fake = R.standard_normal((6, 2, 3)), R.standard_normal((6, 2, 3))
+    x_hat = gan.interpolate(real, fake, np.random.default_rng(1)).data
+    a = (x_hat - fake)[:, :1, :1] / (real - fake)[:, :1, :1]
+    assert ((a > 0) & (a < 1)).all() and np.ptp(a) > 0.1           # inside the segment, different per sample
+    np.testing.assert_allclose(x_hat, a * real + (1 - a) * fake, rtol=1e-12)
+    with pytest.raises(ValueError, match="same shape"):
+        gan.interpolate(real, fake[:3])
