@@ -225,3 +225,73 @@ def test_interpolates_lie_on_the_segment_with_one_weight_per_sample():
     np.testing.assert_allclose(x_hat, a * real + (1 - a) * fake, rtol=1e-12)
     with pytest.raises(ValueError, match="same shape"):
         gan.interpolate(real, fake[:3])
+
+
+# ------------------------------------------------------------------------------------------------ spectral norm
+def _spectral_twins(seed):
+    """A spectrally normalised minivit Linear and torch Linear with the same weight, bias, u and v (float64)."""
+    mine = nn.utils.spectral_norm(nn.Linear(5, 4, rng=np.random.default_rng(seed)).double(),
+                                  rng=np.random.default_rng(seed + 1))
+    theirs = torch.nn.Linear(5, 4).double()
+    with torch.no_grad():
+        theirs.weight.copy_(torch.from_numpy(mine.weight_orig.data))
+        theirs.bias.copy_(torch.from_numpy(mine.bias.data))
+    theirs = torch.nn.utils.spectral_norm(theirs)
+    with torch.no_grad():
+        theirs.weight_u.copy_(torch.from_numpy(mine.weight_u.data))
+        theirs.weight_v.copy_(torch.from_numpy(mine.weight_v.data))
+    return mine, theirs
+
+
+def _assert_close(a, b, what):
+    b = b.detach().numpy() if isinstance(b, torch.Tensor) else b
+    np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL * max(np.abs(b).max(), 1e-300), err_msg=what)
+
+
+def test_spectral_norm_matches_torch_over_training_steps_in_values_buffers_and_every_gradient():
+    mine, theirs = _spectral_twins(seed=2)
+    assert list(mine.state_dict()) == list(theirs.state_dict()) == ["bias", "weight_orig", "weight_u", "weight_v"]
+    lr = 0.1
+    for step in range(5):
+        x = R.standard_normal((3, 5))
+        upstream = R.standard_normal((3, 4))
+        x_mine, x_theirs = Tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
+        y, y_ref = mine(x_mine), theirs(x_theirs)
+        y.backward(upstream)
+        y_ref.backward(torch.from_numpy(upstream))
+        _assert_close(y.data, y_ref, f"output, step {step}")
+        _assert_close(mine.weight.data, theirs.weight, f"normalised weight, step {step}")
+        _assert_close(mine.weight_u.data, theirs.weight_u, f"u, step {step}")
+        _assert_close(mine.weight_v.data, theirs.weight_v, f"v, step {step}")
+        _assert_close(x_mine.grad, x_theirs.grad, f"input gradient, step {step}")
+        _assert_close(mine.weight_orig.grad, theirs.weight_orig.grad, f"weight_orig gradient, step {step}")
+        _assert_close(mine.bias.grad, theirs.bias.grad, f"bias gradient, step {step}")
+        with torch.no_grad():   # the same SGD step on both
+            for p, q in ((mine.weight_orig, theirs.weight_orig), (mine.bias, theirs.bias)):
+                p.data = p.data - lr * p.grad
+                q -= lr * q.grad
+                p.grad, q.grad = None, None
+    for name, value in mine.state_dict().items():
+        _assert_close(value, theirs.state_dict()[name], f"state dict {name}")
+
+    mine.eval(), theirs.eval()   # eval: no power iteration, the stored u and v are used as they are
+    u_before = mine.weight_u.data.copy()
+    x = R.standard_normal((2, 5))
+    _assert_close(mine(x).data, theirs(torch.from_numpy(x)), "eval output")
+    np.testing.assert_array_equal(mine.weight_u.data, u_before)
+
+
+def test_gradient_penalty_through_spectral_norm_matches_torch():
+    """The double backward of a penalty reaches weight_orig through sigma = u . (W v) as in torch."""
+    mine, theirs = _spectral_twins(seed=6)
+    x = R.standard_normal((3, 5))
+    x_mine = Tensor(x, requires_grad=True)
+    (g,) = grad(F.gelu(mine(x_mine)).sum(), x_mine, create_graph=True)
+    penalty = ((g * g).sum(axis=1) ** 0.5 - 1.0) ** 2
+    penalty.mean().backward()
+    x_theirs = torch.tensor(x, requires_grad=True)
+    (g_ref,) = torch.autograd.grad(TF.gelu(theirs(x_theirs)).sum(), x_theirs, create_graph=True)
+    ((g_ref.norm(dim=1) - 1) ** 2).mean().backward()
+    _assert_close(g.data, g_ref, "input gradient")
+    _assert_close(mine.weight_orig.grad, theirs.weight_orig.grad, "weight_orig gradient of the penalty")
+    _assert_close(mine.bias.grad, theirs.bias.grad, "bias gradient of the penalty")
