@@ -16,6 +16,8 @@ take the discriminator as a function of a batch, and assume that it treats every
 norm): then the gradient of the summed outputs with respect to the batch holds each sample's own gradient.
 """
 
+import numpy as np
+
 from minivit import backend
 from minivit import functional as F
 from minivit.autograd import grad
@@ -23,7 +25,8 @@ from minivit.tensor import Tensor, stack
 
 __all__ = ["discriminator_loss", "generator_loss_minimax", "generator_loss_non_saturating",
            "hinge_discriminator_loss", "hinge_generator_loss", "wasserstein_critic_loss",
-           "wasserstein_generator_loss", "interpolate", "gradient_penalty", "r1_penalty", "LOSSES"]
+           "wasserstein_generator_loss", "interpolate", "gradient_penalty", "r1_penalty", "LOSSES", "ring_centres",
+           "ring_of_gaussians", "mode_counts"]
 
 
 def _tensor(x):
@@ -143,3 +146,24 @@ LOSSES = {
     "hinge": (hinge_discriminator_loss, hinge_generator_loss),
     "wasserstein": (wasserstein_critic_loss, wasserstein_generator_loss),
 }
+
+
+# ------------------------------------------------------------------------------ a toy distribution with modes
+def ring_centres(modes=8, radius=2.0):
+    """The centres c_k = radius (cos(2 pi k / modes), sin(2 pi k / modes)), k = 0..modes-1: (modes, 2)."""
+    angles = 2 * np.pi * np.arange(modes) / modes
+    return radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+
+def ring_of_gaussians(n, rng, modes=8, radius=2.0, std=0.05, dtype=np.float32):
+    """n samples of the equal mixture of N(c_k, std^2 I) around ``ring_centres``: the classic test of mode
+    collapse (a collapsed generator puts its samples on a few of the modes). ``rng``: a NumPy Generator."""
+    centres = ring_centres(modes, radius)[rng.integers(0, modes, n)]
+    return (centres + std * rng.standard_normal((n, 2))).astype(dtype)
+
+
+def mode_counts(samples, centres, radius):
+    """For each centre, how many of the samples (n, 2) lie within ``radius`` of it (3 std, say)."""
+    samples = np.asarray(samples.data if isinstance(samples, Tensor) else samples, dtype=np.float64)
+    distances = np.linalg.norm(samples[:, None, :] - centres[None, :, :], axis=2)
+    return (distances < radius).sum(axis=0)
