@@ -9,12 +9,12 @@ import math
 from minivit import backend
 from minivit.ops import (CrossEntropyFn, DropoutFn, GELUFn, LayerNormFn, LinearFn, LogSoftmaxFn,
                          MultiHeadSelfAttentionFn, PatchifyFn, ScaledDotProductAttentionFn, SoftmaxFn, UnpatchifyFn)
-from minivit.ops import BinaryCrossEntropyWithLogitsFn, LogSigmoidFn, SigmoidFn, SoftplusFn
+from minivit.ops import BinaryCrossEntropyWithLogitsFn, L2AttentionFn, LogSigmoidFn, SigmoidFn, SoftplusFn
 from minivit.tensor import Tensor, concat, stack
 
 __all__ = ["linear", "gelu", "softmax", "log_softmax", "layer_norm", "scaled_dot_product_attention",
            "multi_head_self_attention", "cross_entropy", "dropout", "patchify", "unpatchify", "concat", "stack",
-           "sigmoid", "softplus", "logsigmoid", "binary_cross_entropy_with_logits"]
+           "sigmoid", "softplus", "logsigmoid", "binary_cross_entropy_with_logits", "l2_distance_attention"]
 
 
 def _tensor(x):
@@ -273,3 +273,25 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
         return BinaryCrossEntropyWithLogitsFn.apply(x, t, *extra, reduction=reduction)
     loss = BinaryCrossEntropyWithLogitsFn.apply(x, t, *extra, reduction="none") * _tensor(weight)
     return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+
+def l2_distance_attention(q, k, v, scale=None):
+    """softmax_j(-||q_i - k_j||^2 * scale) v, attention by distance (Kim et al. 2021); scale = 1/sqrt(d).
+
+    With tied projections (pass the same tensor as q and k) self-attention is Lipschitz, unlike dot-product
+    attention: ViTGAN's discriminator uses it.
+
+    Args:
+        q: (..., Nq, d) queries.
+        k: (..., Nk, d) keys.
+        v: (..., Nk, dv) values; the leading axes of q, k and v equal.
+
+    Returns:
+        (..., Nq, dv)
+    """
+    q, k, v = _tensor(q), _tensor(k), _tensor(v)
+    if (q.ndim < 2 or not q.ndim == k.ndim == v.ndim or q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]
+            or not q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
+        raise ValueError(f"l2_distance_attention: q {q.shape}, k {k.shape}, v {v.shape}; expected q (..., Nq, d), "
+                         "k (..., Nk, d), v (..., Nk, dv) with the same leading axes")
+    return L2AttentionFn.apply(q, k, v, scale=scale)

@@ -27,7 +27,14 @@ def torch_bce_formula(x, t, weight=None, pos_weight=None):
     return loss if weight is None else (loss * weight).mean()
 
 
-LOGISTIC = {
+def _torch_l2_attention(q, k, v, scale=None):
+    """softmax_j(-||q_i - k_j||^2 * scale) v with the squared distances written out."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    distances = ((q[..., :, None, :] - k[..., None, :, :]) ** 2).sum(-1)
+    return torch.softmax(-distances * scale, dim=-1) @ v
+
+
+NEW_OPS = {
     "sigmoid": (F.sigmoid, torch.sigmoid, [R.standard_normal((4, 5)) * 4]),
     "softplus": (F.softplus, TF.softplus, [R.standard_normal((3, 6)) * 4]),
     "softplus_beta": (lambda x: F.softplus(x, beta=2.5), lambda x: TF.softplus(x, beta=2.5),
@@ -46,18 +53,23 @@ LOGISTIC = {
         lambda x, t, w, pw: F.binary_cross_entropy_with_logits(x, t, weight=w, pos_weight=pw),
         lambda x, t, w, pw: torch_bce_formula(x, t, weight=w, pos_weight=pw),
         [R.standard_normal((5, 2)) * 2, probabilities(5, 2), R.uniform(0.5, 2, (5, 1)), R.uniform(0.5, 3, 2)]),
+    "l2_distance_attention": (F.l2_distance_attention, lambda q, k, v: _torch_l2_attention(q, k, v),
+                              [R.standard_normal((2, 5, 4)), R.standard_normal((2, 6, 4)), R.standard_normal((2, 6, 3))]),
+    "l2_distance_attention_tied": (lambda x, v: F.l2_distance_attention(x, x, v, scale=0.3),
+                                   lambda x, v: _torch_l2_attention(x, x, v, scale=0.3),
+                                   [R.standard_normal((3, 5, 4)), R.standard_normal((3, 5, 2))]),
 }
 
 
-@pytest.mark.parametrize("name", LOGISTIC)
-def test_logistic_op_matches_torch_in_values_and_gradients(name):
-    ours, theirs, arrays = LOGISTIC[name]
+@pytest.mark.parametrize("name", NEW_OPS)
+def test_op_matches_torch_in_values_and_gradients(name):
+    ours, theirs, arrays = NEW_OPS[name]
     _compare(ours, theirs, arrays, np.float64)
 
 
-@pytest.mark.parametrize("name", LOGISTIC)
-def test_logistic_op_matches_torch_in_second_derivatives(name):
-    ours, theirs, arrays = LOGISTIC[name]
+@pytest.mark.parametrize("name", NEW_OPS)
+def test_op_matches_torch_in_second_derivatives(name):
+    ours, theirs, arrays = NEW_OPS[name]
     with torch.no_grad():
         out_shape = tuple(theirs(*[torch.from_numpy(a) for a in arrays]).shape)
     U = R.standard_normal(out_shape)

@@ -125,6 +125,11 @@ CASES = {
          [randn(2, 3, 4), R.uniform(0, 1, (2, 3, 4)), positive(4)]),
         (lambda x, t, w: ops.BinaryCrossEntropyWithLogitsFn.apply(x, t, w), [randn(6, 2), R.uniform(0, 1, (6, 2)),
                                                                            positive(6, 2)])],
+    "L2AttentionFn": [
+        (lambda q, k, v: ops.L2AttentionFn.apply(q, k, v), [randn(3, 4), randn(5, 4), randn(5, 2)]),
+        (lambda x, v: ops.L2AttentionFn.apply(x, x, v), [randn(2, 4, 3), randn(2, 4, 5)]),          # tied q = k
+        (lambda q, k, v: ops.L2AttentionFn.apply(q, k, v, scale=0.7), [randn(2, 2, 3, 4), randn(2, 2, 6, 4),
+                                                                        randn(2, 2, 6, 3)])],
 }
 
 
@@ -345,3 +350,23 @@ def test_binary_cross_entropy_with_logits_matches_its_probability_form():
     np.testing.assert_allclose(ops.BinaryCrossEntropyWithLogitsFn.apply(x, t, w, reduction="none").data, loss,
                                rtol=1e-12)
     np.testing.assert_allclose(ops.BinaryCrossEntropyWithLogitsFn.apply(x, t, w).data, loss.mean(), rtol=1e-12)
+
+
+def test_l2_attention_forward_matches_a_loop_over_distances():
+    q, k, v = randn(3, 4), randn(5, 4), randn(5, 2)
+    out = np.zeros((3, 2))
+    for i in range(3):
+        scores = [-sum((q[i, d] - k[j, d]) ** 2 for d in range(4)) / 2.0 for j in range(5)]
+        weights = _loop_softmax(np.array(scores))
+        out[i] = sum(weights[j] * v[j] for j in range(5))
+    np.testing.assert_allclose(ops.L2AttentionFn.apply(q, k, v).data, out, rtol=1e-12)
+
+
+def test_tied_l2_attention_of_far_apart_tokens_attends_each_token_to_itself():
+    x = randn(4, 3) * 1e3                                # distances of order 1e6: the softmax is one-hot
+    v = randn(4, 2)
+    y = ops.L2AttentionFn.apply(x, x, v).data
+    np.testing.assert_allclose(y, v, rtol=1e-12)         # each token is nearest to itself
+    longest = np.argmax((x * x).sum(axis=1))             # dot-product scores favour the longest key instead
+    np.testing.assert_allclose(ops.ScaledDotProductAttentionFn.apply(x, x, v).data[longest], v[longest], rtol=1e-12)
+    assert not np.allclose(ops.ScaledDotProductAttentionFn.apply(x, x, v).data, v)

@@ -19,6 +19,7 @@ from minivit.ops.attention import MultiHeadSelfAttentionFn, ScaledDotProductAtte
 from minivit.ops.loss import CrossEntropyFn
 from minivit.ops.patch import PatchifyFn, UnpatchifyFn
 from minivit.ops.logistic import BinaryCrossEntropyWithLogitsFn, LogSigmoidFn, SigmoidFn, SoftplusFn
+from minivit.ops.l2attention import L2AttentionFn
 
 __all__ = [
     "AddFn", "SubFn", "MulFn", "DivFn", "NegFn", "PowFn", "ExpFn", "LogFn", "TanhFn", "ErfFn", "MatMulFn",
@@ -26,7 +27,7 @@ __all__ = [
     "SumFn", "MeanFn", "MaxFn", "BroadcastToFn",
     "LinearFn", "GELUFn", "DropoutFn", "SoftmaxFn", "LogSoftmaxFn", "LayerNormFn",
     "ScaledDotProductAttentionFn", "MultiHeadSelfAttentionFn", "CrossEntropyFn", "PatchifyFn", "UnpatchifyFn",
-    "SigmoidFn", "SoftplusFn", "LogSigmoidFn", "BinaryCrossEntropyWithLogitsFn",
+    "SigmoidFn", "SoftplusFn", "LogSigmoidFn", "BinaryCrossEntropyWithLogitsFn", "L2AttentionFn",
     "all_ops",
 ]
 
