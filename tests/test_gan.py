@@ -6,8 +6,10 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+import pytest
+
 import minivit as mv
-from minivit import functional as F, gan, nn, optim
+from minivit import functional as F, gan, gradcheck, gradgradcheck, nn, optim
 from minivit.nn.utils import improved_spectral_norm
 
 STD = 0.05
@@ -80,3 +82,29 @@ def test_a_small_gan_covers_the_modes_of_a_ring_of_gaussians():
     print(f"modes covered: {covered} of 8, counts {counts.tolist()}, {time.perf_counter() - start:.1f} s")
     assert covered >= 6, f"only {covered} of 8 modes covered: samples per mode {counts.tolist()}"
     assert counts.sum() >= 0.1 * len(samples)      # and the samples sit on the ring, not spread over the plane
+
+
+# ------------------------------------------------------------------------------------------------ SLN
+def test_self_modulated_layer_norm_starts_as_a_plain_layer_norm_and_modulates_per_sample():
+    rng = np.random.default_rng(3)
+    sln = nn.SelfModulatedLayerNorm(6, 4, rng=rng).double()
+    h, w = rng.standard_normal((2, 5, 6)), rng.standard_normal((2, 4))
+    plain = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(sln(h, w).data, plain, rtol=1e-12)
+    for layer in (sln.gamma, sln.beta):
+        layer.weight.data[...] = rng.standard_normal(layer.weight.shape)
+    gamma = w @ sln.gamma.weight.data.T + sln.gamma.bias.data
+    beta = w @ sln.beta.weight.data.T + sln.beta.bias.data
+    np.testing.assert_allclose(sln(h, w).data, gamma[:, None] * plain + beta[:, None], rtol=1e-12)
+    with pytest.raises(ValueError, match=r"expected h \(B, ..., 6\) and w \(B, 4\)"):
+        sln(h, w[:1])
+
+
+def test_self_modulated_layer_norm_passes_the_float64_gradient_checks():
+    rng = np.random.default_rng(4)
+    sln = nn.SelfModulatedLayerNorm(4, 3, rng=rng)
+    for layer in (sln.gamma, sln.beta):
+        layer.weight.data[...] = rng.standard_normal(layer.weight.shape)
+    h, w = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3))
+    assert gradcheck(sln, [h, w], params=sln).ok
+    assert gradgradcheck(sln, [h, w], params=sln).ok
