@@ -307,3 +307,17 @@ def test_gradient_penalty_through_spectral_norm_matches_torch():
     _assert_close(g.data, g_ref, "input gradient")
     _assert_close(mine.weight_orig.grad, theirs.weight_orig.grad, "weight_orig gradient of the penalty")
     _assert_close(mine.bias.grad, theirs.bias.grad, "bias gradient of the penalty")
+
+
+def test_remove_spectral_norm_matches_torch():
+    mine, theirs = _spectral_twins(seed=8)
+    x = R.standard_normal((2, 5))
+    mine(x), theirs(torch.from_numpy(x))             # one power-iteration step on both
+    nn.utils.remove_spectral_norm(mine)
+    torch.nn.utils.remove_spectral_norm(theirs)
+    assert list(mine.state_dict()) == ["bias", "weight"] and sorted(theirs.state_dict()) == ["bias", "weight"]
+    assert [name for name, _ in mine.named_parameters()] == ["bias", "weight"]
+    _assert_close(mine.weight.data, theirs.weight, "weight after removal")
+    _assert_close(mine(x).data, theirs(torch.from_numpy(x)), "output after removal")
+    with pytest.raises(ValueError, match="not spectrally normalised"):
+        nn.utils.remove_spectral_norm(mine)

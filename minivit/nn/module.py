@@ -56,6 +56,12 @@ class Module:
             self._modules[name] = value
         object.__setattr__(self, name, value)
 
+    def __delattr__(self, name):
+        self._parameters.pop(name, None)
+        self._modules.pop(name, None)
+        self._buffers.pop(name, None)
+        object.__delattr__(self, name)
+
     def register_buffer(self, name, tensor):
         """Keep ``tensor`` as ``self.<name>``: saved in the state dict and moved by ``to()``, never optimised."""
         if not isinstance(tensor, Tensor) or isinstance(tensor, Parameter):

@@ -30,7 +30,7 @@ from minivit.nn import init
 from minivit.nn.module import Module, Parameter
 from minivit.tensor import Tensor
 
-__all__ = ["spectral_norm", "improved_spectral_norm", "SpectralNorm"]
+__all__ = ["spectral_norm", "improved_spectral_norm", "remove_spectral_norm", "SpectralNorm"]
 
 
 def _normalize(a, eps):
@@ -131,4 +131,20 @@ def _register(module, name, n_power_iterations, eps, dim, rng, improved):
         sigma_init = np.linalg.norm(backend.asnumpy(W).astype(np.float64), 2)   # the largest singular value
         module.register_buffer(name + "_sigma_init", Tensor(xp.asarray(sigma_init, dtype=W.dtype)))
     module.register_forward_pre_hook(fn)
+    return module
+
+
+def remove_spectral_norm(module, name="weight"):
+    """Undo ``spectral_norm``: ``module.<name>`` becomes a Parameter again, holding the normalised weight as it
+    is now (no power-iteration step), and ``<name>_orig``, the buffers and the hook are removed. Returns the
+    module."""
+    hooks = [h for h in module._forward_pre_hooks if isinstance(h, SpectralNorm) and h.name == name]
+    if not hooks:
+        raise ValueError(f"remove_spectral_norm: {type(module).__name__}.{name} is not spectrally normalised")
+    weight = hooks[0].compute_weight(module, do_power_iteration=False)
+    module._forward_pre_hooks.remove(hooks[0])
+    for suffix in ("_orig", "_u", "_v", "_sigma_init"):
+        if hasattr(module, name + suffix):
+            delattr(module, name + suffix)
+    setattr(module, name, Parameter(weight.data))
     return module
