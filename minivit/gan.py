@@ -164,6 +164,6 @@ def ring_of_gaussians(n, rng, modes=8, radius=2.0, std=0.05, dtype=np.float32):
 
 def mode_counts(samples, centres, radius):
     """For each centre, how many of the samples (n, 2) lie within ``radius`` of it (3 std, say)."""
-    samples = np.asarray(samples.data if isinstance(samples, Tensor) else samples, dtype=np.float64)
+    samples = backend.asnumpy(_tensor(samples).data).astype(np.float64)
     distances = np.linalg.norm(samples[:, None, :] - centres[None, :, :], axis=2)
     return (distances < radius).sum(axis=0)
