@@ -1,20 +1,49 @@
 """The logistic family: sigmoid, softplus, log-sigmoid and binary cross-entropy on logits.
 
-All four rest on two identities that keep them finite for any logit (try x = +-1e4, where e^x overflows):
+The math. For a logit x (the log-odds of the positive class):
 
-    softplus(x) = log(1 + e^x)   = max(x, 0) + log(1 + e^-|x|)
-    sigmoid(x)  = 1 / (1 + e^-x) = 1 / (1 + e^-|x|)  for x >= 0,   e^-|x| / (1 + e^-|x|)  for x < 0
+    sigmoid(x)  = 1 / (1 + e^-x)                 d sigmoid(x)/dx  = sigmoid(x) (1 - sigmoid(x))
+    softplus(x) = log(1 + e^x)                   d softplus(x)/dx = sigmoid(x)
+    log sigmoid(x) = -softplus(-x)               d log sigmoid(x)/dx = sigmoid(-x) = 1 - sigmoid(x)
+    bce(x, t) = -[w t log sigmoid(x) + (1 - t) log(1 - sigmoid(x))] = w t softplus(-x) + (1 - t) softplus(x)
 
-(e^-|x| lies in (0, 1], so nothing overflows), and on the links between them:
+For large |x| e^x overflows (past x = 88 in float32, 709 in float64), so the ops evaluate through e^-|x|, which
+lies in (0, 1]:
 
-    d softplus(x) / dx = sigmoid(x)          log sigmoid(x) = -softplus(-x)          1 - sigmoid(x) = sigmoid(-x)
-    d sigmoid(x) / dx  = sigmoid(x) (1 - sigmoid(x))
+    softplus(x) = max(x, 0) + log(1 + e^-|x|)
+    sigmoid(x)  = 1 / (1 + e^-|x|)  for x >= 0,   e^-|x| / (1 + e^-|x|)  for x < 0
+
+The composed versions below build the same functions from primitives, as the formulas read (and so overflow
+where the formulas do); the ops after them are finite for every logit (try x = +-1e4).
 """
 
 from minivit.backend import get_array_module
 from minivit.function import Function, unbroadcast
 
 
+# ------------------------------------------------------------------------------------------ readable version
+def sigmoid_composed(x):
+    """1 / (1 + e^-x), from primitives.  Shapes: x -> same"""
+    return 1.0 / (1.0 + (-x).exp())
+
+
+def softplus_composed(x):
+    """log(1 + e^x), from primitives.  Shapes: x -> same"""
+    return (1.0 + x.exp()).log()
+
+
+def logsigmoid_composed(x):
+    """-softplus(-x), from primitives.  Shapes: x -> same"""
+    return -softplus_composed(-x)
+
+
+def binary_cross_entropy_with_logits_composed(x, t, pos_weight=None, reduction="mean"):
+    """w t softplus(-x) + (1 - t) softplus(x), reduced; from primitives.  Shapes: x, t -> () or x's shape"""
+    loss = t * softplus_composed(-x) * (1.0 if pos_weight is None else pos_weight) + (1.0 - t) * softplus_composed(x)
+    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+
+# ----------------------------------------------------------------------------------------------- fused ops
 def softplus_array(x):
     """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), finite for every finite x."""
     xp = get_array_module(x)
