@@ -47,7 +47,8 @@ PAIRS = {
         lambda x, t, w: composed.binary_cross_entropy_with_logits(x, t, pos_weight=w, reduction="sum"),
         [R.standard_normal((4, 3)) * 2, R.uniform(0, 1, (4, 3)), R.uniform(0.5, 2, 3)]),
     "l2_distance_attention": (F.l2_distance_attention, composed.l2_distance_attention,
-                              [R.standard_normal((2, 5, 4)), R.standard_normal((2, 6, 4)), R.standard_normal((2, 6, 3))]),
+                              [R.standard_normal((2, 5, 4)), R.standard_normal((2, 6, 4)),
+                               R.standard_normal((2, 6, 3))]),
 }
 
 
