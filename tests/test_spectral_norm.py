@@ -1,6 +1,7 @@
 """Spectral normalisation: sigma converges to the largest singular value, the layer becomes 1-Lipschitz, eval
 mode keeps u and v, the state dict round-trips, the improved variant keeps the initial scale, gradients and
-second derivatives pass the float64 checks, and bad uses are refused. (PyTorch parity: tests/test_gan_parity.py.)
+second derivatives pass the float64 checks, and bad uses are refused; and the Module buffers it rests on.
+(PyTorch parity: tests/test_gan_parity.py.)
 """
 
 import numpy as np
@@ -128,3 +129,19 @@ def test_bad_uses_are_refused_with_clear_errors():
         layer.weight_u = np.zeros(2)
     with pytest.raises(TypeError, match="expected a minivit Module"):
         spectral_norm(lambda x: x)
+
+
+def test_buffers_are_saved_loaded_and_converted_and_integer_buffers_keep_their_dtype():
+    layer = nn.Linear(2, 2)
+    layer.register_buffer("steps", Tensor(np.array(3)))
+    layer.double()
+    assert layer.steps.dtype == np.array(3).dtype and layer.weight.dtype == np.float64
+    assert list(layer.state_dict()) == ["weight", "bias", "steps"]
+    state = layer.state_dict()
+    state["steps"] = np.array(7)
+    layer.load_state_dict(state)
+    assert int(layer.steps.item()) == 7
+    with pytest.raises(TypeError, match="expected a Tensor"):
+        layer.register_buffer("bad", np.zeros(2))
+    with pytest.raises(KeyError, match="already has a parameter"):
+        layer.register_buffer("weight", Tensor(np.zeros(2)))

@@ -184,11 +184,12 @@ class Module:
         return params[0].device if params else "cpu"
 
     def to(self, device=None, dtype=None):
-        """Move every parameter and buffer to ``device`` and/or convert it to ``dtype``, in place; returns self."""
+        """Move every parameter and buffer to ``device`` and/or convert it to ``dtype`` (floating ones only: an
+        integer buffer such as a step count keeps its dtype), in place; returns self."""
         for p in self.parameters() + self.buffers():
             if device is not None:
                 p.data = backend.to_device(p.data, device)
-            if dtype is not None:
+            if dtype is not None and p.dtype.kind == "f":
                 p.data = p.data.astype(dtype, copy=False)
             if p.grad is not None:
                 grad = p.grad if device is None else backend.to_device(p.grad, device)
