@@ -10,14 +10,19 @@ from them, and the tests check that fused and composed agree in values and in gr
 from minivit.ops.activation import gelu_composed as gelu, gelu_tanh_composed as gelu_tanh
 from minivit.ops.attention import multi_head_self_attention_composed as multi_head_self_attention
 from minivit.ops.attention import scaled_dot_product_attention_composed as scaled_dot_product_attention
+from minivit.ops.l2attention import l2_distance_attention_composed as l2_distance_attention
 from minivit.ops.linear import linear_composed as linear
+from minivit.ops.logistic import binary_cross_entropy_with_logits_composed as binary_cross_entropy_with_logits
+from minivit.ops.logistic import logsigmoid_composed as logsigmoid, sigmoid_composed as sigmoid
+from minivit.ops.logistic import softplus_composed as softplus
 from minivit.ops.loss import cross_entropy_composed as cross_entropy
 from minivit.ops.norm import layer_norm_composed as layer_norm
 from minivit.ops.patch import from_patches, to_patches
 from minivit.ops.softmax import log_softmax_composed as log_softmax, softmax_composed as softmax
 
 __all__ = ["linear", "softmax", "log_softmax", "layer_norm", "gelu", "gelu_tanh", "scaled_dot_product_attention",
-           "multi_head_self_attention", "cross_entropy", "patchify", "unpatchify"]
+           "multi_head_self_attention", "cross_entropy", "patchify", "unpatchify", "sigmoid", "softplus", "logsigmoid",
+           "binary_cross_entropy_with_logits", "l2_distance_attention"]
 
 
 def patchify(images, patch_size):

@@ -2,7 +2,8 @@
 
     0  backend                                   arrays and devices
     1  tensor, function, autograd, ops           the engine: tensors, ops with their backwards, the graph walk
-    2  functional, composed, gradcheck, profile  what users call on the engine
+    2  functional, composed, gradcheck, profile, what users call on the engine (gan: GAN losses and penalties)
+       gan
     3  nn, optim                                 layers, models and optimizers
     4  checkpoint, data, viz, trace, testing     tools around models (testing: the PyTorch twin for tests)
     5  train, cli, __main__                      the application
@@ -21,7 +22,7 @@ import minivit
 LAYERS = [
     ["backend"],
     ["tensor", "function", "autograd", "ops"],
-    ["functional", "composed", "gradcheck", "profile"],
+    ["functional", "composed", "gradcheck", "profile", "gan"],
     ["nn", "optim"],
     ["checkpoint", "data", "viz", "trace", "testing"],
     ["train", "cli", "__main__"],
