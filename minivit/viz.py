@@ -41,6 +41,13 @@ def figure(width, height):
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
+def integer_ticks(ax):
+    """Ticks only at whole numbers on both axes: rows and columns of a heat map are tokens, not fractions."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _save(fig, path):
     if path is not None:
         fig.savefig(path)
@@ -168,11 +175,14 @@ def plot_attention(probs, path=None, title="attention", labels=None):
     fig = figure(3 * len(probs), 3.2)
     axes = np.atleast_1d(fig.subplots(1, len(probs)))
     for h, ax in enumerate(axes):
-        ax.imshow(probs[h], cmap="viridis", vmin=0)
+        im = ax.imshow(probs[h], cmap="viridis", vmin=0)
         ax.set(title=f"head {h}", xlabel="key", ylabel="query")
         if labels is not None:
             ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
             ax.set_yticks(range(len(labels)), labels, fontsize=6)
+        else:
+            integer_ticks(ax)
+        fig.colorbar(im, ax=ax, fraction=0.046, label="probability")
     fig.suptitle(title)
     return _save(fig, path)
 
