@@ -1,23 +1,36 @@
-"""Check functions for the lessons' exercises: specific feedback, never just "wrong".
+"""Check functions for the lessons' exercises: feedback that diagnoses, never just "wrong".
 
 Each ``check_<exercise>(fn)`` calls the learner's function on a few inputs and compares with the engine (or,
-for a backward, with central finite differences through ``minivit.gradcheck``). It returns a ``Feedback`` that
-prints as a short report: passed; failed with which input, the worst element, expected against got, and a
-hint; or "not attempted" when the function still returns None or raises NotImplementedError, so an unsolved
-notebook runs on. With the environment variable ``MINIVIT_STRICT_CHECKS=1`` anything but a pass raises
-``ExerciseError`` (the lessons' solved runs in CI use it).
+for a backward, with central finite differences in float64). It returns a ``Feedback`` that prints as a short
+report: passed; not attempted (the function still returns None or raises NotImplementedError, so an unsolved
+notebook runs on); or failed, with a diagnosis:
+
+- a backward's gradient is compared as a whole with the finite-difference gradient, so that the typical mistakes
+  get their names: a constant ratio ("4.00x the expected everywhere: a missing 1/B?"), a sign flip, the right
+  numbers in the wrong places (a transpose), a gradient that is zero;
+- properties every right answer has (softmax's input gradient sums to zero along each row, LayerNorm's dx is
+  orthogonal to x_hat) are checked, and the one that fails is named;
+- when the learner's code raises, the report shows the line of their code that raised and the cases that passed;
+- hints come in steps: a failure prints a nudge, and ``feedback.hint(2)`` (or ``exercises.hint(name, 2)``) gives
+  the formula.
+
+With the environment variable ``MINIVIT_STRICT_CHECKS=1`` anything but a pass raises ``ExerciseError`` (the
+lessons' solved runs in CI use it).
 """
 
 import math
 import os
+import traceback
 
 import numpy as np
 
 from minivit import backend
-from minivit.function import Function
-from minivit.gradcheck import gradcheck
+from minivit.gradcheck import verdict
 from minivit.nn import init as nn_init
 from minivit.tensor import Tensor
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+HINTS = {}   # exercise -> (a nudge, the formula): filled in by each check
 
 
 class ExerciseError(AssertionError):
@@ -26,6 +39,21 @@ class ExerciseError(AssertionError):
 
 class NotAttempted(Exception):
     pass
+
+
+class Hint(str):
+    """A hint that shows as plain text when it is the last value of a notebook cell."""
+
+    def __repr__(self):
+        return str(self)
+
+
+def hint(exercise, level=1):
+    """The hint for ``exercise``: level 1 a nudge towards the idea, level 2 the formula itself."""
+    if exercise not in HINTS:
+        raise ValueError(f"no exercise named {exercise!r}; exercises: {', '.join(sorted(HINTS))}")
+    nudge, formula = HINTS[exercise]
+    return Hint(f"hint {exercise} (1 of 2): {nudge}" if level <= 1 else f"hint {exercise} (2 of 2): {formula}")
 
 
 class Feedback:
@@ -42,6 +70,10 @@ class Feedback:
 
     def __bool__(self):
         return self.passed
+
+    def hint(self, level=2):
+        """The next hint: ``hint(2)`` gives the formula (the report already shows the first, gentler one)."""
+        return hint(self.exercise, level)
 
     def __str__(self):
         mark = {"passed": "PASSED", "failed": "FAILED", "not attempted": "NOT ATTEMPTED"}[self.status]
@@ -83,68 +115,219 @@ def _compare(label, got, expected, rtol=1e-6, atol=1e-8):
             f"expected {expected[worst]:+.6g}, got {got[worst]:+.6g}")
 
 
-def _run(exercise, hint, body):
-    """Run ``body()`` (which returns a list of problem lines, empty when all is well) and wrap it in Feedback."""
+def _where_it_raised(error):
+    """'line N of your code: <source>' for the innermost frame outside minivit and NumPy, or None."""
+    frames = traceback.extract_tb(error.__traceback__)
+    for frame in reversed(frames):
+        path = os.path.abspath(frame.filename) if not frame.filename.startswith("<") else frame.filename
+        if path.startswith(_PACKAGE_DIR) or f"{os.sep}numpy{os.sep}" in path:
+            continue
+        source = (frame.line or "").strip()
+        return f"line {frame.lineno} of your code{' (' + frame.name + ')' if frame.name != '<lambda>' else ''}: " \
+               + (source or "(source not available)")
+    return None
+
+
+def _raised_lines(error):
+    lines = [f"your function raised {type(error).__name__}: {error}"]
+    where = _where_it_raised(error)
+    if where:
+        lines.append(where)
+    return lines
+
+
+def _run(exercise, hints, body):
+    """Run ``body()`` (which returns (problem lines, summary)) and wrap it in Feedback.
+
+    hints: (a nudge shown with a failure, the formula that ``hint(2)`` gives).
+    """
+    HINTS[exercise] = hints
     try:
         problems, summary = body()
     except NotAttempted:
         return Feedback(exercise, "not attempted", ["fill in the function (it still returns None); the lesson "
                                                     "goes on with the engine's own version"])
-    except Exception as e:  # the learner's code raised: say so, with the message
-        return Feedback(exercise, "failed", [f"your function raised {type(e).__name__}: {e}", f"hint: {hint}"])
+    except Exception as e:  # the learner's code raised: say so, with their line
+        return Feedback(exercise, "failed", _raised_lines(e) + [f"hint: {hints[0]}", _MORE_HINT.format(exercise)])
     if problems:
-        return Feedback(exercise, "failed", problems + [f"hint: {hint}"])
+        return Feedback(exercise, "failed", problems + [f"hint: {hints[0]}", _MORE_HINT.format(exercise)])
     return Feedback(exercise, "passed", [summary])
+
+
+_MORE_HINT = "still stuck? .hint(2) on this feedback, or exercises.hint({0!r}, 2), shows the formula"
 
 
 def _rng(seed=0):
     return np.random.default_rng(seed)
 
 
-def _gradient_gate(forward, learner_backward, cases, names):
-    """Gradient-check the learner's backward, paired with the engine's forward, on each case.
+# ------------------------------------------------------------------------------------------------ gradients
+def numeric_gradients(forward, arrays, dy, count, h=1e-6):
+    """Central differences of L = sum(forward(*arrays) * dy) for the first ``count`` arrays (float64)."""
+    arrays = [np.array(a, dtype=np.float64) if i < count else a for i, a in enumerate(arrays)]
+    grads = []
+    for x in arrays[:count]:
+        g = np.zeros_like(x)
+        for index in np.ndindex(x.shape):
+            kept = x[index]
+            x[index] = kept + h
+            up = float((forward(*arrays) * dy).sum())
+            x[index] = kept - h
+            down = float((forward(*arrays) * dy).sum())
+            x[index] = kept
+            g[index] = (up - down) / (2 * h)
+        grads.append(g)
+    return grads
+
+
+def _close(a, b, rtol=1e-5, atol=1e-7):
+    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= atol + rtol * (np.abs(a) + np.abs(b))))
+
+
+def _factor_name(ratio, factors):
+    """'a missing 1/B?' when ratio is B (the learner forgot to divide), 'an extra 1/B?' when it is 1/B."""
+    for value, name in factors:
+        if math.isclose(ratio, value, rel_tol=1e-3):
+            return f"a missing 1/{name}?" if value > 1 else f"an extra factor {name}?"
+        if math.isclose(ratio, 1 / value, rel_tol=1e-3):
+            return f"an extra 1/{name} (a mean where the formula has a sum?)" if value > 1 else \
+                f"a missing factor {name}?"
+    if math.isclose(ratio, round(ratio), rel_tol=1e-3):
+        return f"a missing 1/{round(ratio)}?"
+    if ratio and math.isclose(1 / ratio, round(1 / ratio), rel_tol=1e-3):
+        return f"an extra 1/{round(1 / ratio)}?"
+    return "a constant factor is missing or extra"
+
+
+def diagnose(name, got, expected, factors=()):
+    """Name the typical mistake that turns ``expected`` into ``got``, or None when none fits.
+
+    factors: (value, name) pairs of constants in the forward (the batch size B, sqrt(d), ...), so that a ratio
+    can be traced to the constant that was forgotten.
+    """
+    scale = np.abs(expected).max() + 1e-12
+    if not np.all(np.isfinite(got)):
+        return f"d{name} holds NaN or Inf"
+    if got.shape != expected.shape:
+        if got.ndim >= 2 and expected.ndim >= 2 and got.shape == expected.swapaxes(-1, -2).shape:
+            same = _close(got.swapaxes(-1, -2), expected)
+            return (f"d{name} has shape {got.shape}, expected {expected.shape}"
+                    + (": it is the expected gradient transposed" if same else ": a transpose too many or missing"))
+        return None
+    if np.abs(got).max() <= 1e-12 * scale:
+        return f"d{name} is zero everywhere, but the gradient is not"
+    if _close(got, -expected):
+        return f"d{name} has the right size everywhere but the opposite sign: a sign flip"
+    ratio = float((got * expected).sum() / max((expected * expected).sum(), 1e-300))
+    if not math.isclose(ratio, 1.0, rel_tol=1e-4) and _close(got, ratio * expected, rtol=1e-4):
+        return (f"your gradient d{name} is {ratio:.2f}x the expected everywhere: {_factor_name(ratio, factors)}")
+    if got.ndim >= 2 and got.shape[-1] == got.shape[-2] and _close(got.swapaxes(-1, -2), expected):
+        return f"d{name} holds the right numbers in the wrong places: it is the expected gradient transposed"
+    if got.size > 1 and _close(np.sort(got.ravel()), np.sort(expected.ravel())):
+        return (f"d{name} holds the right numbers in the wrong places (a transpose, or axes in the wrong order "
+                f"before a reshape?)")
+    return None
+
+
+def _worst_line(label, got, expected):
+    rel = np.abs(got - expected) / np.maximum(np.abs(got) + np.abs(expected), 1e-12)
+    worst = np.unravel_index(np.argmax(rel), rel.shape)
+    wrong = int((np.abs(got - expected) > 1e-7 + 1e-5 * (np.abs(got) + np.abs(expected))).sum())
+    return (f"{label}: {wrong} of {got.size} elements wrong; worst at {tuple(int(i) for i in worst)}: your gradient "
+            f"{got[worst]:+.6g}, finite differences {expected[worst]:+.6g} (relative error {rel[worst]:.1e}, "
+            f"{verdict(float(rel[worst]))})")
+
+
+def _gradient_gate(forward, learner_backward, cases, names, factors=None, invariants=(), mistakes=()):
+    """Compare the learner's backward with finite differences on each case and diagnose what differs.
 
     forward(*arrays) -> y; learner_backward(arrays, y, dy) -> one gradient per checked input (in ``names``).
+    factors(arrays) -> (value, name) pairs of the forward's constants, to name a ratio.
+    invariants: (input name, description, fn(gradient, arrays, y) -> how far it is violated, 0 when it holds).
+    mistakes: (input name, description, fn(arrays, y, dy) -> the gradient that mistake gives) for the mistakes
+    that no general test names (a missing term of a sum).
     Returns (problems, max relative error).
     """
-    problems, worst = [], 0.0
+    problems, worst, passed_cases = [], 0.0, []
     for c, arrays in enumerate(cases):
-        class LearnerOp(Function):
-            def forward(self, *xs):
-                self.xs = xs
-                self.y = forward(*xs)
-                return self.y
-
-            def backward(self, dy):
-                grads = _call(learner_backward, self.xs, self.y, dy)
-                grads = grads if isinstance(grads, tuple) else (grads,)
-                if len(grads) != len(names):
-                    raise ValueError(f"return {len(names)} gradients ({', '.join(names)}), got {len(grads)}")
-                grads = tuple(_array(g) for g in grads)
-                for name, g, x in zip(names, grads, self.xs):
-                    if g.shape != x.shape:
-                        raise ValueError(f"the gradient for {name} has shape {g.shape}, expected {x.shape} "
-                                         f"(the shape of {name})")
-                return grads + (None,) * (len(self.xs) - len(grads))
-
-        report = gradcheck(lambda *ts: LearnerOp.apply(*ts), arrays, names=list(names) + [
-            f"const {i}" for i in range(len(arrays) - len(names))], mode="full", seed=c)
-        checked = [r for r in report.rows if r.name in names]
-        worst = max([worst] + [r.max_rel for r in checked])
-        for r in checked:
-            if not r.passed:
-                problems.append(f"case {c + 1}, d{r.name} {r.shape}: worst at {r.worst_index}: your gradient "
-                                f"{r.analytic:+.6g}, finite differences {r.numeric:+.6g} "
-                                f"(relative error {r.max_rel:.1e}, {r.verdict})")
+        arrays = [np.array(a) for a in arrays]
+        y = forward(*arrays)
+        dy = np.random.default_rng(100 + c).standard_normal(np.shape(y))
+        expected = numeric_gradients(forward, arrays, dy, len(names))
+        try:
+            grads = _call(learner_backward, [a.copy() for a in arrays], y, dy)
+        except NotAttempted:
+            raise
+        except Exception as e:
+            problems += [f"case {c + 1}: " + line for line in _raised_lines(e)]
+            if passed_cases:
+                problems.append("cases passed before it: " + ", ".join(str(k) for k in passed_cases))
+            return problems, worst
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        if len(grads) != len(names):
+            return problems + [f"return {len(names)} gradients ({', '.join('d' + n for n in names)}), got "
+                               f"{len(grads)}"], worst
+        grads = tuple(_array(g).astype(np.float64) if g is not None else None for g in grads)
+        right, wrong = [], []
+        for name, g, e in zip(names, grads, expected):
+            label = f"case {c + 1}, d{name} {e.shape}"
+            if g is None:
+                wrong.append(f"{label}: returned None")
+                continue
+            if _close(g, e):
+                right.append("d" + name)
+                worst = max(worst, float((np.abs(g - e) / np.maximum(np.abs(g) + np.abs(e), 1e-12)).max()))
+                continue
+            lines = []
+            named = diagnose(name, g, e, factors(arrays) if factors else ())
+            if named:
+                lines.append(f"{label}: {named}")
+            if g.shape != e.shape:
+                others = [n for n, other in zip(names, expected) if n != name and _close(g, other)]
+                if others and not named:
+                    named = (f"what you return as d{name} is d{others[0]}: return the gradients in the order "
+                             f"{', '.join('d' + n for n in names)}")
+                    lines.append(f"{label}: {named}")
+                if not named:
+                    lines.append(f"{label}: the gradient for {name} has shape {g.shape}, expected {e.shape} "
+                                 f"(the shape of {name})")
+                wrong += lines
+                continue
+            for mistake_name, description, mistake in mistakes:
+                if mistake_name == name and not named and _close(g, _array(mistake(arrays, y, dy))):
+                    lines.append(f"{label}: {description}")
+                    named = description
+            for inv_name, description, violation in invariants:
+                if inv_name == name:
+                    amount = float(violation(g, arrays, y))
+                    if amount > 1e-4 * (np.abs(g).max() + 1e-12) + 1e-9:   # eps bends LayerNorm's by ~1e-6
+                        lines.append(f"{label}: {description} fails for yours (off by up to {amount:.3g}): a term "
+                                     f"is missing or wrong")
+            lines.append(_worst_line(label, g, e))
+            wrong += lines
+        if wrong:
+            if right:
+                wrong.append(f"case {c + 1}: {', '.join(right)} right")
+            if passed_cases:
+                wrong.append("cases passed: " + ", ".join(str(k) for k in passed_cases))
+            return problems + wrong, worst
+        passed_cases.append(c + 1)
     return problems, worst
 
 
-def _gate(exercise, hint, forward, backward, cases, names):
+def _gate(exercise, hints, forward, backward, cases, names, **diagnostics):
+    HINTS[exercise] = hints
+
     def body():
-        problems, worst = _gradient_gate(forward, backward, cases, names)
+        problems, worst = _gradient_gate(forward, backward, cases, names, **diagnostics)
         return problems, (f"matches finite differences on {len(cases)} cases (largest relative error "
                           f"{worst:.1e})")
-    return _run(exercise, hint, body)
+    return _run(exercise, hints, body)
+
+
+def _rows_sum(axis=-1):
+    """The violation of 'sums to zero along ``axis``': the largest absolute sum."""
+    return lambda g, arrays, y: np.abs(g.sum(axis)).max()
 
 
 # ------------------------------------------------------------------------------------------------ lesson 0
@@ -160,7 +343,8 @@ def check_accuracy(fn):
             if not np.isclose(float(got), expected):
                 problems.append(f"case {c + 1}: expected {expected:.3f}, got {float(got):.3f}")
         return problems, "right on 3 random batches"
-    return _run("accuracy", "compare logits.argmax(axis=1) with the labels and take the mean", body)
+    return _run("accuracy", ("the prediction of a row is the class with the largest logit",
+                             "compare logits.argmax(axis=1) with the labels and take the mean"), body)
 
 
 # ------------------------------------------------------------------------------------------------ lesson 1
@@ -180,7 +364,8 @@ def check_central_difference(fn):
             if abs(got - math.cos(x)) > 1e-8:
                 problems.append(f"d/dx sin at x={x}: expected {math.cos(x):.10f}, got {got!r}")
         return problems, "central, with O(h^2) error"
-    return _run("central_difference", "evaluate f on both sides of x and divide by 2h", body)
+    return _run("central_difference", ("step to both sides of x, not only forward",
+                                       "(f(x + h) - f(x - h)) / (2 h)"), body)
 
 
 # ------------------------------------------------------------------------------------------------ lesson 2
@@ -198,17 +383,27 @@ def check_topological_order(fn):
         problems = []
         if set(ids) != expected or len(ids) != len(expected):
             problems.append(f"expected each of the {len(expected)} tensors exactly once, got {len(ids)} entries")
-        else:
-            position = {i: k for k, i in enumerate(ids)}
-            for node in _all_nodes(root):
-                for parent in (node._ctx.parents if node._ctx else ()):
-                    if parent.requires_grad and position[id(parent)] < position[id(node)]:
-                        problems.append("an input comes before a tensor computed from it: walk from the root "
-                                        "and append a node only after everything that uses it")
-                        break
+        elif not _users_first(ids, root):
+            if _users_first(ids[::-1], root):
+                problems.append("your order is reversed: it starts at the inputs, but backward must start at the "
+                                "root (reverse the list you built)")
+            else:
+                problems.append("an input comes before a tensor computed from it: a tensor may pass on its gradient "
+                                "only after every tensor that uses it has")
+            if id(order[0]) != id(root):
+                problems.append(f"the first entry should be the root; yours is a tensor of shape "
+                                f"{tuple(order[0].shape)}")
         return problems, "every tensor once, each before its inputs"
-    return _run("topological_order", "a depth-first search that appends a node after its inputs, then reversed",
-                body)
+    return _run("topological_order", ("a tensor may be processed only when everything computed from it has been",
+                                      "a depth-first search from the root that appends a node after all its inputs "
+                                      "(postorder), then reversed so that the root comes first"), body)
+
+
+def _users_first(ids, root):
+    """Whether each tensor comes before all of its inputs in the list of ids."""
+    position = {i: k for k, i in enumerate(ids)}
+    return all(position[id(parent)] > position[id(node)] for node in _all_nodes(root)
+               for parent in (node._ctx.parents if node._ctx else ()) if parent.requires_grad)
 
 
 def _all_nodes(root):
@@ -228,7 +423,9 @@ def check_sigmoid_backward(fn):
     """fn(y, dy) -> dx for y = 1 / (1 + exp(-x))."""
     rng = _rng(2)
     cases = [[rng.standard_normal((3, 4)) * 2], [rng.standard_normal(7)]]
-    return _gate("sigmoid_backward", "dy/dx = y (1 - y): write it with the output y, then multiply by dy",
+    return _gate("sigmoid_backward", ("differentiate 1 / (1 + e^-x) and write the result with y alone; then the "
+                                      "chain rule: multiply by the upstream gradient",
+                                      "dx = dy * y * (1 - y)"),
                  lambda x: 1.0 / (1.0 + np.exp(-x)), lambda xs, y, dy: fn(y, dy), cases, ("x",))
 
 
@@ -245,7 +442,8 @@ def check_relative_error(fn):
         if line and np.isnan(_array(got)).any():
             problems.append("0/0 gave NaN: guard the denominator with max(..., 1e-12)")
         return problems, "symmetric and safe at zero"
-    return _run("relative_error", "divide |a - n| by max(|a| + |n|, 1e-12)", body)
+    return _run("relative_error", ("symmetric in a and n, and never 0/0",
+                                   "|a - n| / max(|a| + |n|, 1e-12)"), body)
 
 
 # ------------------------------------------------------------------------------------------------ lesson 4
@@ -254,8 +452,11 @@ def check_linear_backward(fn):
     rng = _rng(4)
     cases = [[rng.standard_normal((5, 3)), rng.standard_normal((4, 3)), rng.standard_normal(4)],
              [rng.standard_normal((2, 6)), rng.standard_normal((2, 6)), rng.standard_normal(2)]]
-    return _gate("linear_backward", "dx = dy w, dw = dy^T x, db = dy summed over the batch",
-                 lambda x, w, b: x @ w.T + b, lambda xs, y, dy: fn(xs[0], xs[1], dy), cases, ("x", "w", "b"))
+    return _gate("linear_backward", ("each gradient has the shape of its input: let the shapes choose the product "
+                                     "and the transpose; b was added to every row",
+                                     "dx = dy w, dw = dy^T x, db = dy summed over the batch"),
+                 lambda x, w, b: x @ w.T + b, lambda xs, y, dy: fn(xs[0], xs[1], dy), cases, ("x", "w", "b"),
+                 factors=lambda arrays: [(len(arrays[0]), "B")])
 
 
 # ------------------------------------------------------------------------------------------------ lesson 5
@@ -267,8 +468,12 @@ def check_softmax_backward(fn):
     def softmax(x):
         e = np.exp(x - x.max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)
-    return _gate("softmax_backward", "dx = y * (dy - sum(dy * y, last axis, keepdims=True))", softmax,
-                 lambda xs, y, dy: fn(y, dy), cases, ("x",))
+    return _gate("softmax_backward", ("every y_i depends on every x_j: the Jacobian is diag(y) - y y^T, not only "
+                                      "its diagonal",
+                                      "dx = y * (dy - sum(dy * y, last axis, keepdims=True))"), softmax,
+                 lambda xs, y, dy: fn(y, dy), cases, ("x",),
+                 invariants=[("x", "softmax's input gradient sums to zero along each row (adding a constant to a "
+                              "row of x leaves y unchanged)", _rows_sum())])
 
 
 def check_cross_entropy_backward(fn):
@@ -280,8 +485,13 @@ def check_cross_entropy_backward(fn):
         shifted = x - x.max(1, keepdims=True)
         logp = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
         return -logp[np.arange(len(t)), t].mean()
-    return _gate("cross_entropy_backward", "softmax(logits), subtract 1 at each label, divide by the batch size",
-                 loss, lambda xs, y, dy: _array(_call(fn, xs[0], xs[1])) * dy, cases, ("logits",))
+    return _gate("cross_entropy_backward", ("the loss is a mean over the batch; for one row, -log softmax(x)[t] "
+                                            "has a gradient that is the probabilities minus a one-hot vector",
+                                            "softmax(logits), subtract 1 at each label, divide by the batch size"),
+                 loss, lambda xs, y, dy: _array(_call(fn, xs[0], xs[1])) * dy, cases, ("logits",),
+                 factors=lambda arrays: [(len(arrays[0]), "B")],
+                 invariants=[("logits", "each row of the gradient sums to zero (probabilities sum to 1, the one-hot "
+                              "row too)", _rows_sum())])
 
 
 # ------------------------------------------------------------------------------------------------ lesson 6
@@ -294,10 +504,31 @@ def check_layer_norm_backward(fn):
     def forward(x, w, b):
         xc = x - x.mean(-1, keepdims=True)
         return xc / np.sqrt((xc ** 2).mean(-1, keepdims=True) + 1e-6) * w + b
+    def along_xhat(g, arrays, y):               # LayerNorm ignores a shift of a row and a rescale of it
+        x = arrays[0]
+        xc = x - x.mean(-1, keepdims=True)
+        return np.abs((g * xc).sum(-1) / np.sqrt((xc ** 2).sum(-1))).max()
     return _gate("layer_norm_backward",
-                 "with g = dy * w and xhat the normalised x: dx = (g - mean(g) - xhat * mean(g * xhat)) / "
-                 "sqrt(var + eps); dw = sum(dy * xhat), db = sum(dy) over all but the last axis",
-                 forward, lambda xs, y, dy: fn(xs[0], xs[1], dy, 1e-6), cases, ("x", "w", "b"))
+                 ("the mean and the variance depend on every x of the row: besides the direct path through "
+                  "(x - mean), x reaches the output through the mean and through the variance",
+                  "with g = dy * w and xhat the normalised x: dx = (g - mean(g) - xhat * mean(g * xhat)) / "
+                  "sqrt(var + eps); dw = sum(dy * xhat), db = sum(dy) over all but the last axis"),
+                 forward, lambda xs, y, dy: fn(xs[0], xs[1], dy, 1e-6), cases, ("x", "w", "b"),
+                 factors=lambda arrays: [(int(np.prod(arrays[0].shape[:-1])), "(number of rows)"),
+                                         (arrays[0].shape[-1], "D")],
+                 invariants=[("x", "LayerNorm's dx sums to zero along each row (shifting a row does not change "
+                              "y)", _rows_sum()),
+                             ("x", "LayerNorm's dx is orthogonal to x_hat along each row (scaling a row does not "
+                              "change y)", along_xhat)],
+                 mistakes=[("x", "dx is what it would be if w were all ones: the gradient that reaches x_hat is "
+                            "dy * w", lambda a, y, dy: _layer_norm_dx(a[0], np.ones_like(a[1]), dy))])
+
+
+def _layer_norm_dx(x, w, dy, eps=1e-6):
+    xc = x - x.mean(-1, keepdims=True)
+    rstd = 1 / np.sqrt((xc ** 2).mean(-1, keepdims=True) + eps)
+    xhat, g = xc * rstd, dy * w
+    return rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
 
 
 # ------------------------------------------------------------------------------------------------ lesson 7
@@ -306,8 +537,17 @@ def check_gelu_backward(fn):
     from scipy.special import erf
     rng = _rng(8)
     cases = [[rng.standard_normal((4, 5)) * 2], [np.linspace(-4, 4, 17)]]
-    return _gate("gelu_backward", "d/dx [x Phi(x)] = Phi(x) + x phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi)",
-                 lambda x: x * 0.5 * (1 + erf(x / math.sqrt(2))), lambda xs, y, dy: fn(xs[0], dy), cases, ("x",))
+    def phi(x):
+        return np.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+    return _gate("gelu_backward", ("x Phi(x) is a product: the product rule gives two terms; Phi's derivative is "
+                                   "the normal density",
+                                   "d/dx [x Phi(x)] = Phi(x) + x phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi)"),
+                 lambda x: x * 0.5 * (1 + erf(x / math.sqrt(2))), lambda xs, y, dy: fn(xs[0], dy), cases, ("x",),
+                 mistakes=[("x", "dx is Phi(x) dy: the product rule's second term, x phi(x), is missing",
+                            lambda a, y, dy: dy * 0.5 * (1 + erf(a[0] / math.sqrt(2)))),
+                           ("x", "the second term x phi(x) is there but phi lacks its 1/sqrt(2 pi)",
+                            lambda a, y, dy: dy * (0.5 * (1 + erf(a[0] / math.sqrt(2)))
+                                                   + a[0] * np.exp(-a[0] ** 2 / 2)))])
 
 
 # ------------------------------------------------------------------------------------------------ lesson 8
@@ -329,15 +569,20 @@ def check_patchify(fn):
             if line:
                 problems.append(line)
         return problems, "same patches in the same order as the engine"
-    return _run("patchify", "reshape to (B, C, H/P, P, W/P, P), move the grid axes forward: transpose(0, 2, 4, 1, "
-                "3, 5), then flatten each patch", body)
+    return _run("patchify", ("split H and W each into (grid, P) with a reshape, then bring the two grid axes "
+                             "before the channel axis",
+                             "reshape to (B, C, H/P, P, W/P, P), move the grid axes forward: transpose(0, 2, 4, 1, "
+                             "3, 5), then flatten each patch"), body)
 
 
 def check_patchify_backward(fn):
     """fn(dy (B, Np, C*P*P), image_shape (B, C, H, W), P) -> dimages: the gradients put back at their pixels."""
     rng = _rng(10)
     cases = [[rng.standard_normal((2, 1, 4, 4))], [rng.standard_normal((1, 3, 4, 6))]]
-    return _gate("patchify_backward", "patchify only moves values: undo its reshape and transpose on dy",
+    return _gate("patchify_backward", ("patchify only moves values, so its backward moves them back: undo each "
+                                       "step of the forward, last step first",
+                                       "dy.reshape(B, H/P, W/P, C, P, P).transpose(0, 3, 1, 4, 2, 5).reshape(B, C, "
+                                       "H, W)"),
                  lambda x: _reference_patchify(x, 2), lambda xs, y, dy: fn(dy, xs[0].shape, 2), cases, ("images",))
 
 
@@ -352,9 +597,25 @@ def check_attention_backward(fn):
         s = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])
         p = np.exp(s - s.max(-1, keepdims=True))
         return p / p.sum(-1, keepdims=True) @ v
-    return _gate("attention_backward", "recompute p; dv = p^T dy; dp = dy v^T; ds = p * (dp - rowsum(dp * p)); "
-                 "dq = ds k / sqrt(d); dk = ds^T q / sqrt(d)", forward, lambda xs, y, dy: fn(*xs, dy), cases,
-                 ("q", "k", "v"))
+    return _gate("attention_backward", ("walk the forward backwards: y = p v (a matrix product), p = softmax(s) "
+                                        "row by row (lesson 5), s = q k^T / sqrt(d) (another product and a "
+                                        "constant)",
+                                        "recompute p; dv = p^T dy; dp = dy v^T; ds = p * (dp - rowsum(dp * p)); "
+                                        "dq = ds k / sqrt(d); dk = ds^T q / sqrt(d)"),
+                 forward, lambda xs, y, dy: fn(*xs, dy), cases, ("q", "k", "v"),
+                 factors=lambda arrays: [(math.sqrt(arrays[0].shape[-1]), "sqrt(d)")],
+                 mistakes=[("q", "ds is p * dp: softmax's backward lacks its second term, the subtraction of "
+                            "rowsum(dp * p) (every probability of a row depends on every score of the row)",
+                            lambda a, y, dy: _attention_dq_without_rowsum(*a, dy))],
+                 invariants=[("k", "dk sums to zero over the keys (moving every key by the same vector shifts each "
+                              "row of scores by a constant, which softmax ignores)", _rows_sum(axis=-2))])
+
+
+def _attention_dq_without_rowsum(q, k, v, dy):
+    s = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return p * (dy @ v.swapaxes(-1, -2)) @ k / math.sqrt(q.shape[-1])
 
 
 # ------------------------------------------------------------------------------------------------ lesson 10
@@ -371,7 +632,9 @@ def check_split_heads(fn):
         problems = [line for line in (_compare(name, g, e, rtol=0, atol=0) for name, g, e in zip("qkv", got, expected))
                     if line]
         return problems, "q, k and v split into heads as timm does"
-    return _run("split_heads", "reshape to (B, N, 3, nh, hd), then transpose(2, 0, 3, 1, 4)", body)
+    return _run("split_heads", ("the last axis holds [q | k | v], each of them [head 0 | head 1 | ...]: split it "
+                                "in that order, then move the axes",
+                                "reshape to (B, N, 3, nh, hd), then transpose(2, 0, 3, 1, 4)"), body)
 
 
 def check_split_heads_backward(fn):
@@ -383,8 +646,11 @@ def check_split_heads_backward(fn):
     def forward(qkv):                                        # (3, B, nh, N, hd): q, k and v stacked
         B, N, three_d = qkv.shape
         return qkv.reshape(B, N, 3, nh, three_d // (3 * nh)).transpose(2, 0, 3, 1, 4)
-    return _gate("split_heads_backward", "undo the forward: stack (dq, dk, dv), transpose(1, 3, 0, 2, 4) to (B, N, 3, "
-                 "nh, hd), reshape to (B, N, 3D)", forward, lambda xs, y, dy: fn(dy[0], dy[1], dy[2]), cases, ("qkv",))
+    return _gate("split_heads_backward", ("the forward only moves values: undo its transpose with the inverse "
+                                          "permutation, then its reshape",
+                                          "stack (dq, dk, dv), transpose(1, 3, 0, 2, 4) to (B, N, 3, nh, hd), "
+                                          "reshape to (B, N, 3D)"),
+                 forward, lambda xs, y, dy: fn(dy[0], dy[1], dy[2]), cases, ("qkv",))
 
 
 # ------------------------------------------------------------------------------------------------ lesson 11
@@ -398,7 +664,8 @@ def check_sincos_2d(fn):
             if line:
                 problems.append(line)
         return problems, "the same table as the library"
-    return _run("sincos_2d", "w_i = 10000^(-i/(D/4)); concatenate sin(row w), cos(row w), sin(col w), cos(col w)",
+    return _run("sincos_2d", ("D/4 frequencies; the row gets half of the channels, the column the other half",
+                              "w_i = 10000^(-i/(D/4)); concatenate sin(row w), cos(row w), sin(col w), cos(col w)"),
                 body)
 
 
@@ -412,9 +679,15 @@ def check_tokens_backward(fn):
     def forward(cls, patches, pos):
         copies = np.broadcast_to(cls, (patches.shape[0], 1, cls.shape[-1]))
         return np.concatenate([copies, patches], axis=1) + pos
-    return _gate("tokens_backward", "the class token and the position embedding were copied to every image: sum their "
-                 "gradients over the batch (keepdims); the patches get the rest of dy", forward,
-                 lambda xs, y, dy: fn(dy), cases, ("cls", "patches", "pos"))
+    return _gate("tokens_backward", ("a value copied to many places receives the sum of their gradients",
+                                     "the class token and the position embedding were copied to every image: sum "
+                                     "their gradients over the batch (keepdims); the patches get the rest of dy"),
+                 forward, lambda xs, y, dy: fn(dy), cases, ("cls", "patches", "pos"),
+                 factors=lambda arrays: [(len(arrays[1]), "B")],
+                 mistakes=[("cls", "dcls is the gradient of the first image only: the class token is copied to all "
+                            "B images, and each copy sends a gradient back", lambda a, y, dy: dy[:1, :1]),
+                           ("pos", "dpos is the gradient of the first image only: the position table is added to all "
+                            "B images, and each sends a gradient back", lambda a, y, dy: dy[:1])])
 
 
 # ------------------------------------------------------------------------------------------------ lesson 12
@@ -443,7 +716,9 @@ def check_adamw_update(fn):
             if problems:
                 break
         return problems, "three steps equal to minivit.optim.AdamW"
-    return _run("adamw_update", "decay p by (1 - lr wd) first; bias-correct m and v with 1 - beta^t", body)
+    return _run("adamw_update", ("the decay is decoupled from the gradient, and m and v start at zero, so early "
+                                 "steps need a correction",
+                                 "decay p by (1 - lr wd) first; bias-correct m and v with 1 - beta^t"), body)
 
 
 # ------------------------------------------------------------------------------------------------ lesson 13
@@ -458,8 +733,9 @@ def check_attention_rollout(fn):
             layers.append(a / a.sum(-1, keepdims=True))
         line = _compare("rollout", _call(fn, layers), attention_rollout(layers), rtol=1e-9)
         return ([line] if line else []), "equal to minivit.trace.attention_rollout"
-    return _run("attention_rollout", "average the heads, A' = (A + I) / 2 renormalised, multiply the layers with "
-                "the first one rightmost", body)
+    return _run("attention_rollout", ("the residual path is attention to oneself; the first layer acts first",
+                                      "average the heads, A' = (A + I) / 2 renormalised, multiply the layers with "
+                                      "the first one rightmost"), body)
 
 
 # ------------------------------------------------------------------------------------------------ lesson 14
@@ -474,4 +750,5 @@ def check_get_array_module(fn):
             if _call(fn, cupy.zeros(2)) is not cupy:
                 problems.append("a CuPy array should give the cupy module")
         return problems, "numpy for NumPy arrays" + (", cupy for CuPy arrays" if backend.cuda_available() else "")
-    return _run("get_array_module", "look at type(x).__module__, or use cupy.get_array_module", body)
+    return _run("get_array_module", ("an array knows which library made it",
+                                      "look at type(x).__module__, or use cupy.get_array_module"), body)

@@ -213,7 +213,8 @@ def test_every_check_is_exercised_here():
 
 def test_gradient_feedback_names_the_input_and_the_worst_element():
     text = str(ex.check_linear_backward(EXERCISES["linear_backward"][2][1]))
-    assert "db (4,): worst at (" in text and "your gradient" in text and "finite differences" in text
+    assert "case 1, db (4,): 4 of 4 elements wrong; worst at (" in text
+    assert "your gradient" in text and "finite differences" in text
 
 
 def test_a_gradient_of_the_wrong_shape_is_explained():
@@ -224,3 +225,149 @@ def test_a_gradient_of_the_wrong_shape_is_explained():
 def test_a_forward_difference_gets_its_own_hint():
     text = str(ex.check_central_difference(lambda f, x, h: (f(x + h) - f(x)) / h))
     assert "forward difference" in text
+
+
+# The typical mistakes of each backward, planted: (what was done wrong, the wrong answer, words the feedback must use)
+def _ce(x, t):
+    return (_softmax(x) - np.eye(x.shape[1])[t]) / len(t)
+
+
+def _gelu_grad(x):
+    return 0.5 * (1 + erf(x / math.sqrt(2))) + x * np.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+
+
+def _softmax_grad(y, dy):
+    return y * (dy - (dy * y).sum(-1, keepdims=True))
+
+
+PLANTED = {
+    "sigmoid_backward": [
+        ("sign", lambda y, dy: -dy * y * (1 - y), "opposite sign: a sign flip"),
+        ("factor", lambda y, dy: 2 * dy * y * (1 - y), "2.00x the expected everywhere"),
+        ("missing term", lambda y, dy: dy * y, "elements wrong")],
+    "linear_backward": [
+        ("transpose", lambda x, w, dy: (dy @ w, x.T @ dy, dy.sum(0)), "dw has shape (3, 4), expected (4, 3): it is "
+                                                                       "the expected gradient transposed"),
+        ("sign", lambda x, w, dy: (-(dy @ w), dy.T @ x, dy.sum(0)), "dx has the right size everywhere but the "
+                                                                     "opposite sign"),
+        ("factor", lambda x, w, dy: (dy @ w, dy.T @ x, dy.mean(0)), "0.20x the expected everywhere: an extra 1/B"),
+        ("order", lambda x, w, dy: (dy.T @ x, dy @ w, dy.sum(0)), "what you return as dx is dw")],
+    "softmax_backward": [
+        ("missing term", lambda y, dy: y * dy, "sums to zero along each row"),
+        ("sign", lambda y, dy: -_softmax_grad(y, dy), "opposite sign"),
+        ("factor", lambda y, dy: 0.5 * _softmax_grad(y, dy), "0.50x the expected everywhere")],
+    "cross_entropy_backward": [
+        ("factor", lambda x, t: _ce(x, t) * len(t), "4.00x the expected everywhere: a missing 1/B?"),
+        ("sign", lambda x, t: -_ce(x, t), "a sign flip"),
+        ("missing term", lambda x, t: _softmax(x) / len(t), "each row of the gradient sums to zero")],
+    "layer_norm_backward": [
+        ("missing term", lambda x, w, dy, eps: (dy * w * _ln_parts(x, eps)[1],) + ln_backward(x, w, dy, eps)[1:],
+         "dx sums to zero along each row"),
+        ("missing term", lambda x, w, dy, eps: (_ln_parts(x, eps)[1] * (dy * w - (dy * w).mean(-1, keepdims=True)),)
+         + ln_backward(x, w, dy, eps)[1:], "dx is orthogonal to x_hat along each row"),
+        ("factor", lambda x, w, dy, eps: ln_backward(x, w, dy, eps)[:2] + (dy.mean(tuple(range(x.ndim - 1))),),
+         "0.25x the expected everywhere"),
+        ("sign", lambda x, w, dy, eps: (ln_backward(x, w, dy, eps)[0], -ln_backward(x, w, dy, eps)[1],
+                                        ln_backward(x, w, dy, eps)[2]), "dw has the right size everywhere but the "
+                                                                        "opposite sign"),
+        ("missing factor w", lambda x, w, dy, eps: ln_backward(x, np.ones_like(w), dy, eps)[:1]
+         + ln_backward(x, w, dy, eps)[1:], "if w were all ones")],
+    "gelu_backward": [
+        ("missing term", lambda x, dy: dy * 0.5 * (1 + erf(x / math.sqrt(2))), "second term, x phi(x), is missing"),
+        ("sign", lambda x, dy: -dy * _gelu_grad(x), "a sign flip"),
+        ("factor", lambda x, dy: 3 * dy * _gelu_grad(x), "3.00x the expected everywhere")],
+    "patchify_backward": [
+        ("transpose", lambda dy, shape, P: patchify_back(dy, shape, P).swapaxes(-1, -2),
+         "right numbers in the wrong places: it is the expected gradient transposed"),
+        ("axis order", lambda dy, shape, P: dy.reshape(shape), "right numbers in the wrong places"),
+        ("sign", lambda dy, shape, P: -patchify_back(dy, shape, P), "a sign flip"),
+        ("factor", lambda dy, shape, P: patchify_back(dy, shape, P) * P * P, "4.00x the expected everywhere")],
+    "attention_backward": [
+        ("factor", lambda q, k, v, dy: attn_backward(q, k, v, dy, scale_fix=False), "2.00x the expected "
+                                                                                  "everywhere: a missing 1/sqrt(d)?"),
+        ("missing term", lambda q, k, v, dy: attn_backward(q, k, v, dy, mean_fix=False), "dk sums to zero over the "
+                                                                                       "keys"),
+        ("missing term", lambda q, k, v, dy: attn_backward(q, k, v, dy, mean_fix=False), "lacks its second term"),
+        ("transpose", lambda q, k, v, dy: attn_backward(q, k, v, dy)[:2] + (
+            _softmax(q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])) @ dy,), "a transpose too many or missing"),
+        ("sign", lambda q, k, v, dy: (-attn_backward(q, k, v, dy)[0],) + attn_backward(q, k, v, dy)[1:],
+         "dq has the right size everywhere but the opposite sign"),
+        ("order", lambda q, k, v, dy: attn_backward(q, k, v, dy)[::-1], "return the gradients in the order dq, dk, "
+                                                                        "dv")],
+    "split_heads_backward": [
+        ("axis order", lambda dq, dk, dv: np.stack([dq, dk, dv]).reshape(dq.shape[0], dq.shape[2], -1),
+         "right numbers in the wrong places"),
+        ("sign", lambda dq, dk, dv: -merge(dq, dk, dv), "a sign flip"),
+        ("factor", lambda dq, dk, dv: merge(dq, dk, dv) / 3, "0.33x the expected everywhere")],
+    "tokens_backward": [
+        ("factor", lambda dy: (dy[:, :1].mean(0, keepdims=True), dy[:, 1:], dy.sum(0, keepdims=True)),
+         "dcls is 0.33x the expected everywhere: an extra 1/B"),
+        ("missing terms", lambda dy: (dy[:1, :1], dy[:, 1:], dy.sum(0, keepdims=True)),
+         "gradient of the first image only"),
+        ("sign", lambda dy: (dy[:, :1].sum(0, keepdims=True), -dy[:, 1:], dy.sum(0, keepdims=True)),
+         "dpatches has the right size everywhere but the opposite sign"),
+        ("missing terms", lambda dy: tokens_back(dy)[:2] + (dy[:1],), "dpos is the gradient of the first image")],
+}
+
+
+@pytest.mark.parametrize("name", PLANTED)
+def test_each_planted_mistake_gets_its_diagnosis(name):
+    check = EXERCISES[name][0]
+    for what, wrong, words in PLANTED[name]:
+        text = str(check(wrong))
+        assert "[FAILED]" in text, f"{name}: the planted mistake ({what}) passed"
+        assert words in text, f"{name}: the planted mistake ({what}) was not named {words!r}:\n{text}"
+
+
+def test_every_backward_exercise_has_planted_mistakes():
+    backward = {name for name in EXERCISES if name.endswith("_backward")}
+    assert backward == set(PLANTED)
+    for name, planted in PLANTED.items():
+        kinds = {what for what, _, _ in planted}
+        assert "sign" in kinds and kinds & {"factor", "missing factor w"}, name
+
+
+def test_the_diagnosis_of_a_ratio_names_the_forgotten_constant():
+    grad = np.random.default_rng(0).standard_normal((3, 4))
+    assert "4.00x the expected everywhere: a missing 1/B?" in ex.diagnose("x", 4 * grad, grad, [(4, "B")])
+    assert "an extra 1/B" in ex.diagnose("x", grad / 4, grad, [(4, "B")])
+    assert ex.diagnose("x", grad + 0.1 * grad ** 2, grad) is None      # no pattern: nothing is claimed
+
+
+def test_a_reversed_topological_order_is_named():
+    text = str(ex.check_topological_order(lambda root: topo(root)[::-1]))
+    assert "your order is reversed" in text
+
+
+def test_when_the_learner_code_raises_the_feedback_shows_their_line_and_what_passed():
+    def backward(x, w, dy):
+        if x.shape[0] == 2:                                   # the second case only
+            return dy @ w, dy.T @ x, dy.sum(axis=1)[None]     # a deliberate mistake in the shape arithmetic
+        return dy @ w, dy.T @ x, dy.sum(0)
+
+    text = str(ex.check_linear_backward(backward))
+    assert "case 2, db (2,): the gradient for b has shape (1, 2), expected (2,)" in text
+    assert "case 2: dx, dw right" in text and "cases passed: 1" in text
+    calls = []
+
+    def raising(x, w, dy):
+        calls.append(1)
+        if len(calls) > 1:
+            dw = dy @ x.T                                      # raises: (B, out) @ (in, B)
+        return dy @ w, dy.T @ x, dy.sum(0)
+
+    text = str(ex.check_linear_backward(raising))
+    assert "your function raised ValueError" in text
+    assert "dw = dy @ x.T" in text and "of your code (raising)" in text
+    assert "cases passed before it: 1" in text
+
+
+def test_hints_come_in_steps():
+    feedback = ex.check_softmax_backward(lambda y, dy: y * dy)
+    text = str(feedback)
+    nudge, formula = ex.HINTS["softmax_backward"]
+    assert f"hint: {nudge}" in text and formula not in text and ".hint(2)" in text
+    assert formula in feedback.hint(2) and formula in ex.hint("softmax_backward", 2)
+    assert nudge in ex.hint("softmax_backward", 1) and formula not in ex.hint("softmax_backward", 1)
+    with pytest.raises(ValueError, match="no exercise named"):
+        ex.hint("no_such_exercise")
