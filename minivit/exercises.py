@@ -459,6 +459,20 @@ def check_linear_backward(fn):
                  factors=lambda arrays: [(len(arrays[0]), "B")])
 
 
+def check_layer_scale_backward(fn):
+    """fn(x (B, N, D), gamma (D,), dy (B, N, D)) -> (dx, dgamma) for y = x * gamma (one scale per channel)."""
+    rng = _rng(41)
+    cases = [[rng.standard_normal((2, 3, 4)), rng.standard_normal(4)],
+             [rng.standard_normal((3, 5, 2)), rng.standard_normal(2)]]
+    return _gate("layer_scale_backward", ("gamma was copied to every token of every image: which axes did the "
+                                          "broadcast add, and what happens to a copied value's gradient?",
+                                          "dx = dy * gamma; dgamma = (dy * x) summed over the batch and token "
+                                          "axes"),
+                 lambda x, gamma: x * gamma, lambda xs, y, dy: fn(xs[0], xs[1], dy), cases, ("x", "gamma"),
+                 factors=lambda arrays: [(arrays[0].shape[0] * arrays[0].shape[1], "(B N)"),
+                                         (arrays[0].shape[0], "B"), (arrays[0].shape[1], "N")])
+
+
 # ------------------------------------------------------------------------------------------------ lesson 5
 def check_softmax_backward(fn):
     """fn(y, dy) -> dx for y = softmax(x) along the last axis."""
@@ -492,6 +506,48 @@ def check_cross_entropy_backward(fn):
                  factors=lambda arrays: [(len(arrays[0]), "B")],
                  invariants=[("logits", "each row of the gradient sums to zero (probabilities sum to 1, the one-hot "
                               "row too)", _rows_sum())])
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def check_log_softmax_backward(fn):
+    """fn(logp, dy) -> dx for logp = log_softmax(x) along the last axis."""
+    rng = _rng(42)
+    cases = [[rng.standard_normal((3, 5))], [rng.standard_normal((2, 2, 4)) * 3]]
+    return _gate("log_softmax_backward", ("log p_k = x_k - log sum_j exp(x_j): two terms; the gradient of the "
+                                          "second one is a distribution you met in this lesson",
+                                          "dx = dy - exp(logp) * sum(dy, last axis, keepdims=True)"),
+                 lambda x: np.log(_softmax(x)), lambda xs, y, dy: fn(y, dy), cases, ("x",),
+                 invariants=[("x", "log-softmax's input gradient sums to zero along each row (adding a constant to "
+                              "a row of x leaves log p unchanged)", _rows_sum())],
+                 mistakes=[("x", "dx is softmax's backward applied to dy: but here the output is log p, whose "
+                            "derivative differs", lambda a, y, dy: _softmax(a[0]) * (dy - (dy * _softmax(a[0])).sum(
+                                -1, keepdims=True)))])
+
+
+def check_smoothed_cross_entropy_backward(fn):
+    """fn(logits (B, K), labels (B,), smoothing) -> dlogits of the mean cross-entropy against the smoothed target
+    q = (1 - smoothing) onehot + smoothing / K."""
+    rng = _rng(43)
+    cases = [[rng.standard_normal((4, 3)), rng.integers(0, 3, 4)], [rng.standard_normal((6, 5)), rng.integers(0, 5, 6)]]
+
+    def loss(x, t):
+        K = x.shape[1]
+        q = (1 - 0.1) * np.eye(K)[t] + 0.1 / K
+        return -(q * np.log(_softmax(x))).sum(1).mean()
+    return _gate("smoothed_cross_entropy_backward",
+                 ("the target is now a distribution q, not a one-hot row: for one row, -sum_k q_k log p_k; use that "
+                  "q sums to 1",
+                  "(softmax(logits) - q) / B with q = (1 - smoothing) onehot + smoothing / K"),
+                 loss, lambda xs, y, dy: _array(_call(fn, xs[0], xs[1], 0.1)) * dy, cases, ("logits",),
+                 factors=lambda arrays: [(len(arrays[0]), "B")],
+                 invariants=[("logits", "each row of the gradient sums to zero (p and q both sum to 1)", _rows_sum())],
+                 mistakes=[("logits", "this is the gradient without smoothing: the target q gives the label "
+                            "1 - smoothing + smoothing / K and every other class smoothing / K",
+                            lambda a, y, dy: (_softmax(a[0]) - np.eye(a[0].shape[1])[a[1]]) / len(a[1]) * dy)])
 
 
 # ------------------------------------------------------------------------------------------------ lesson 6
@@ -531,6 +587,38 @@ def _layer_norm_dx(x, w, dy, eps=1e-6):
     return rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
 
 
+def check_rms_norm_backward(fn):
+    """fn(x (..., D), w (D,), dy, eps) -> (dx, dw) for y = x / sqrt(mean(x^2) + eps) * w (RMSNorm: no mean, no
+    bias)."""
+    rng = _rng(44)
+    cases = [[rng.standard_normal((4, 6)), rng.standard_normal(6)],
+             [rng.standard_normal((2, 3, 5)) * 2 + 1, rng.standard_normal(5)]]
+
+    def forward(x, w):
+        return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * w
+
+    def along_x(g, arrays, y):                  # RMSNorm ignores a rescale of a row
+        x = arrays[0]
+        return np.abs((g * x).sum(-1) / np.sqrt((x ** 2).sum(-1))).max()
+
+    def dx_unit_w(a, y, dy):
+        x = a[0]
+        r = 1 / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6)
+        return r * (dy - x * r * (dy * x * r).mean(-1, keepdims=True))
+    return _gate("rms_norm_backward",
+                 ("as in LayerNorm, x reaches the output directly and through the statistic of its row; here the "
+                  "only statistic is the mean square, so one of LayerNorm's three paths is gone",
+                  "with g = dy * w, r = 1/sqrt(mean(x^2) + eps) and xhat = x r: dx = r (g - xhat mean(g xhat)); "
+                  "dw = sum(dy * xhat) over all but the last axis"),
+                 forward, lambda xs, y, dy: fn(xs[0], xs[1], dy, 1e-6), cases, ("x", "w"),
+                 factors=lambda arrays: [(int(np.prod(arrays[0].shape[:-1])), "(number of rows)"),
+                                         (arrays[0].shape[-1], "D")],
+                 invariants=[("x", "RMSNorm's dx is orthogonal to x along each row (scaling a row does not change "
+                              "y)", along_x)],
+                 mistakes=[("x", "dx is what it would be if w were all ones: the gradient that reaches x_hat is "
+                            "dy * w", dx_unit_w)])
+
+
 # ------------------------------------------------------------------------------------------------ lesson 7
 def check_gelu_backward(fn):
     """fn(x, dy) -> dx for y = x * Phi(x) (exact GELU)."""
@@ -548,6 +636,33 @@ def check_gelu_backward(fn):
                            ("x", "the second term x phi(x) is there but phi lacks its 1/sqrt(2 pi)",
                             lambda a, y, dy: dy * (0.5 * (1 + erf(a[0] / math.sqrt(2)))
                                                    + a[0] * np.exp(-a[0] ** 2 / 2)))])
+
+
+def check_gelu_tanh_backward(fn):
+    """fn(x, dy) -> dx for the tanh approximation y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    rng = _rng(45)
+    c = math.sqrt(2 / math.pi)
+    cases = [[rng.standard_normal((4, 5)) * 2], [np.linspace(-4, 4, 17)]]
+
+    def forward(x):
+        return 0.5 * x * (1 + np.tanh(c * (x + 0.044715 * x ** 3)))
+
+    def no_inner(a, y, dy):
+        x = a[0]
+        t = np.tanh(c * (x + 0.044715 * x ** 3))
+        return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c)
+
+    def no_product_rule(a, y, dy):
+        return dy * 0.5 * (1 + np.tanh(c * (a[0] + 0.044715 * a[0] ** 3)))
+    return _gate("gelu_tanh_backward", ("a product again, with a chain inside: x times 0.5 (1 + tanh(u(x))); "
+                                        "tanh' = 1 - tanh^2, and u is a polynomial in x",
+                                        "with u = sqrt(2/pi) (x + 0.044715 x^3) and t = tanh(u): dx = dy (0.5 (1 + "
+                                        "t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2))"),
+                 forward, lambda xs, y, dy: fn(xs[0], dy), cases, ("x",),
+                 mistakes=[("x", "the inner derivative du/dx misses its polynomial part: d/dx (x + 0.044715 x^3) "
+                            "is 1 + 3 * 0.044715 x^2", no_inner),
+                           ("x", "dx is 0.5 (1 + tanh(u)) dy: the product rule's second term, the one with "
+                            "tanh's derivative, is missing", no_product_rule)])
 
 
 # ------------------------------------------------------------------------------------------------ lesson 8
@@ -606,16 +721,50 @@ def check_attention_backward(fn):
                  factors=lambda arrays: [(math.sqrt(arrays[0].shape[-1]), "sqrt(d)")],
                  mistakes=[("q", "ds is p * dp: softmax's backward lacks its second term, the subtraction of "
                             "rowsum(dp * p) (every probability of a row depends on every score of the row)",
-                            lambda a, y, dy: _attention_dq_without_rowsum(*a, dy))],
+                            lambda a, y, dy: _attention_grads(*a, dy, rowsum=False)[0])],
                  invariants=[("k", "dk sums to zero over the keys (moving every key by the same vector shifts each "
                               "row of scores by a constant, which softmax ignores)", _rows_sum(axis=-2))])
 
 
-def _attention_dq_without_rowsum(q, k, v, dy):
-    s = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])
+def _attention_grads(q, k, v, dy, causal=False, rowsum=True):
+    """Reference (dq, dk, dv) of softmax(q k^T / sqrt(d) [+ causal mask]) v, optionally without softmax's rowsum."""
+    scale = 1 / math.sqrt(q.shape[-1])
+    s = q @ k.swapaxes(-1, -2) * scale
+    if causal:
+        s = np.where(np.tril(np.ones(s.shape[-2:], dtype=bool)), s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    return p * (dy @ v.swapaxes(-1, -2)) @ k / math.sqrt(q.shape[-1])
+    dp = dy @ v.swapaxes(-1, -2)
+    ds = (p * (dp - (dp * p).sum(-1, keepdims=True)) if rowsum else p * dp) * scale
+    return ds @ k, ds.swapaxes(-1, -2) @ q, p.swapaxes(-1, -2) @ dy
+
+
+def check_causal_attention_backward(fn):
+    """fn(q, k, v, dy) -> (dq, dk, dv) for y = softmax(mask(q k^T / sqrt(d))) v, where query i sees keys 0..i."""
+    rng = _rng(46)
+    cases = [[rng.standard_normal((4, 3)), rng.standard_normal((4, 3)), rng.standard_normal((4, 2))],
+             [rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 3))]]
+
+    def forward(q, k, v):
+        s = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])
+        s = np.where(np.tril(np.ones(s.shape[-2:], dtype=bool)), s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        return p / p.sum(-1, keepdims=True) @ v
+    return _gate("causal_attention_backward",
+                 ("a masked score is -inf, so its probability is exactly 0: what gradient can flow through it? Then "
+                  "the steps of the unmasked backward apply unchanged",
+                  "recompute p with the mask (scores above the diagonal set to -inf before the softmax); then dv = "
+                  "p^T dy; dp = dy v^T; ds = p * (dp - rowsum(dp * p)); dq = ds k / sqrt(d); dk = ds^T q / sqrt(d)"),
+                 forward, lambda xs, y, dy: fn(*xs, dy), cases, ("q", "k", "v"),
+                 factors=lambda arrays: [(math.sqrt(arrays[0].shape[-1]), "sqrt(d)")],
+                 mistakes=[(name, f"d{name} is the gradient of attention without the mask: the probabilities you "
+                            f"differentiate must be the masked ones (zero above the diagonal)",
+                            lambda a, y, dy, i=i: _attention_grads(*a, dy)[i]) for i, name in enumerate("qkv")]
+                 + [("q", "ds is p * dp: softmax's backward lacks its second term, the subtraction of "
+                     "rowsum(dp * p)", lambda a, y, dy: _attention_grads(*a, dy, causal=True, rowsum=False)[0])],
+                 invariants=[("k", "dk sums to zero over the keys (moving every key by the same vector shifts each "
+                              "allowed score of a row by the same amount, which softmax ignores)",
+                              _rows_sum(axis=-2))])
 
 
 # ------------------------------------------------------------------------------------------------ lesson 10

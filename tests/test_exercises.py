@@ -113,6 +113,43 @@ def tokens_back(dy):
     return dy[:, :1].sum(0, keepdims=True), dy[:, 1:], dy.sum(0, keepdims=True)
 
 
+def rms_backward(x, w, dy, eps):
+    r = 1 / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps)
+    xhat, g = x * r, dy * w
+    return r * (g - xhat * (g * xhat).mean(-1, keepdims=True)), (dy * xhat).sum(tuple(range(x.ndim - 1)))
+
+
+def log_softmax_back(logp, dy):
+    return dy - np.exp(logp) * dy.sum(-1, keepdims=True)
+
+
+def smoothed_ce(x, t, smoothing):
+    K = x.shape[1]
+    return (_softmax(x) - ((1 - smoothing) * np.eye(K)[t] + smoothing / K)) / len(t)
+
+
+C = math.sqrt(2 / math.pi)
+
+
+def gelu_tanh_back(x, dy, inner=True, product=True):
+    t = np.tanh(C * (x + 0.044715 * x ** 3))
+    du = C * (1 + 3 * 0.044715 * x ** 2) if inner else C
+    return dy * (0.5 * (1 + t) + (0.5 * x * (1 - t * t) * du if product else 0))
+
+
+def causal_attn_backward(q, k, v, dy, mask=True, rowsum=True, scale_fix=True):
+    d = q.shape[-1]
+    s = q @ k.swapaxes(-1, -2) / math.sqrt(d)
+    if mask:
+        s = np.where(np.tril(np.ones(s.shape[-2:], dtype=bool)), s, -np.inf)
+    p = _softmax(s)
+    dv = p.swapaxes(-1, -2) @ dy
+    dp = dy @ v.swapaxes(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) if rowsum else p * dp
+    ds = ds / math.sqrt(d) if scale_fix else ds
+    return ds @ k, ds.swapaxes(-1, -2) @ q, dv
+
+
 EXERCISES = {
     # name: (check, right answer, [wrong answers])
     "accuracy": (ex.check_accuracy, lambda lo, la: (lo.argmax(1) == la).mean(),
@@ -175,6 +212,22 @@ EXERCISES = {
     "attention_rollout": (ex.check_attention_rollout, rollout,
                           [lambda layers: rollout(layers, residual=False), lambda layers: rollout(layers[::-1])]),
     "get_array_module": (ex.check_get_array_module, lambda x: np, [lambda x: math, lambda x: type(x)]),
+    "layer_scale_backward": (ex.check_layer_scale_backward, lambda x, g, dy: (dy * g, (dy * x).sum((0, 1))),
+                             [lambda x, g, dy: (dy * g, (dy * x).sum(0)), lambda x, g, dy: (dy, (dy * x).sum((0, 1)))]),
+    "log_softmax_backward": (ex.check_log_softmax_backward, log_softmax_back,
+                             [lambda lp, dy: dy, lambda lp, dy: dy - np.exp(lp) * dy.sum()]),
+    "smoothed_cross_entropy_backward": (ex.check_smoothed_cross_entropy_backward, smoothed_ce,
+                                        [lambda x, t, s: smoothed_ce(x, t, 0.0), lambda x, t, s: smoothed_ce(x, t, s) * len(t)]),
+    "rms_norm_backward": (ex.check_rms_norm_backward, rms_backward,
+                          [lambda x, w, dy, eps: (dy * w / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps),
+                                                  rms_backward(x, w, dy, eps)[1]),
+                           lambda x, w, dy, eps: ln_backward(x, w, dy, eps)[:2]]),
+    "gelu_tanh_backward": (ex.check_gelu_tanh_backward, gelu_tanh_back,
+                           [lambda x, dy: gelu_tanh_back(x, dy, inner=False),
+                            lambda x, dy: gelu_tanh_back(x, dy, product=False)]),
+    "causal_attention_backward": (ex.check_causal_attention_backward, causal_attn_backward,
+                                  [lambda q, k, v, dy: causal_attn_backward(q, k, v, dy, mask=False),
+                                   lambda q, k, v, dy: causal_attn_backward(q, k, v, dy, scale_fix=False)]),
 }
 
 
@@ -307,6 +360,46 @@ PLANTED = {
         ("sign", lambda dy: (dy[:, :1].sum(0, keepdims=True), -dy[:, 1:], dy.sum(0, keepdims=True)),
          "dpatches has the right size everywhere but the opposite sign"),
         ("missing terms", lambda dy: tokens_back(dy)[:2] + (dy[:1],), "dpos is the gradient of the first image")],
+    "layer_scale_backward": [
+        ("missing sum", lambda x, g, dy: (dy * g, (dy * x).sum(0)), "the gradient for gamma has shape (3, 4), "
+                                                                     "expected (4,)"),
+        ("factor", lambda x, g, dy: (dy * g, (dy * x).mean((0, 1))), "an extra 1/(B N)"),
+        ("sign", lambda x, g, dy: (-dy * g, (dy * x).sum((0, 1))), "dx has the right size everywhere but the "
+                                                                    "opposite sign"),
+        ("missing factor", lambda x, g, dy: (dy, (dy * x).sum((0, 1))), "dx (2, 3, 4): 24 of 24 elements wrong")],
+    "log_softmax_backward": [
+        ("missing term", lambda lp, dy: dy, "sums to zero along each row"),
+        ("wrong op", lambda lp, dy: _softmax_grad(np.exp(lp), dy), "softmax's backward applied to dy"),
+        ("sign", lambda lp, dy: -log_softmax_back(lp, dy), "a sign flip"),
+        ("factor", lambda lp, dy: 2 * log_softmax_back(lp, dy), "2.00x the expected everywhere")],
+    "smoothed_cross_entropy_backward": [
+        ("missing smoothing", lambda x, t, s: smoothed_ce(x, t, 0.0), "the gradient without smoothing"),
+        ("factor", lambda x, t, s: smoothed_ce(x, t, s) * len(t), "4.00x the expected everywhere: a missing 1/B?"),
+        ("sign", lambda x, t, s: -smoothed_ce(x, t, s), "a sign flip"),
+        ("missing term", lambda x, t, s: _softmax(x) / len(t), "each row of the gradient sums to zero")],
+    "rms_norm_backward": [
+        ("missing term", lambda x, w, dy, eps: (dy * w / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps),
+                                                rms_backward(x, w, dy, eps)[1]), "orthogonal to x along each row"),
+        ("missing factor w", lambda x, w, dy, eps: (rms_backward(x, np.ones_like(w), dy, eps)[0],
+                                                    rms_backward(x, w, dy, eps)[1]), "if w were all ones"),
+        ("factor", lambda x, w, dy, eps: (rms_backward(x, w, dy, eps)[0], rms_backward(x, w, dy, eps)[1] / 4),
+         "0.25x the expected everywhere"),
+        ("sign", lambda x, w, dy, eps: (-rms_backward(x, w, dy, eps)[0], rms_backward(x, w, dy, eps)[1]),
+         "a sign flip")],
+    "gelu_tanh_backward": [
+        ("missing term", lambda x, dy: gelu_tanh_back(x, dy, product=False), "product rule's second term"),
+        ("missing factor", lambda x, dy: gelu_tanh_back(x, dy, inner=False), "misses its polynomial part"),
+        ("sign", lambda x, dy: -gelu_tanh_back(x, dy), "a sign flip"),
+        ("factor", lambda x, dy: 0.5 * gelu_tanh_back(x, dy), "0.50x the expected everywhere")],
+    "causal_attention_backward": [
+        ("missing mask", lambda q, k, v, dy: causal_attn_backward(q, k, v, dy, mask=False), "without the mask"),
+        ("factor", lambda q, k, v, dy: causal_attn_backward(q, k, v, dy, scale_fix=False),
+         "x the expected everywhere: a missing 1/sqrt(d)?"),
+        ("missing term", lambda q, k, v, dy: causal_attn_backward(q, k, v, dy, rowsum=False), "dk sums to zero "
+                                                                                               "over the keys"),
+        ("sign", lambda q, k, v, dy: causal_attn_backward(q, k, v, dy)[:2] + (-causal_attn_backward(q, k, v, dy)[2],),
+         "dv has the right size everywhere but the opposite sign"),
+        ("order", lambda q, k, v, dy: causal_attn_backward(q, k, v, dy)[::-1], "return the gradients in the order")],
 }
 
 
