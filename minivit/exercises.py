@@ -901,3 +901,148 @@ def check_get_array_module(fn):
         return problems, "numpy for NumPy arrays" + (", cupy for CuPy arrays" if backend.cuda_available() else "")
     return _run("get_array_module", ("an array knows which library made it",
                                       "look at type(x).__module__, or use cupy.get_array_module"), body)
+
+
+# ------------------------------------------------------------------------------------------------ lesson 16
+# A pre-norm ViT block, one line per intermediate, in the order of the forward:
+BLOCK_STEPS = (
+    ("h1", "x", "h1 = norm1(x)                      LayerNorm (lesson 6)"),
+    ("qkv", "h1", "qkv = h1 W_qkv^T + b_qkv           linear (lesson 4)"),
+    ("attn", "qkv", "attn = heads of softmax(q k^T / sqrt(hd)) v, side by side   (lessons 9 and 10)"),
+    ("a", "attn", "a = attn W_proj^T + b_proj         linear"),
+    ("x1", "a", "x1 = x + a                         residual: x gets a gradient from here too"),
+    ("h2", "x1", "h2 = norm2(x1)                     LayerNorm"),
+    ("f1", "h2", "f1 = h2 W_fc1^T + b_fc1            linear"),
+    ("g", "f1", "g = gelu(f1)                       exact GELU (lesson 7)"),
+    ("m", "g", "m = g W_fc2^T + b_fc2              linear"),
+    ("y", "m", "y = x1 + m                         residual: x1 gets a gradient from here too"),
+)
+BLOCK_PARAMS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+                "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
+                "mlp.fc2.bias")
+_BLOCK_PARAM_STEP = {"norm1": "h1", "attn.qkv": "qkv", "attn.proj": "a", "norm2": "h2", "mlp.fc1": "f1",
+                     "mlp.fc2": "m"}
+
+
+def block_gradients(x, params, dy, nh):
+    """The engine's gradient of every intermediate of a pre-norm block (names as in BLOCK_STEPS, 'dx' for the
+    input) and of every parameter ('d' + its timm name), for the upstream gradient dy of the output y."""
+    from minivit import functional as F
+    p = {name: Tensor(np.asarray(value), requires_grad=True) for name, value in params.items()}
+    xt = Tensor(np.asarray(x), requires_grad=True)
+    t = {}
+    t["h1"] = F.layer_norm(xt, p["norm1.weight"], p["norm1.bias"], eps=1e-6)
+    t["qkv"] = F.linear(t["h1"], p["attn.qkv.weight"], p["attn.qkv.bias"])
+    t["attn"] = F.multi_head_self_attention(t["qkv"], nh)
+    t["a"] = F.linear(t["attn"], p["attn.proj.weight"], p["attn.proj.bias"])
+    t["x1"] = xt + t["a"]
+    t["h2"] = F.layer_norm(t["x1"], p["norm2.weight"], p["norm2.bias"], eps=1e-6)
+    t["f1"] = F.linear(t["h2"], p["mlp.fc1.weight"], p["mlp.fc1.bias"])
+    t["g"] = F.gelu(t["f1"])
+    t["m"] = F.linear(t["g"], p["mlp.fc2.weight"], p["mlp.fc2.bias"])
+    t["y"] = t["x1"] + t["m"]
+    for tensor in t.values():
+        tensor.retain_grad()
+    t["y"].backward(np.asarray(dy))
+    grads = {"d" + name: _array(tensor.grad) for name, tensor in t.items() if name != "y"}   # dy is given
+    grads["dx"] = _array(xt.grad)
+    grads.update({"d" + name: _array(tensor.grad) for name, tensor in p.items()})
+    return grads
+
+
+def cmp(name, mine, expected, factors=()):
+    """One line comparing a gradient of yours with the engine's: exact, approximate (with the largest difference),
+    or wrong (with a diagnosis when one fits)."""
+    mine, expected = _array(mine), np.asarray(expected)
+    if mine.shape == expected.shape and np.array_equal(mine, expected):
+        verdict_ = "exact"
+    elif mine.shape == expected.shape and np.allclose(mine, expected, rtol=1e-5, atol=1e-8):
+        verdict_ = f"approximate (largest difference {np.abs(mine - expected).max():.1e})"
+    else:
+        named = diagnose(name[1:] if name.startswith("d") else name, mine, expected, factors) if mine.ndim else None
+        verdict_ = "WRONG" + (f": {named}" if named else (f": shape {mine.shape}, expected {expected.shape}"
+                                                           if mine.shape != expected.shape else ""))
+    return Hint(f"{name:<22s} {verdict_}")
+
+
+def block_comparer(x, params, dy, nh):
+    """compare(name, mine) -> a cmp line against the engine's gradient of that name for this block, x and dy.
+
+    The engine's numbers stay inside the closure: a learner sees verdicts, not answers."""
+    expected = block_gradients(x, params, dy, nh)
+
+    def compare(name, mine):
+        if name not in expected:
+            raise ValueError(f"no gradient named {name!r}; names: {', '.join(expected)}")
+        return cmp(name, mine, expected[name], _block_factors(x))
+    return compare
+
+
+def _block_factors(x):
+    B, N = np.shape(x)[:2]
+    return [(B * N, "(B N)"), (B, "B"), (N, "N")]
+
+
+def check_block_backward(fn):
+    """fn(x (B, N, D), params {timm name: array}, dy (B, N, D), nh) -> {'dx': ..., 'dh1': ..., 'dnorm1.weight': ...}:
+    the gradient of every intermediate of BLOCK_STEPS and of every parameter, each compared with the engine's."""
+    def body():
+        rng = _rng(47)
+        B, N, D, nh, hidden = 2, 5, 8, 2, 16
+        shapes = {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
+                  "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "norm2.weight": (D,), "norm2.bias": (D,),
+                  "mlp.fc1.weight": (hidden, D), "mlp.fc1.bias": (hidden,), "mlp.fc2.weight": (D, hidden),
+                  "mlp.fc2.bias": (D,)}
+        params = {name: rng.standard_normal(shape) * (0.3 if name.endswith("weight") and "norm" not in name else 1)
+                  for name, shape in shapes.items()}
+        x, dy = rng.standard_normal((B, N, D)), rng.standard_normal((B, N, D))
+        expected = block_gradients(x, params, dy, nh)
+        got = _call(fn, x.copy(), {k: v.copy() for k, v in params.items()}, dy.copy(), nh)
+        if not isinstance(got, dict):
+            return [f"return a dict of gradients (keys such as 'dx', 'dh1', 'dnorm1.weight'), got "
+                    f"{type(got).__name__}"], ""
+        missing = [k for k in expected if k not in got or got[k] is None]
+        lines, first_wrong = [], None
+        order = ["d" + name for name, _, _ in reversed(BLOCK_STEPS[:-1])] + ["dx"] + ["d" + n for n in BLOCK_PARAMS]
+        for key in order:
+            if key in missing:
+                continue
+            line = cmp(key, got[key], expected[key], _block_factors(x))
+            lines.append(str(line))
+            if "WRONG" in line and first_wrong is None:
+                first_wrong = key
+        problems = []
+        if missing:
+            problems.append("missing from your dict: " + ", ".join(missing))
+        if first_wrong is not None:
+            problems = ["every gradient, from the output back to the input, then the parameters:"] + \
+                [f"  {line}" for line in lines] + problems
+            problems.append(_where_the_chain_breaks(first_wrong))
+        return problems, f"all {len(expected)} gradients equal the engine's (exactly or to rounding)"
+    return _run("block_backward", ("go backwards through the forward one line at a time, each line an op from "
+                                   "lessons 4-10; a residual adds: x1 gets dy directly and again through the MLP, "
+                                   "x gets dx1 directly and again through attention",
+                                   "dm = dy; backward of fc2 -> dg; gelu' -> df1; fc1 -> dh2; norm2 -> its dx, "
+                                   "dx1 = dy + that; da = dx1; proj -> dattn; attention -> dqkv (split heads, dq, "
+                                   "dk, dv, put back); qkv -> dh1; norm1 -> its dx, dx = dx1 + that; parameters "
+                                   "from the linear and LayerNorm backwards of lessons 4 and 6"), body)
+
+
+def _where_the_chain_breaks(first_wrong):
+    name = first_wrong[1:]
+    if name == "x":
+        step = "the first line, h1 = norm1(x), or the residual: dx = dx1 + what comes back through norm1"
+        return f"the first wrong gradient is dx: all after it are right, so look at {step}"
+    step = next((s for s in BLOCK_STEPS if s[0] == name), None)
+    if step is None:                                          # a parameter: its own step is named by its prefix
+        prefix = name.rsplit(".", 1)[0]
+        out = _BLOCK_PARAM_STEP[prefix]
+        line = next(s[2] for s in BLOCK_STEPS if s[0] == out)
+        return (f"the intermediate gradients are right but d{name} is not: look at the parameter gradients of the "
+                f"step {line.split('   ')[0].strip()}")
+    later = [s for s in BLOCK_STEPS if s[1] == name]
+    if not later:
+        return f"the first wrong gradient is d{name}, the block's output gradient: it is dy itself"
+    return (f"going backwards, the first wrong gradient is d{name}; d{later[0][0]} is right, so the mistake is in "
+            f"the backward of: {later[0][2].split('   ')[0].strip()}"
+            + (" (and x1 also receives dy directly)" if name == "x1" else ""))

@@ -150,6 +150,15 @@ def causal_attn_backward(q, k, v, dy, mask=True, rowsum=True, scale_fix=True):
     return ds @ k, ds.swapaxes(-1, -2) @ q, dv
 
 
+def engine_block(changes=None, drop=()):
+    """The engine's block gradients with some of them replaced (changes: {key: fn(grads) -> array}) or dropped."""
+    def backward(x, params, dy, nh):
+        grads = ex.block_gradients(x, params, dy, nh)
+        grads.update({key: change(grads) for key, change in (changes or {}).items()})
+        return {k: v for k, v in grads.items() if k not in drop}
+    return backward
+
+
 EXERCISES = {
     # name: (check, right answer, [wrong answers])
     "accuracy": (ex.check_accuracy, lambda lo, la: (lo.argmax(1) == la).mean(),
@@ -225,6 +234,8 @@ EXERCISES = {
     "gelu_tanh_backward": (ex.check_gelu_tanh_backward, gelu_tanh_back,
                            [lambda x, dy: gelu_tanh_back(x, dy, inner=False),
                             lambda x, dy: gelu_tanh_back(x, dy, product=False)]),
+    "block_backward": (ex.check_block_backward, engine_block(),
+                       [engine_block({"dx1": lambda g: g["dx1"] - g["dm"]}), engine_block(drop=("dx",))]),
     "causal_attention_backward": (ex.check_causal_attention_backward, causal_attn_backward,
                                   [lambda q, k, v, dy: causal_attn_backward(q, k, v, dy, mask=False),
                                    lambda q, k, v, dy: causal_attn_backward(q, k, v, dy, scale_fix=False)]),
@@ -342,7 +353,8 @@ PLANTED = {
                                                                                        "keys"),
         ("missing term", lambda q, k, v, dy: attn_backward(q, k, v, dy, mean_fix=False), "lacks its second term"),
         ("transpose", lambda q, k, v, dy: attn_backward(q, k, v, dy)[:2] + (
-            _softmax(q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])) @ dy,), "a transpose too many or missing"),
+            attn_backward(q, k, v, dy)[2].swapaxes(-1, -2),), "dv has shape (2, 5), expected (5, 2): it is the "
+                                                               "expected gradient transposed"),
         ("sign", lambda q, k, v, dy: (-attn_backward(q, k, v, dy)[0],) + attn_backward(q, k, v, dy)[1:],
          "dq has the right size everywhere but the opposite sign"),
         ("order", lambda q, k, v, dy: attn_backward(q, k, v, dy)[::-1], "return the gradients in the order dq, dk, "
@@ -400,6 +412,18 @@ PLANTED = {
         ("sign", lambda q, k, v, dy: causal_attn_backward(q, k, v, dy)[:2] + (-causal_attn_backward(q, k, v, dy)[2],),
          "dv has the right size everywhere but the opposite sign"),
         ("order", lambda q, k, v, dy: causal_attn_backward(q, k, v, dy)[::-1], "return the gradients in the order")],
+    "block_backward": [
+        ("missing term", engine_block({"dx1": lambda g: g["dx1"] - g["dm"]}),
+         "the first wrong gradient is dx1; dh2 is right, so the mistake is in the backward of: h2 = norm2(x1) (and "
+         "x1 also receives dy directly)"),
+        ("sign", engine_block({"df1": lambda g: -g["df1"]}), "df1                    WRONG: df1 has the right size "
+                                                             "everywhere but the opposite sign"),
+        ("factor", engine_block({"dqkv": lambda g: 2 * g["dqkv"]}), "dqkv is 2.00x the expected everywhere"),
+        ("transpose", engine_block({"dattn.proj.weight": lambda g: g["dattn.proj.weight"].T}),
+         "the intermediate gradients are right but dattn.proj.weight is not"),
+        ("missing factor", engine_block({"dmlp.fc1.bias": lambda g: g["dmlp.fc1.bias"] / 10}),
+         "an extra 1/(B N)"),
+        ("missing gradient", engine_block(drop=("dnorm2.weight",)), "missing from your dict: dnorm2.weight")],
 }
 
 
@@ -408,6 +432,7 @@ def test_each_planted_mistake_gets_its_diagnosis(name):
     check = EXERCISES[name][0]
     for what, wrong, words in PLANTED[name]:
         text = str(check(wrong))
+        assert "your function raised" not in text, f"{name}: the planted mistake ({what}) raised:\n{text}"
         assert "[FAILED]" in text, f"{name}: the planted mistake ({what}) passed"
         assert words in text, f"{name}: the planted mistake ({what}) was not named {words!r}:\n{text}"
 
