@@ -1046,3 +1046,119 @@ def _where_the_chain_breaks(first_wrong):
     return (f"going backwards, the first wrong gradient is d{name}; d{later[0][0]} is right, so the mistake is in "
             f"the backward of: {later[0][2].split('   ')[0].strip()}"
             + (" (and x1 also receives dy directly)" if name == "x1" else ""))
+
+
+# ------------------------------------------------------------------------------------------------ lesson 17
+def _momentum_reference(p, g, buf, lr, momentum, damped=False):
+    buf = momentum * buf + ((1 - momentum) * g if damped else g)
+    return p - lr * buf, buf
+
+
+def _rmsprop_reference(p, g, sq, lr, alpha, eps, root=True, eps_inside=False):
+    sq = alpha * sq + (1 - alpha) * g * g
+    denom = (np.sqrt(sq + eps) if eps_inside else np.sqrt(sq) + eps) if root else sq + eps
+    return p - lr * g / denom, sq
+
+
+def _adam_reference(p, g, m, v, t, lr, betas, eps, correct=True, eps_inside=False):
+    b1, b2 = betas
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    mh, vh = (m / (1 - b1 ** t), v / (1 - b2 ** t)) if correct else (m, v)
+    return p - lr * mh / (np.sqrt(vh + eps) if eps_inside else np.sqrt(vh) + eps), m, v
+
+
+def _update_rule_check(exercise, hints, fn, reference, state_names, settings, mistakes):
+    """Run three steps of the learner's update rule and of the reference from the same state; name a mistake
+    when the learner's steps equal one of ``mistakes`` ((description, reference with that mistake))."""
+    def body():
+        rng = _rng(48)
+        p0 = rng.standard_normal(5)
+        grads = [rng.standard_normal(5) for _ in range(3)]
+        with_t = "t" in settings
+
+        def run(rule):
+            p, state = p0.copy(), [np.zeros(5) for _ in state_names]
+            out = []
+            for t, g in enumerate(grads, start=1):
+                extra = {"t": t} if with_t else {}
+                result = rule(p.copy(), g.copy(), *[s.copy() for s in state], **extra, **settings["values"])
+                p, state = _array(result[0]), [_array(s) for s in result[1:]]
+                out.append((p, state))
+            return out
+
+        def call(p, g, *state, **kw):
+            args = [p, g, *state] + ([kw.pop("t")] if "t" in kw else []) + list(kw.values())
+            result = _call(fn, *args)
+            if not isinstance(result, tuple) or len(result) != 1 + len(state_names):
+                raise ValueError(f"return a tuple (p, {', '.join(state_names)}), got {type(result).__name__}")
+            return result
+
+        expected, got = run(reference), run(call)
+        for (name, rule) in mistakes:
+            if all(np.allclose(gp, mp) for (gp, _), (mp, _) in zip(got, run(rule))) and \
+                    not all(np.allclose(gp, ep) for (gp, _), (ep, _) in zip(got, expected)):
+                return [f"your steps are those of a known mistake: {name}"], ""
+        problems = []
+        for t, ((gp, gs), (ep, es)) in enumerate(zip(got, expected), start=1):
+            for label, a, b in [("p", gp, ep)] + list(zip(state_names, gs, es)):
+                line = _compare(f"step {t}, {label}", a, b, rtol=1e-9, atol=1e-12)
+                if line:
+                    problems.append(line)
+            if problems:
+                break
+        return problems, "three steps equal to the reference"
+    return _run(exercise, hints, body)
+
+
+def check_momentum_update(fn):
+    """fn(p, g, buf, lr, momentum) -> (p, buf): SGD with momentum as torch.optim.SGD (buf <- momentum buf + g)."""
+    settings = {"values": dict(lr=0.1, momentum=0.9)}
+    return _update_rule_check(
+        "momentum_update", ("the buffer accumulates raw gradients, older ones shrinking by `momentum` each step; "
+                            "the step follows the buffer, not the gradient",
+                            "buf = momentum * buf + g; p = p - lr * buf"),
+        fn, _momentum_reference, ("buf",), settings,
+        [("buf = momentum buf + (1 - momentum) g is an average of the gradients (Adam's m), 10x smaller here: "
+          "PyTorch's SGD adds g undamped", lambda p, g, b, lr, momentum: _momentum_reference(p, g, b, lr, momentum,
+                                                                                              damped=True)),
+         ("the step uses the gradient, not the buffer", lambda p, g, b, lr, momentum: (
+             p - lr * g, momentum * b + g))])
+
+
+def check_rmsprop_update(fn):
+    """fn(p, g, sq, lr, alpha, eps) -> (p, sq): RMSProp as torch.optim.RMSprop (no momentum, not centered)."""
+    settings = {"values": dict(lr=0.01, alpha=0.99, eps=1e-8)}
+    return _update_rule_check(
+        "rmsprop_update", ("keep a running average of the squared gradient per weight and divide each step by its "
+                           "square root",
+                           "sq = alpha * sq + (1 - alpha) * g^2; p = p - lr * g / (sqrt(sq) + eps)"),
+        fn, _rmsprop_reference, ("sq",), settings,
+        [("the step divides by sq, not by its square root", lambda p, g, s, lr, alpha, eps: _rmsprop_reference(
+            p, g, s, lr, alpha, eps, root=False)),
+         ("eps is inside the square root (PyTorch adds it after)", lambda p, g, s, lr, alpha, eps: _rmsprop_reference(
+             p, g, s, lr, alpha, eps, eps_inside=True))])
+
+
+def check_adam_update(fn):
+    """fn(p, g, m, v, t, lr, betas, eps) -> (p, m, v): Adam without weight decay (t counts from 1)."""
+    settings = {"values": dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8), "t": True}
+    return _update_rule_check(
+        "adam_update", ("momentum (an average of g) and RMSProp (an average of g^2) together; both averages start "
+                        "at zero, so divide each by the weight its terms have so far",
+                        "m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; p = p - lr (m / (1 - b1^t)) / "
+                        "(sqrt(v / (1 - b2^t)) + eps)"),
+        fn, _adam_reference, ("m", "v"), settings,
+        [("m and v are not bias-corrected: early steps are too small (m / (1 - b1^t), v / (1 - b2^t))",
+          lambda p, g, m, v, t, lr, betas, eps: _adam_reference(p, g, m, v, t, lr, betas, eps, correct=False)),
+         ("eps is inside the square root (PyTorch adds it after)",
+          lambda p, g, m, v, t, lr, betas, eps: _adam_reference(p, g, m, v, t, lr, betas, eps, eps_inside=True))])
+
+
+def reference_rule(name):
+    """The reference update rule of lesson 17's exercise ``name``: the lesson runs on it while the exercise is open."""
+    rules = {"momentum_update": _momentum_reference, "rmsprop_update": _rmsprop_reference,
+             "adam_update": _adam_reference}
+    if name not in rules:
+        raise ValueError(f"no reference rule {name!r}; rules: {', '.join(rules)}")
+    return rules[name]

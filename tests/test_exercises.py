@@ -234,6 +234,17 @@ EXERCISES = {
     "gelu_tanh_backward": (ex.check_gelu_tanh_backward, gelu_tanh_back,
                            [lambda x, dy: gelu_tanh_back(x, dy, inner=False),
                             lambda x, dy: gelu_tanh_back(x, dy, product=False)]),
+    "momentum_update": (ex.check_momentum_update, lambda p, g, b, lr, mu: (p - lr * (mu * b + g), mu * b + g),
+                        [lambda p, g, b, lr, mu: (p - lr * g, mu * b + g),
+                         lambda p, g, b, lr, mu: (p - lr * (mu * b + (1 - mu) * g), mu * b + (1 - mu) * g)]),
+    "rmsprop_update": (ex.check_rmsprop_update,
+                       lambda p, g, s, lr, a, eps: (p - lr * g / (np.sqrt(a * s + (1 - a) * g * g) + eps),
+                                                    a * s + (1 - a) * g * g),
+                       [lambda p, g, s, lr, a, eps: (p - lr * g / (a * s + (1 - a) * g * g + eps), a * s + (1 - a) * g * g),
+                        lambda p, g, s, lr, a, eps: (p - lr * g / (np.sqrt(s) + eps), a * s + (1 - a) * g * g)]),
+    "adam_update": (ex.check_adam_update, lambda p, g, m, v, t, lr, b, eps: adamw(p, g, m, v, t, lr, b, eps, 0.0),
+                    [lambda p, g, m, v, t, lr, b, eps: adamw(p, g, m, v, t, lr, b, eps, 0.0, correct=False),
+                     lambda p, g, m, v, t, lr, b, eps: adamw(p, g, m, v, t, lr, b, eps, 0.1)]),
     "block_backward": (ex.check_block_backward, engine_block(),
                        [engine_block({"dx1": lambda g: g["dx1"] - g["dm"]}), engine_block(drop=("dx",))]),
     "causal_attention_backward": (ex.check_causal_attention_backward, causal_attn_backward,
@@ -489,3 +500,39 @@ def test_hints_come_in_steps():
     assert nudge in ex.hint("softmax_backward", 1) and formula not in ex.hint("softmax_backward", 1)
     with pytest.raises(ValueError, match="no exercise named"):
         ex.hint("no_such_exercise")
+
+
+def test_the_update_rule_references_agree_with_minivit_optim():
+    from minivit import optim
+    from minivit.nn import Parameter
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(4)
+    for make, reference, state in (
+            (lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9), lambda p, g, s, t: ex.reference_rule("momentum_update")(
+                p, g, s[0], 0.1, 0.9), [np.zeros(4)]),
+            (lambda ps: optim.AdamW(ps, lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+             lambda p, g, s, t: ex.reference_rule("adam_update")(p, g, s[0], s[1], t, 0.01, (0.9, 0.999), 1e-8),
+             [np.zeros(4), np.zeros(4)])):
+        param = Parameter(p0.copy())
+        opt, p = make([param]), p0.copy()
+        for t in range(1, 4):
+            g = rng.standard_normal(4)
+            param.grad = g.copy()
+            opt.step()
+            p, *state = reference(p, g, state, t)
+            assert np.allclose(p, param.data, rtol=1e-12, atol=1e-14)
+
+
+def test_an_update_rule_mistake_is_named():
+    def damped(p, g, buf, lr, momentum):
+        buf = momentum * buf + (1 - momentum) * g
+        return p - lr * buf, buf
+
+    assert "an average of the gradients" in str(ex.check_momentum_update(damped))
+
+    def uncorrected(p, g, m, v, t, lr, betas, eps):
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        return p - lr * m / (np.sqrt(v) + eps), m, v
+
+    assert "not bias-corrected" in str(ex.check_adam_update(uncorrected))
