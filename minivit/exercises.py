@@ -1162,3 +1162,51 @@ def reference_rule(name):
     if name not in rules:
         raise ValueError(f"no reference rule {name!r}; rules: {', '.join(rules)}")
     return rules[name]
+
+
+# ------------------------------------------------------------------------------------------------ lesson 18
+def _integrated_gradients_reference(grad_fn, x, baseline, steps, midpoints=True, times_delta=True):
+    fractions = (np.arange(steps) + (0.5 if midpoints else 0.0)) / steps
+    mean_grad = sum(np.asarray(grad_fn(baseline + a * (x - baseline))) for a in fractions) / steps
+    return (x - baseline) * mean_grad if times_delta else mean_grad
+
+
+def check_integrated_gradients(fn):
+    """fn(grad_fn, x, baseline, steps) -> attributions of x's shape: (x - baseline) times the mean of grad_fn at
+    baseline + a (x - baseline) for the midpoints a = (k + 1/2) / steps, k = 0 .. steps - 1."""
+    def body():
+        rng = _rng(49)
+        w, x, b = rng.standard_normal((3, 4)), rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+        problems = []
+        # f = sum(w x^2): the gradient 2 w x is linear in x, so the midpoint rule is exact: w (x^2 - b^2)
+        got = _array(_call(fn, lambda z: 2 * w * z, x.copy(), b.copy(), 8))
+        expected = w * (x ** 2 - b ** 2)
+        if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-9, atol=1e-12):
+            named = diagnose("attribution", got, expected)
+            for description, kwargs in (("the attributions are the mean gradient alone: multiply by (x - baseline)",
+                                         dict(times_delta=False)),
+                                        ("the points are a = k / steps, the left ends of the intervals, not their "
+                                         "midpoints (k + 1/2) / steps", dict(midpoints=False))):
+                if got.shape == expected.shape and np.allclose(
+                        got, _integrated_gradients_reference(lambda z: 2 * w * z, x, b, 8, **kwargs)):
+                    named = description
+            problems.append("on f = sum(w x^2) with 8 steps (the midpoint rule is exact there): "
+                            + (named or _compare("attributions", got, expected, rtol=1e-9)))
+            return problems, ""
+        # completeness on a curved function: the attributions add up to f(x) - f(baseline)
+        f = lambda z: float(np.tanh(w * z).sum())                    # noqa: E731
+        got = _array(_call(fn, lambda z: w * (1 - np.tanh(w * z) ** 2), x.copy(), b.copy(), 200))
+        gap = abs(got.sum() - (f(x) - f(b)))
+        if gap > 1e-4:
+            problems.append(f"on f = sum(tanh(w x)), the attributions sum to {got.sum():+.6f} but f(x) - f(baseline) "
+                            f"= {f(x) - f(b):+.6f}: completeness fails")
+        return problems, "exact on a quadratic; complete (sums to f(x) - f(baseline)) on a curved function"
+    return _run("integrated_gradients", ("walk in a straight line from the baseline to x, average the gradient at "
+                                         "evenly spaced points, and weigh each input by how far it moved",
+                                         "(x - baseline) * mean over k of grad_fn(baseline + (k + 1/2) / steps * "
+                                         "(x - baseline)), k = 0 .. steps - 1"), body)
+
+
+def reference_integrated_gradients(grad_fn, x, baseline, steps):
+    """Lesson 18's exercise as the library computes it: the lesson runs on it while the exercise is open."""
+    return _integrated_gradients_reference(grad_fn, x, baseline, steps)

@@ -245,6 +245,10 @@ EXERCISES = {
     "adam_update": (ex.check_adam_update, lambda p, g, m, v, t, lr, b, eps: adamw(p, g, m, v, t, lr, b, eps, 0.0),
                     [lambda p, g, m, v, t, lr, b, eps: adamw(p, g, m, v, t, lr, b, eps, 0.0, correct=False),
                      lambda p, g, m, v, t, lr, b, eps: adamw(p, g, m, v, t, lr, b, eps, 0.1)]),
+    "integrated_gradients": (ex.check_integrated_gradients, ex.reference_integrated_gradients,
+                             [lambda gf, x, b, n: sum(gf(b + (k + 0.5) / n * (x - b)) for k in range(n)) / n,
+                              lambda gf, x, b, n: (x - b) * sum(gf(b + k / n * (x - b)) for k in range(n)) / n,
+                              lambda gf, x, b, n: (x - b) * gf(x)]),
     "block_backward": (ex.check_block_backward, engine_block(),
                        [engine_block({"dx1": lambda g: g["dx1"] - g["dm"]}), engine_block(drop=("dx",))]),
     "causal_attention_backward": (ex.check_causal_attention_backward, causal_attn_backward,
@@ -536,3 +540,12 @@ def test_an_update_rule_mistake_is_named():
         return p - lr * m / (np.sqrt(v) + eps), m, v
 
     assert "not bias-corrected" in str(ex.check_adam_update(uncorrected))
+
+
+def test_integrated_gradients_mistakes_are_named():
+    text = str(ex.check_integrated_gradients(lambda gf, x, b, n: sum(gf(b + (k + 0.5) / n * (x - b))
+                                                                     for k in range(n)) / n))
+    assert "the mean gradient alone: multiply by (x - baseline)" in text
+    text = str(ex.check_integrated_gradients(lambda gf, x, b, n: (x - b) * sum(gf(b + k / n * (x - b))
+                                                                               for k in range(n)) / n))
+    assert "the left ends of the intervals" in text
