@@ -1210,3 +1210,32 @@ def check_integrated_gradients(fn):
 def reference_integrated_gradients(grad_fn, x, baseline, steps):
     """Lesson 18's exercise as the library computes it: the lesson runs on it while the exercise is open."""
     return _integrated_gradients_reference(grad_fn, x, baseline, steps)
+
+
+# ------------------------------------------------------------------------------------------------ lesson 19
+def reference_update_ratio(before, after):
+    """log10(std(after - before) / std(before)): lesson 19's exercise, which the lesson runs on while it is open."""
+    return float(np.log10(np.std(after - before) / np.std(before)))
+
+
+def check_update_ratio(fn):
+    """fn(before, after) -> log10(std(after - before) / std(before)) as a float."""
+    def body():
+        rng = _rng(50)
+        before = rng.standard_normal((6, 5)) * 0.02
+        problems = []
+        for scale in (1e-3, 1e-1):
+            after = before + scale * 0.02 * rng.standard_normal((6, 5))
+            expected = reference_update_ratio(before, after)
+            got = float(_call(fn, before.copy(), after.copy()))
+            if math.isclose(got, 10 ** expected, rel_tol=1e-6):
+                problems.append(f"you return the ratio itself ({got:.3g}); take its log10")
+            elif math.isclose(got, -expected, rel_tol=1e-6):
+                problems.append("the ratio is upside down: std(after - before) goes on top")
+            elif math.isclose(got, float(np.log10(np.std(after - before) / np.std(after))), rel_tol=1e-9):
+                problems.append("you divide by std(after): the data is the parameter before the step")
+            elif not math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-9):
+                problems.append(f"update {scale:g} x the data's scale: expected {expected:+.4f}, got {got:+.4f}")
+        return problems, "log10 of the update's std over the parameter's std"
+    return _run("update_ratio", ("how large the change is, relative to how large the weights are, on a log scale",
+                                 "np.log10(np.std(after - before) / np.std(before))"), body)

@@ -249,6 +249,9 @@ EXERCISES = {
                              [lambda gf, x, b, n: sum(gf(b + (k + 0.5) / n * (x - b)) for k in range(n)) / n,
                               lambda gf, x, b, n: (x - b) * sum(gf(b + k / n * (x - b)) for k in range(n)) / n,
                               lambda gf, x, b, n: (x - b) * gf(x)]),
+    "update_ratio": (ex.check_update_ratio, lambda b, a: np.log10(np.std(a - b) / np.std(b)),
+                     [lambda b, a: np.std(a - b) / np.std(b), lambda b, a: np.log10(np.std(b) / np.std(a - b)),
+                      lambda b, a: np.log10(np.std(a - b) / np.std(a))]),
     "block_backward": (ex.check_block_backward, engine_block(),
                        [engine_block({"dx1": lambda g: g["dx1"] - g["dm"]}), engine_block(drop=("dx",))]),
     "causal_attention_backward": (ex.check_causal_attention_backward, causal_attn_backward,
@@ -549,3 +552,9 @@ def test_integrated_gradients_mistakes_are_named():
     text = str(ex.check_integrated_gradients(lambda gf, x, b, n: (x - b) * sum(gf(b + k / n * (x - b))
                                                                                for k in range(n)) / n))
     assert "the left ends of the intervals" in text
+
+
+def test_update_ratio_mistakes_are_named():
+    assert "take its log10" in str(ex.check_update_ratio(lambda b, a: np.std(a - b) / np.std(b)))
+    assert "upside down" in str(ex.check_update_ratio(lambda b, a: np.log10(np.std(b) / np.std(a - b))))
+    assert "divide by std(after)" in str(ex.check_update_ratio(lambda b, a: np.log10(np.std(a - b) / np.std(a))))
