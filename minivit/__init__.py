@@ -1,11 +1,13 @@
 """minivit: a Vision Transformer engine in NumPy with a hand-written backward for every op."""
 
 from minivit.backend import manual_seed, set_num_threads
-from minivit.tensor import Tensor, concat, is_grad_enabled, no_grad, stack
+from minivit.tensor import Tensor, concat, enable_grad, is_grad_enabled, no_grad, set_grad_enabled, stack
+from minivit.autograd import grad, hvp
 from minivit import functional, nn, optim
-from minivit.gradcheck import gradcheck
+from minivit.gradcheck import gradcheck, gradgradcheck
 
 __version__ = "0.1.0"
 
-__all__ = ["Tensor", "no_grad", "is_grad_enabled", "concat", "stack", "manual_seed", "set_num_threads", "functional",
-           "nn", "optim", "gradcheck", "__version__"]
+__all__ = ["Tensor", "no_grad", "enable_grad", "set_grad_enabled", "is_grad_enabled", "concat", "stack", "grad",
+           "hvp", "manual_seed", "set_num_threads", "functional", "nn", "optim", "gradcheck", "gradgradcheck",
+           "__version__"]

@@ -141,6 +141,8 @@ def _run(exercise, hints, body):
 
     hints: (a nudge shown with a failure, the formula that ``hint(2)`` gives).
     """
+    if isinstance(hints, str):
+        raise TypeError(f"{exercise}: give the hints as (a nudge, the formula), not one string")
     HINTS[exercise] = hints
     try:
         problems, summary = body()
@@ -1239,3 +1241,95 @@ def check_update_ratio(fn):
         return problems, "log10 of the update's std over the parameter's std"
     return _run("update_ratio", ("how large the change is, relative to how large the weights are, on a log scale",
                                  "np.log10(np.std(after - before) / np.std(before))"), body)
+
+
+    return _run("get_array_module", "look at type(x).__module__, or use cupy.get_array_module", body)
+
+
+# ------------------------------------------------------------------------------------------------ lesson 15
+def _softmax_last(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _softmax_double_backward_mistakes(y, dy, v):
+    """What typical slips give instead of (dx, ddy), the gradients of sum(v * y * (dy - sum(dy * y))), each with
+    the words that explain it."""
+    s, r = (dy * y).sum(-1, keepdims=True), (v * y).sum(-1, keepdims=True)
+
+    def through_softmax(gy):                                # d/dx from d/dy: softmax's own backward
+        return y * (gy - (gy * y).sum(-1, keepdims=True))
+    gy = v * (dy - s) - dy * r                              # the right d/dy: y in front and inside s
+    dx_mistakes = [
+        (np.zeros_like(y), "dx is zero: y was treated as a constant, but y = softmax(x) moves with x, and so does "
+                           "the backward y * (dy - s) built from it"),
+        (gy, "dx equals the derivative with respect to y: y = softmax(x), so pass it back through softmax's "
+             "backward once more, dx = y * (gy - sum(gy * y))"),
+        (through_softmax(v * (dy - s)), "dx misses the term from s = sum(dy * y), which depends on y too: "
+                                        "its derivative adds -dy * sum(v * y) to the derivative with respect to y"),
+        (through_softmax(v * (dy - s) + dy * r), "dx has a sign error in the term from s = sum(dy * y): "
+                                                 "s is subtracted, so its term is -dy * sum(v * y)"),
+        (through_softmax(v * dy - dy * r), "dx misses the term from the y in front: d/dy of y * (dy - s) "
+                                           "holds v * (dy - s), not only v * dy"),
+    ]
+    ddy_mistakes = [
+        (v * y, "ddy misses the sum: the backward is linear in dy, and its derivative in dy is softmax's "
+                "backward applied to v, y * (v - sum(v * y))"),
+        (v, "ddy is v itself: the backward multiplies dy by softmax's Jacobian, so ddy = y * (v - sum(v * y))"),
+        (np.zeros_like(v), "ddy is zero: the backward depends on dy (linearly), so its derivative in dy is "
+                           "softmax's backward applied to v"),
+    ]
+    return dx_mistakes, ddy_mistakes
+
+
+def check_softmax_double_backward(fn):
+    """fn(y, dy, v) -> (dx, ddy) for the softmax backward g(x, dy) = y * (dy - sum(dy * y)), y = softmax(x)
+    along the last axis: the gradients of sum(v * g) with respect to x (through y) and to dy."""
+    rng = _rng(17)
+    cases = [[rng.standard_normal((3, 5)), rng.standard_normal((3, 5))],
+             [rng.standard_normal((2, 2, 4)) * 2, rng.standard_normal((2, 2, 4))]]
+
+    def softmax_backward(x, dy):
+        y = _softmax_last(x)
+        return y * (dy - (dy * y).sum(-1, keepdims=True))
+
+    def body():
+        problems, worst = _gradient_gate(softmax_backward, lambda xs, g, v: fn(_softmax_last(xs[0]), xs[1], v),
+                                         cases, ("x", "dy"))
+        problems += _diagnose_softmax_double_backward(fn, *cases[0], rng.standard_normal(cases[0][0].shape))
+        return problems, (f"matches finite differences of softmax's backward on {len(cases)} cases (largest "
+                          f"relative error {worst:.1e}) and the engine's double backward")
+    return _run("softmax_double_backward", ("y appears twice in the backward y * (dy - s), in front and inside s = "
+                                            "sum(dy * y), and x reaches it only through y",
+                                            "differentiate sum(v * y * (dy - s)), s = sum(dy * y), with respect to y "
+                                            "first (y appears twice: in front and inside s), then pass that back "
+                                            "through softmax's backward; ddy is softmax's backward applied to v"),
+                body)
+
+
+def _diagnose_softmax_double_backward(fn, x, dy, v):
+    """Lines naming the slip behind a wrong answer, and how it compares with the engine's double backward."""
+    from minivit.autograd import grad
+    from minivit.ops import SoftmaxFn
+
+    xt, dyt = Tensor(x, requires_grad=True), Tensor(dy, requires_grad=True)
+    (g,) = grad(SoftmaxFn.apply(xt), xt, dyt, create_graph=True)
+    engine = [t.data for t in grad(g, (xt, dyt), v)]
+    y = _softmax_last(x)
+    dx_mistakes, ddy_mistakes = _softmax_double_backward_mistakes(y, dy, v)
+    got = _call(fn, y, dy, v)
+    if not isinstance(got, tuple) or len(got) != 2:
+        return []
+    lines = []
+    for name, value, expected, mistakes in (("dx", got[0], engine[0], dx_mistakes),
+                                            ("ddy", got[1], engine[1], ddy_mistakes)):
+        value = _array(value)
+        line = _compare(f"{name} against the engine's double backward (case 1)", value, expected, rtol=1e-6)
+        if line is None:
+            continue
+        lines.append(line)
+        for wrong, why in mistakes:
+            if value.shape == wrong.shape and np.allclose(value, wrong, rtol=1e-6, atol=1e-10):
+                lines.append(why)
+                break
+    return lines

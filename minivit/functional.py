@@ -88,7 +88,7 @@ def scaled_dot_product_attention(q, k, v, scale=None, return_attn=False):
         k: (..., Nk, d) keys.
         v: (..., Nk, dv) values.
         scale: multiplies the scores; 1/sqrt(d) by default.
-        return_attn: also return the attention probabilities (..., Nq, Nk) as a Tensor without gradient.
+        return_attn: also return the attention probabilities (..., Nq, Nk): a copy, as a Tensor without gradient.
 
     Returns:
         (..., Nq, dv), or (output, probabilities) with ``return_attn``.
@@ -99,7 +99,7 @@ def scaled_dot_product_attention(q, k, v, scale=None, return_attn=False):
                          "q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv)")
     fn = ScaledDotProductAttentionFn()
     out = fn(q, k, v, scale=scale)
-    return (out, Tensor(fn.p)) if return_attn else out
+    return (out, Tensor(fn.p.copy())) if return_attn else out   # a copy: backward still reads fn.p
 
 
 def multi_head_self_attention(qkv, num_heads, return_attn=False):
@@ -110,7 +110,7 @@ def multi_head_self_attention(qkv, num_heads, return_attn=False):
 
     Args:
         qkv: (B, N, 3D), D divisible by ``num_heads``.
-        return_attn: also return the probabilities (B, nh, N, N) as a Tensor without gradient.
+        return_attn: also return the probabilities (B, nh, N, N): a copy, as a Tensor without gradient.
 
     Returns:
         (B, N, D), or (output, probabilities) with ``return_attn``.
@@ -121,7 +121,7 @@ def multi_head_self_attention(qkv, num_heads, return_attn=False):
                          f"{num_heads}, got shape {qkv.shape}")
     fn = MultiHeadSelfAttentionFn()
     out = fn(qkv, num_heads=num_heads)
-    return (out, Tensor(fn.p)) if return_attn else out
+    return (out, Tensor(fn.p.copy())) if return_attn else out   # a copy: backward still reads fn.p
 
 
 def cross_entropy(logits, target, label_smoothing=0.0, reduction="mean"):

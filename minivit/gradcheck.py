@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minivit import backend
-from minivit.tensor import Tensor, no_grad
+from minivit.tensor import Tensor, concat, enable_grad, no_grad
 
 BANDS = ((1e-7, "good"), (1e-4, "fine"), (1e-2, "uneasy"))
 
@@ -58,8 +58,8 @@ class CheckRow:
 class GradcheckReport:
     """The result of a gradient check: one row per input and parameter; ``ok`` when all of them pass."""
 
-    def __init__(self, rows, mode, eps, rtol):
-        self.rows, self.mode, self.eps, self.rtol = rows, mode, eps, rtol
+    def __init__(self, rows, mode, eps, rtol, title="gradcheck"):
+        self.rows, self.mode, self.eps, self.rtol, self.title = rows, mode, eps, rtol, title
 
     @property
     def ok(self):
@@ -80,7 +80,7 @@ class GradcheckReport:
 
     def __str__(self):
         status = "PASSED" if self.ok else "FAILED"
-        head = (f"gradcheck ({self.mode}, h={self.eps:g}, float64, pass if max rel <= {self.rtol:g}): {status}, "
+        head = (f"{self.title} ({self.mode}, h={self.eps:g}, float64, pass if max rel <= {self.rtol:g}): {status}, "
                 f"max rel error {self.max_rel:.2e} ({verdict(self.max_rel)})")
         cols = ("tensor", "shape", "checked", "max abs", "max rel", "worst at", "analytic", "numeric", "verdict")
         lines = [(r.name, str(tuple(r.shape)), str(r.checked), f"{r.max_abs:.2e}", f"{r.max_rel:.2e}",
@@ -146,33 +146,88 @@ def gradcheck(fn, inputs=(), *, params=None, names=None, upstream=None, mode="fu
     Returns:
         a GradcheckReport; ``print`` it for the table, test ``report.ok``.
     """
+    def body(args, checked, settings):
+        return _check(fn, args, checked, upstream, **settings)
+    return _run(fn, inputs, params, names, body, mode, eps, rtol, floor, samples, seed, raise_on_fail, "gradcheck")
+
+
+def gradgradcheck(fn, inputs=(), *, params=None, names=None, upstream=None, mode="full", eps=1e-6, rtol=1e-5,
+                  floor=1e-3, samples=8, seed=0, raise_on_fail=False):
+    """Check the second derivatives of ``fn`` against central finite differences of its first derivatives.
+
+    With a random upstream gradient U, the first derivatives are g(x, U) = d sum(fn(x) * U) / dx, computed with
+    ``create_graph=True`` (every op through its ``backward_graph``). Two checks, one report:
+
+        rows 'first: x'      g against finite differences of sum(fn(x) * U), as ``gradcheck`` does, because a
+                             backward_graph that is wrong but consistently differentiated would pass the second
+        rows 'second: x'     with a second random upstream V (g's shape), d sum(g * V) / dx against finite
+                             differences of g, for every checked x and for U itself ('second: upstream': g is
+                             linear in U, so this checks how the gradient depends on the upstream gradient)
+
+    Arguments as ``gradcheck``; ``upstream`` is U (random by default). Returns a GradcheckReport.
+    """
+    from minivit.autograd import grad
+
+    def body(args, checked, settings):
+        rng = settings["rng"]
+        with no_grad():
+            out_shape = fn(*args).shape
+        U = rng.standard_normal(out_shape) if upstream is None else np.asarray(
+            upstream.data if isinstance(upstream, Tensor) else upstream, dtype=np.float64)
+        xp = backend.get_array_module(args[0].data) if args else np
+        U = Tensor(xp.asarray(U), requires_grad=True)
+        first_rows = _check(fn, args, checked, U.data, create_graph=True, **settings)
+        variables = [t for _, t in checked]
+
+        def first_derivatives(*args_and_u):
+            *fn_args, u = args_and_u
+            with enable_grad():
+                grads = grad(fn(*fn_args), variables, u, create_graph=True, allow_unused=True)
+                return concat([(g if g is not None else Tensor(xp.zeros(t.shape))).reshape(-1)
+                               for g, t in zip(grads, variables)])
+        second_rows = _check(first_derivatives, list(args) + [U], checked + [("upstream", U)], None, **settings)
+        for row in first_rows:
+            row.name = f"first: {row.name}"
+        for row in second_rows:
+            row.name = f"second: {row.name}"
+        return first_rows + second_rows
+    return _run(fn, inputs, params, names, body, mode, eps, rtol, floor, samples, seed, raise_on_fail,
+                "gradgradcheck")
+
+
+def _is_module(x):
+    """A minivit.nn.Module, told by what it can do (the engine does not import the layers built on it)."""
+    return all(hasattr(x, name) for name in ("named_parameters", "to", "eval", "train", "zero_grad"))
+
+
+def _run(fn, inputs, params, names, body, mode, eps, rtol, floor, samples, seed, raise_on_fail, title):
+    """Prepare the float64 variables (and a Module's parameters), run the check ``body``, restore, report."""
     if mode not in ("full", "sampled", "directional"):
         raise ValueError(f"gradcheck: mode must be 'full', 'sampled' or 'directional', got {mode!r}")
-    from minivit.nn import Module  # the nn package imports this module's users, not the other way round
-
-    if params is None and isinstance(fn, Module):
+    if params is None and _is_module(fn):
         params = fn
-    module = params if isinstance(params, Module) else None
+    module = params if _is_module(params) else None
     if module is not None:
         restore_dtype, restore_training = module.dtype, module.training
         module.to(dtype=np.float64).eval()
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     else:
         named = list((params or {}).items())
+    settings = dict(mode=mode, eps=eps, rtol=rtol, floor=floor, samples=samples, rng=np.random.default_rng(seed))
     try:
         args, checked = _variables(inputs, named, names)
-        rows = _check(fn, args, checked, upstream, mode, eps, rtol, floor, samples, np.random.default_rng(seed))
+        rows = body(args, checked, settings)
     finally:
         if module is not None:
             module.to(dtype=restore_dtype).train(restore_training)
             module.zero_grad()
-    report = GradcheckReport(rows, mode, eps, rtol)
+    report = GradcheckReport(rows, mode, eps, rtol, title)
     if raise_on_fail:
         report.raise_if_failed()
     return report
 
 
-def _check(fn, args, checked, upstream, mode, eps, rtol, floor, samples, rng):
+def _check(fn, args, checked, upstream, mode, eps, rtol, floor, samples, rng, create_graph=False):
     out = fn(*args)
     if not isinstance(out, Tensor):
         raise TypeError(f"gradcheck: fn must return a Tensor, got {type(out).__name__}")
@@ -186,12 +241,14 @@ def _check(fn, args, checked, upstream, mode, eps, rtol, floor, samples, rng):
 
     for _, t in checked:
         t.grad = None
-    out.backward(U)
-    analytic = {name: backend.asnumpy(t.grad) if t.grad is not None else np.zeros(t.shape) for name, t in checked}
+    out.backward(U, create_graph=create_graph)
+    analytic = {name: np.zeros(t.shape) if t.grad is None else
+                backend.asnumpy(t.grad.data if isinstance(t.grad, Tensor) else t.grad) for name, t in checked}
+    for _, t in checked:
+        t.grad = None
 
-    def loss():
-        with no_grad():
-            return float((fn(*args).data * U).sum())
+    def loss():   # with the caller's grad mode: fn may itself differentiate (a gradient penalty)
+        return float((fn(*args).data * U).sum())
 
     rows = []
     for name, t in checked:

@@ -22,14 +22,24 @@ def is_grad_enabled():
 
 
 @contextlib.contextmanager
-def no_grad():
-    """Inside this block ops record no graph: for evaluation, parameter updates and finite differences."""
+def set_grad_enabled(mode):
+    """Inside this block ops record a graph when ``mode`` is True, and none when it is False."""
     previous = _GradMode.enabled
-    _GradMode.enabled = False
+    _GradMode.enabled = bool(mode)
     try:
         yield
     finally:
         _GradMode.enabled = previous
+
+
+def no_grad():
+    """Inside this block ops record no graph: for evaluation, parameter updates and finite differences."""
+    return set_grad_enabled(False)
+
+
+def enable_grad():
+    """Inside this block ops record a graph again, also inside ``no_grad()``."""
+    return set_grad_enabled(True)
 
 
 def _as_array(data, dtype):
@@ -129,83 +139,16 @@ class Tensor:
         self.grad = None
 
     # -------------------------------------------------------------------------------------- autograd
-    def backward(self, grad=None, retain_graph=False):
-        """Back-propagate from this tensor through the graph that produced it.
+    def backward(self, grad=None, retain_graph=None, create_graph=False):
+        """Back-propagate from this tensor through the graph that produced it, adding into ``.grad`` of the leaves.
 
         Args:
             grad: the upstream gradient dL/dself, same shape as self; may be omitted for a one-element tensor.
-            retain_graph: keep the graph (and its saved arrays) for another backward.
+            retain_graph: keep the graph (and its saved arrays) for another backward; defaults to create_graph.
+            create_graph: build a graph of the gradients so that they can be differentiated again; ``.grad``
+                then holds Tensors instead of arrays.
         """
-        if self._freed:
-            raise RuntimeError("backward through a graph that was already freed: the first backward() released "
-                               "it; pass retain_graph=True to the first call to go through it twice")
-        if not self.requires_grad:
-            raise RuntimeError("backward() on a tensor that does not require grad: none of its inputs had "
-                               "requires_grad=True (or it was computed under no_grad())")
-        xp = backend.get_array_module(self.data)
-        if grad is None:
-            if self.data.size != 1:
-                raise RuntimeError(f"backward() without grad needs a one-element tensor, got shape {self.shape}; "
-                                   "pass grad= with the upstream gradient")
-            grad = xp.ones_like(self.data)
-        else:
-            grad = _as_array(grad, None)
-            if grad.shape != self.shape:
-                raise ValueError(f"backward(grad): grad has shape {grad.shape}, expected {self.shape}")
-
-        grads = {id(self): grad}
-        for node in self._topological_order():
-            g = grads.pop(id(node), None)
-            if g is None:
-                continue
-            if node._ctx is None or node._retain:
-                _accumulate_into(node, g)
-            fn = node._ctx
-            if fn is None:
-                continue
-            input_grads = _function.timed(type(fn).__name__, "backward", fn.backward, g)
-            if not isinstance(input_grads, tuple) or len(input_grads) != len(fn.parents):
-                raise RuntimeError(f"{type(fn).__name__}.backward must return a tuple of {len(fn.parents)} "
-                                   f"gradients (one per input, None where not needed)")
-            if _function._AnomalyMode.enabled:
-                bad = _function.first_non_finite(input_grads)
-                if bad is not None:
-                    raise FloatingPointError(f"anomaly: {type(fn).__name__}.backward produced NaN or Inf in the "
-                                             f"gradient of input {bad}")
-            for i, (parent, pg) in enumerate(zip(fn.parents, input_grads)):
-                if pg is None or not parent.requires_grad:
-                    continue
-                if pg.shape != parent.shape:
-                    raise RuntimeError(f"{type(fn).__name__}.backward returned a gradient of shape {pg.shape} "
-                                       f"for input {i} of shape {parent.shape}")
-                key = id(parent)
-                grads[key] = pg if key not in grads else grads[key] + pg
-            if not retain_graph:
-                node._ctx = None
-                node._freed = True
-
-    def _topological_order(self):
-        """Nodes that lead to self, self first, each before all of its inputs (iterative, deterministic)."""
-        order, visited = [], set()
-        stack = [(self, False)]
-        while stack:
-            node, expanded = stack.pop()
-            if expanded:
-                order.append(node)
-                continue
-            if id(node) in visited:
-                continue
-            visited.add(id(node))
-            if node._freed:
-                raise RuntimeError("backward through a graph that was already freed: an intermediate tensor's "
-                                   "graph was released by an earlier backward(); use retain_graph=True there")
-            stack.append((node, True))
-            if node._ctx is not None:
-                for parent in reversed(node._ctx.parents):
-                    if parent.requires_grad and id(parent) not in visited:
-                        stack.append((parent, False))
-        order.reverse()
-        return order
+        _autograd.backward(self, grad, retain_graph=retain_graph, create_graph=create_graph)
 
     # ------------------------------------------------------------------------------------- operators
     def _lift(self, other):
@@ -308,13 +251,6 @@ def _index_arrays(index):
     return index
 
 
-def _accumulate_into(tensor, g):
-    # A leaf gets its own copy: the same array may be handed to several inputs (x + x, broadcasting views).
-    if g.dtype != tensor.dtype:
-        g = g.astype(tensor.dtype)
-    tensor.grad = g.copy() if tensor.grad is None else tensor.grad + g
-
-
 def concat(tensors, axis=0):
     """Join tensors along an existing axis."""
     return _ops.ConcatFn.apply(*tensors, axis=axis)
@@ -325,5 +261,5 @@ def stack(tensors, axis=0):
     return _ops.StackFn.apply(*tensors, axis=axis)
 
 
-from minivit import function as _function  # noqa: E402  (these import Tensor from here)
+from minivit import autograd as _autograd  # noqa: E402  (these import Tensor from here)
 from minivit import ops as _ops  # noqa: E402

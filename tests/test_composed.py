@@ -33,6 +33,10 @@ PAIRS = {
                       [R.standard_normal((6, 4)), R.integers(0, 4, 6)]),
     "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), lambda x: composed.gelu_tanh(x),
                   [R.standard_normal((4, 5)) * 2]),
+    "gelu": (lambda x: F.gelu(x), lambda x: composed.gelu(x), [R.standard_normal((4, 5)) * 2]),
+    "patchify": (lambda x: F.patchify(x, 2), lambda x: composed.patchify(x, 2), [R.standard_normal((2, 3, 4, 6))]),
+    "unpatchify": (lambda x: F.unpatchify(x, 2, grid=(2, 3)), lambda x: composed.unpatchify(x, 2, grid=(2, 3)),
+                   [R.standard_normal((2, 6, 12))]),
     "linear": (lambda x, w, b: F.linear(x, w, b), lambda x, w, b: composed.linear(x, w, b),
                [R.standard_normal((2, 3, 4)), R.standard_normal((5, 4)), R.standard_normal(5)]),
 }

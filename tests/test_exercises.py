@@ -456,7 +456,8 @@ def test_each_planted_mistake_gets_its_diagnosis(name):
 
 
 def test_every_backward_exercise_has_planted_mistakes():
-    backward = {name for name in EXERCISES if name.endswith("_backward")}
+    # the double backward of lesson 15 has its own planted slips (test_softmax_double_backward_names_the_slip)
+    backward = {name for name in EXERCISES if name.endswith("_backward") and name != "softmax_double_backward"}
     assert backward == set(PLANTED)
     for name, planted in PLANTED.items():
         kinds = {what for what, _, _ in planted}
@@ -558,3 +559,49 @@ def test_update_ratio_mistakes_are_named():
     assert "take its log10" in str(ex.check_update_ratio(lambda b, a: np.std(a - b) / np.std(b)))
     assert "upside down" in str(ex.check_update_ratio(lambda b, a: np.log10(np.std(b) / np.std(a - b))))
     assert "divide by std(after)" in str(ex.check_update_ratio(lambda b, a: np.log10(np.std(a - b) / np.std(a))))
+
+
+# ------------------------------------------------------------------------------------------------ lesson 15
+def softmax_double_backward(y, dy, v, slip=None):
+    """(dx, ddy) of sum(v * y * (dy - sum(dy * y))), y = softmax(x); ``slip`` plants one typical mistake."""
+    s, r = (dy * y).sum(-1, keepdims=True), (v * y).sum(-1, keepdims=True)
+    gy = {"missing s term": v * (dy - s), "sign": v * (dy - s) + dy * r,
+          "missing front term": v * dy - dy * r}.get(slip, v * (dy - s) - dy * r)
+    dx = y * (gy - (gy * y).sum(-1, keepdims=True))
+    if slip == "constant y":
+        dx = np.zeros_like(y)
+    if slip == "no chain":
+        dx = gy
+    ddy = v * y if slip == "ddy without sum" else y * (v - r)
+    return dx, ddy
+
+
+SOFTMAX_DOUBLE_BACKWARD_SLIPS = {               # planted slip: words its feedback must contain
+    "missing s term": "misses the term from s = sum(dy * y)",
+    "sign": "sign error",
+    "missing front term": "misses the term from the y in front",
+    "constant y": "y was treated as a constant",
+    "no chain": "pass it back through softmax's backward",
+    "ddy without sum": "ddy misses the sum",
+}
+
+# Added to the table after the parametrized tests above: they read EXERCISES when pytest collects them.
+EXERCISES["softmax_double_backward"] = (
+    ex.check_softmax_double_backward, softmax_double_backward,
+    [lambda y, dy, v, slip=slip: softmax_double_backward(y, dy, v, slip) for slip in SOFTMAX_DOUBLE_BACKWARD_SLIPS])
+
+
+@pytest.mark.parametrize("slip", SOFTMAX_DOUBLE_BACKWARD_SLIPS)
+def test_softmax_double_backward_names_the_slip(slip):
+    feedback = ex.check_softmax_double_backward(lambda y, dy, v: softmax_double_backward(y, dy, v, slip))
+    text = str(feedback)
+    assert feedback.status == "failed" and SOFTMAX_DOUBLE_BACKWARD_SLIPS[slip] in text, text
+    assert "against the engine's double backward" in text and "finite differences" in text
+
+
+def test_softmax_double_backward_passes_tensors_and_explains_a_missing_gradient():
+    from minivit import Tensor
+    assert ex.check_softmax_double_backward(
+        lambda y, dy, v: tuple(Tensor(g) for g in softmax_double_backward(y, dy, v))).passed
+    text = str(ex.check_softmax_double_backward(lambda y, dy, v: softmax_double_backward(y, dy, v)[0]))
+    assert "return 2 gradients (dx, ddy), got 1" in text

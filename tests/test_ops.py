@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from minivit import ops
-from minivit.function import Function
-from minivit.gradcheck import gradcheck
+from minivit.gradcheck import gradcheck, gradgradcheck
 from tests.conftest import to_xp
 
 R = np.random.default_rng(7)
@@ -49,6 +48,7 @@ CASES = {
     "ExpFn": [(lambda a: ops.ExpFn.apply(a), [randn(3, 4)]), (lambda a: ops.ExpFn.apply(a), [randn(2, 2, 2)])],
     "LogFn": [(lambda a: ops.LogFn.apply(a), [positive(3, 4)]), (lambda a: ops.LogFn.apply(a), [positive(5)])],
     "TanhFn": [(lambda a: ops.TanhFn.apply(a), [randn(3, 4)]), (lambda a: ops.TanhFn.apply(a), [randn(6)])],
+    "ErfFn": [(lambda a: ops.ErfFn.apply(a), [randn(3, 4)]), (lambda a: ops.ErfFn.apply(a), [randn(5) * 2])],
     "MatMulFn": [(lambda a, b: ops.MatMulFn.apply(a, b), [randn(3, 4), randn(4, 5)]),
                  (lambda a, b: ops.MatMulFn.apply(a, b), [randn(2, 3, 4), randn(4, 5)]),
                  (lambda a, b: ops.MatMulFn.apply(a, b), [randn(2, 1, 3, 4), randn(3, 4, 2)]),
@@ -63,6 +63,8 @@ CASES = {
                   (lambda a: ops.GetItemFn.apply(a, index=(Ellipsis, None, slice(None, None, 2))), [randn(2, 5)]),
                   (lambda a: ops.GetItemFn.apply(a, index=np.array([0, 2, 2, 1])), [randn(3, 2)]),
                   (lambda a: ops.GetItemFn.apply(a, index=(np.array([1, 0, 1]), np.array([0, 2, 0]))), [randn(2, 3)])],
+    "IndexAddFn": [(lambda a: ops.IndexAddFn.apply(a, index=(slice(1, 3), 0), shape=(4, 3)), [randn(2)]),
+                   (lambda a: ops.IndexAddFn.apply(a, index=np.array([0, 2, 2, 1]), shape=(3, 2)), [randn(4, 2)])],
     "ConcatFn": [(lambda a, b: ops.ConcatFn.apply(a, b, axis=0), [randn(2, 3), randn(4, 3)]),
                  (lambda a, b, c: ops.ConcatFn.apply(a, b, c, axis=-1), [randn(2, 1), randn(2, 3), randn(2, 2)])],
     "StackFn": [(lambda a, b: ops.StackFn.apply(a, b, axis=0), [randn(2, 3), randn(2, 3)]),
@@ -76,6 +78,8 @@ CASES = {
     "MaxFn": [(lambda a: ops.MaxFn.apply(a), [randn(3, 4)]),
               (lambda a: ops.MaxFn.apply(a, axis=1), [randn(2, 5, 3)]),
               (lambda a: ops.MaxFn.apply(a, axis=(0, 2), keepdims=True), [randn(2, 3, 4)])],
+    "BroadcastToFn": [(lambda a: ops.BroadcastToFn.apply(a, shape=(2, 3, 4)), [randn(3, 1)]),
+                      (lambda a: ops.BroadcastToFn.apply(a, shape=(3, 5)), [randn(5)])],
     "LinearFn": [(lambda x, w, b: ops.LinearFn.apply(x, w, b), [randn(5, 3), randn(4, 3), randn(4)]),
                  (lambda x, w, b: ops.LinearFn.apply(x, w, b), [randn(2, 3, 4), randn(5, 4), randn(5)]),
                  (lambda x, w: ops.LinearFn.apply(x, w), [randn(2, 2, 3), randn(2, 3)])],
@@ -113,7 +117,7 @@ CASES = {
 
 
 def test_every_op_has_a_gradient_check():
-    defined = {cls.__name__ for cls in Function.registry}
+    defined = {cls.__name__ for cls in ops.all_ops()}
     assert defined, "no ops registered"
     missing = sorted(defined - set(CASES))
     assert not missing, f"ops without a gradient check case in tests/test_ops.py: {missing}"
@@ -128,6 +132,19 @@ def test_gradient_matches_finite_differences(case, xp):
     report = gradcheck(fn, to_xp(xp, *inputs) if len(inputs) > 1 else [to_xp(xp, inputs[0])], mode="full")
     assert report.ok, f"{name} case {i}\n{report}"
     assert len(report.rows) == sum(np.asarray(a).dtype.kind == "f" for a in inputs)
+
+
+@pytest.mark.parametrize("case", [pytest.param((name, i), id=f"{name}-{i}")
+                                  for name, cases in CASES.items() for i in range(len(cases))])
+def test_second_derivative_matches_finite_differences_of_the_first(case, xp):
+    """Every case of every op: the gradient built with create_graph (first: rows) and its derivative in the
+    inputs and the upstream gradient (second: rows) against central differences, with random U and V."""
+    name, i = case
+    fn, inputs = CASES[name][i]
+    report = gradgradcheck(fn, to_xp(xp, *inputs) if len(inputs) > 1 else [to_xp(xp, inputs[0])], mode="full")
+    assert report.ok, f"{name} case {i}\n{report}"
+    n_float = sum(np.asarray(a).dtype.kind == "f" for a in inputs)
+    assert len(report.rows) == 2 * n_float + 1
 
 
 def test_every_op_has_several_shapes():

@@ -94,9 +94,11 @@ class Attention(Module):
         # One fused op for: qkv.reshape(B, N, 3, nh, hd) -> q, k, v (B, nh, N, hd) -> softmax(q k^T / sqrt(hd)) v
         # -> heads side by side (B, N, D); see F.multi_head_self_attention.
         qkv = self.qkv(x)                                                             # (B, N, 3D)
-        out, probs = F.multi_head_self_attention(qkv, self.num_heads, return_attn=True)  # (B, N, D)
         if self.keep_attn:
-            self.attn_probs = probs.data                                              # (B, nh, N, N)
+            out, probs = F.multi_head_self_attention(qkv, self.num_heads, return_attn=True)  # (B, N, D)
+            self.attn_probs = probs.data                                              # (B, nh, N, N), a copy
+        else:
+            out = F.multi_head_self_attention(qkv, self.num_heads)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self):

@@ -1,13 +1,42 @@
-"""GELU and dropout."""
+"""GELU and dropout.
+
+The math.
+
+    GELU(x) = x Phi(x),  Phi(x) = (1 + erf(x / sqrt 2)) / 2      (exact, as timm)
+    dx = dy (Phi(x) + x phi(x)),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+
+    tanh form: x/2 (1 + tanh u),  u = sqrt(2/pi) (x + 0.044715 x^3)
+    dx = dy ((1 + tanh u)/2 + x/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2))
+
+    dropout: y = x m / (1 - p), m ~ Bernoulli(1 - p) ;  dx = dy m / (1 - p)
+
+The composed versions build GELU from primitives; the op evaluates it and its derivative in cache-sized blocks.
+"""
 
 import math
 
 from minivit.backend import erf, get_array_module, parallel_rows
 from minivit.function import Function
+from minivit.ops.arithmetic import ErfFn
+from minivit.tensor import Tensor
 
 _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+# ------------------------------------------------------------------------------------------ readable version
+def gelu_composed(x):
+    """x Phi(x) with Phi(x) = (1 + erf(x / sqrt 2)) / 2, from primitives.  Shapes: x -> same"""
+    return x * (0.5 * (1.0 + ErfFn.apply(x * _SQRT_HALF)))
+
+
+def gelu_tanh_composed(x):
+    """x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), from primitives.  Shapes: x -> same"""
+    return 0.5 * x * (1.0 + (_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)).tanh())
+
+
+# ---------------------------------------------------------------------------------------- fast kernels
 
 
 def gelu_exact(x, y, cdf):
@@ -32,6 +61,7 @@ def gelu_exact_backward(x, cdf, dy, dx):
     dx *= dy
 
 
+# --------------------------------------------------------------------------------------------------- the ops
 class GELUFn(Function):
     """y = x * Phi(x), Phi the standard normal CDF: Phi(x) = (1 + erf(x / sqrt 2)) / 2 (exact, as timm).
 
@@ -73,6 +103,15 @@ class GELUFn(Function):
         parallel_rows(len(flat), part, xp, block=self.BLOCK)
         return (dx.reshape(x.shape),)
 
+    def backward_graph(self, dy):
+        (x,) = self.parents
+        if self.approximate == "tanh":
+            t = (_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()
+            return (dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)),)
+        cdf = 0.5 * (1.0 + ErfFn.apply(x * _SQRT_HALF))                      # Phi(x)
+        pdf = (-0.5 * x * x).exp() * _INV_SQRT_2PI                           # phi(x)
+        return (dy * (cdf + x * pdf),)
+
 
 class DropoutFn(Function):
     """y = x * m / (1 - p), m_i ~ Bernoulli(1 - p) drawn from ``generator`` (inverted dropout).
@@ -85,6 +124,9 @@ class DropoutFn(Function):
         self.mask *= 1.0 / (1.0 - p)
         return x * self.mask
 
-    # dx = dy * m / (1 - p)
+    # dx = dy * m / (1 - p); the mask is a constant of the draw, so the second derivative in x is 0
     def backward(self, dy):
         return (dy * self.mask,)
+
+    def backward_graph(self, dy):
+        return (dy * Tensor(self.mask),)

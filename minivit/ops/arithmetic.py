@@ -3,7 +3,9 @@
 Binary ops broadcast like NumPy; their backward sums each gradient back to its input's shape (``unbroadcast``).
 """
 
-from minivit.backend import get_array_module
+import math
+
+from minivit.backend import erf, get_array_module
 from minivit.function import Function, unbroadcast
 
 
@@ -18,6 +20,8 @@ class AddFn(Function):
     def backward(self, dy):
         return unbroadcast(dy, self.a_shape), unbroadcast(dy, self.b_shape)
 
+    backward_graph = backward   # the same two lines on Tensors
+
 
 class SubFn(Function):
     """y = a - b (broadcasting).  Shapes: a, b broadcastable -> y"""
@@ -29,6 +33,8 @@ class SubFn(Function):
     # da = dy ; db = -dy
     def backward(self, dy):
         return unbroadcast(dy, self.a_shape), unbroadcast(-dy, self.b_shape)
+
+    backward_graph = backward
 
 
 class MulFn(Function):
@@ -44,6 +50,12 @@ class MulFn(Function):
         db = unbroadcast(dy * self.a, self.b.shape) if self.needs_input_grad[1] else None
         return da, db
 
+    def backward_graph(self, dy):
+        a, b = self.parents
+        da = unbroadcast(dy * b, a.shape) if self.needs_input_grad[0] else None
+        db = unbroadcast(dy * a, b.shape) if self.needs_input_grad[1] else None
+        return da, db
+
 
 class DivFn(Function):
     """y = a / b (broadcasting).  Shapes: a, b broadcastable -> y"""
@@ -52,11 +64,17 @@ class DivFn(Function):
         self.a, self.b = a, b
         return a / b
 
-    # da = dy / b ; db = -dy * a / b^2
+    # da = dy / b ; db = -dy * a / b^2 = -dy * (a / b) / b   (a / b first: a b^2 could overflow or vanish)
     def backward(self, dy):
         a, b = self.a, self.b
         da = unbroadcast(dy / b, a.shape) if self.needs_input_grad[0] else None
-        db = unbroadcast(-dy * a / (b * b), b.shape) if self.needs_input_grad[1] else None
+        db = unbroadcast(-dy * (a / b) / b, b.shape) if self.needs_input_grad[1] else None
+        return da, db
+
+    def backward_graph(self, dy):
+        a, b = self.parents
+        da = unbroadcast(dy / b, a.shape) if self.needs_input_grad[0] else None
+        db = unbroadcast(-dy * (a / b) / b, b.shape) if self.needs_input_grad[1] else None
         return da, db
 
 
@@ -70,6 +88,8 @@ class NegFn(Function):
     def backward(self, dy):
         return (-dy,)
 
+    backward_graph = backward
+
 
 class PowFn(Function):
     """y = x ** p for a constant number p.  Shapes: x -> y (same)"""
@@ -78,9 +98,17 @@ class PowFn(Function):
         self.x, self.p = x, exponent
         return x ** exponent
 
-    # dx = dy * p * x^(p-1)
+    # dx = dy * p * x^(p-1);  for p = 0 the output is constant and dx = 0 (also at x = 0, where x^-1 is inf)
     def backward(self, dy):
+        if self.p == 0:
+            return (dy * 0,)
         return (dy * self.p * self.x ** (self.p - 1),)
+
+    def backward_graph(self, dy):
+        (x,) = self.parents
+        if self.p == 0:
+            return (dy * 0,)
+        return (dy * (self.p * x ** (self.p - 1)),)
 
 
 class ExpFn(Function):
@@ -94,6 +122,10 @@ class ExpFn(Function):
     def backward(self, dy):
         return (dy * self.y,)
 
+    def backward_graph(self, dy):
+        (x,) = self.parents
+        return (dy * x.exp(),)   # y again as a node of the graph, so that its own derivative is known
+
 
 class LogFn(Function):
     """y = ln x.  Shapes: x -> y (same)"""
@@ -106,6 +138,10 @@ class LogFn(Function):
     def backward(self, dy):
         return (dy / self.x,)
 
+    def backward_graph(self, dy):
+        (x,) = self.parents
+        return (dy / x,)
+
 
 class TanhFn(Function):
     """y = tanh x.  Shapes: x -> y (same)"""
@@ -117,6 +153,27 @@ class TanhFn(Function):
     # dx = dy * (1 - y^2)
     def backward(self, dy):
         return (dy * (1 - self.y * self.y),)
+
+    def backward_graph(self, dy):
+        (x,) = self.parents
+        y = x.tanh()
+        return (dy * (1 - y * y),)
+
+
+class ErfFn(Function):
+    """y = erf x = 2/sqrt(pi) * integral from 0 to x of exp(-t^2) dt.  Shapes: x -> y (same)"""
+
+    def forward(self, x):
+        self.x = x
+        return erf(x)
+
+    # dx = dy * 2/sqrt(pi) * exp(-x^2)
+    def backward(self, dy):
+        return (dy * (2.0 / math.sqrt(math.pi)) * get_array_module(dy).exp(-self.x * self.x),)
+
+    def backward_graph(self, dy):
+        (x,) = self.parents
+        return (dy * (2.0 / math.sqrt(math.pi)) * (-(x * x)).exp(),)
 
 
 class MatMulFn(Function):
@@ -147,4 +204,15 @@ class MatMulFn(Function):
             else:
                 db = unbroadcast(a.swapaxes(-1, -2) @ dy, b.shape)
             db = db.reshape(self.b.shape)
+        return da, db
+
+    def backward_graph(self, dy):
+        a0, b0 = self.parents
+        a, b = a0, b0
+        if b.ndim == 1:
+            b, dy = b.reshape(-1, 1), dy.reshape(*dy.shape, 1)
+        if a.ndim == 1:
+            a, dy = a.reshape(1, -1), dy.reshape(*dy.shape[:-1], 1, dy.shape[-1])
+        da = unbroadcast(dy @ b.transpose(-1, -2), a.shape).reshape(a0.shape) if self.needs_input_grad[0] else None
+        db = unbroadcast(a.transpose(-1, -2) @ dy, b.shape).reshape(b0.shape) if self.needs_input_grad[1] else None
         return da, db

@@ -1,7 +1,32 @@
-"""Layer normalisation over the last axis."""
+"""Layer normalisation over the last axis.
+
+The math. For a row x of D features, with mean mu and biased variance var over the row:
+
+    xhat = (x - mu) * rstd,   rstd = 1 / sqrt(var + eps),   y = xhat * w + b
+    g = dy * w                                            (the gradient that reaches xhat)
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat))     (mu and var depend on every x of the row: the two means)
+    dw = sum over rows of dy * xhat ;  db = sum over rows of dy
+
+The composed version builds the same function from primitives; the op computes its derivative by the formulas
+above, and the row kernels after it do so in place, a block of rows per thread.
+"""
 
 from minivit.backend import get_array_module, parallel_rows, sum_last, sum_rows
 from minivit.function import Function
+
+
+# ------------------------------------------------------------------------------------------ readable version
+def layer_norm_composed(x, weight, bias, eps=1e-6):
+    """(x - mean) / sqrt(var + eps) * w + b over the last axis, from primitives.
+
+    Shapes: x (..., D), w, b (D,) -> (..., D)
+    """
+    xc = x - x.mean(axis=-1, keepdims=True)
+    var = (xc * xc).mean(axis=-1, keepdims=True)
+    return xc / (var + eps) ** 0.5 * weight + bias
+
+
+# ------------------------------------------------------------------------------------ fast kernels (in place)
 
 
 def layer_norm_rows(x, w, b, eps, y, xhat, rstd):
@@ -37,6 +62,7 @@ def layer_norm_rows_backward(dy, xhat, rstd, w, dx):
     return dw, db
 
 
+# ---------------------------------------------------------------------------------------------------- the op
 class LayerNormFn(Function):
     """y = (x - mean) / sqrt(var + eps) * w + b, mean and (biased) var over the last axis.
 
@@ -48,7 +74,7 @@ class LayerNormFn(Function):
         x2 = x.reshape(-1, x.shape[-1])                                 # (M, D): every token on its own
         y, self.xhat = xp.empty_like(x2), xp.empty_like(x2)
         self.rstd = xp.empty((len(x2), 1), dtype=x.dtype)
-        self.w = w
+        self.w, self.eps = w, eps
 
         def rows(r):
             layer_norm_rows(x2[r], w, b, eps, y[r], self.xhat[r], self.rstd[r])
@@ -65,3 +91,14 @@ class LayerNormFn(Function):
             return layer_norm_rows_backward(dy2[r], self.xhat[r], self.rstd[r], self.w, dx[r])
         parts = parallel_rows(len(dy2), rows, xp)
         return dx.reshape(dy.shape), sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+    # The same formulas on Tensors, with xhat and rstd recomputed from x so that their derivatives count.
+    def backward_graph(self, dy):
+        x, w, _ = self.parents
+        xc = x - x.mean(axis=-1, keepdims=True)
+        rstd = ((xc * xc).mean(axis=-1, keepdims=True) + self.eps) ** -0.5
+        xhat = xc * rstd
+        g = dy * w
+        dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+        rows = tuple(range(dy.ndim - 1))
+        return dx, (dy * xhat).sum(axis=rows), dy.sum(axis=rows)

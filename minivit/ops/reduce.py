@@ -1,28 +1,52 @@
-"""Reductions along axes: sum, mean, max."""
+"""Reductions along axes (sum, mean, max) and their adjoint, broadcasting."""
 
 from minivit.backend import get_array_module
-from minivit.function import Function
+from minivit.function import Function, normalize_axis, unbroadcast
+from minivit.tensor import Tensor
 
 
-def _axes(axis, ndim):
+def _axes(axis, ndim, op):
     if axis is None:
         return tuple(range(ndim))
     axis = axis if isinstance(axis, (tuple, list)) else (axis,)
-    return tuple(sorted(a % ndim for a in axis))
+    axes = tuple(sorted(normalize_axis(a, ndim, op) for a in axis))
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"{op}: axis {tuple(axis)} names an axis twice")
+    return axes
 
 
 def _keep(dy, axes, keepdims):
-    """Put back the reduced axes as length-1 axes, so that dy broadcasts against the input."""
+    """Put back the reduced axes as length-1 axes, so that dy broadcasts against the input (arrays or Tensors)."""
     if keepdims:
         return dy
-    return get_array_module(dy).expand_dims(dy, axes)
+    shape = list(dy.shape)
+    for a in axes:
+        shape.insert(a, 1)
+    return dy.reshape(tuple(shape))
+
+
+class BroadcastToFn(Function):
+    """y = x copied along new leading axes and along its axes of length 1, as ``numpy.broadcast_to``.
+
+    Shapes: x (...) -> y (shape)
+    """
+
+    def forward(self, x, *, shape):
+        self.x_shape = x.shape
+        return get_array_module(x).broadcast_to(x, shape)
+
+    # dx = dy summed over the copies
+    def backward(self, dy):
+        return (unbroadcast(dy, self.x_shape),)
+
+    backward_graph = backward
 
 
 class SumFn(Function):
     """y = sum of x over ``axis`` (all axes when None).  Shapes: x (...) -> y (x without the reduced axes)"""
 
     def forward(self, x, *, axis=None, keepdims=False):
-        self.x_shape, self.axes, self.keepdims = x.shape, _axes(axis, x.ndim), keepdims
+        self.x_shape, self.axes, self.keepdims = x.shape, _axes(axis, x.ndim, "sum"), keepdims
         return x.sum(axis=self.axes, keepdims=keepdims)
 
     # dx = dy copied along the summed axes
@@ -30,12 +54,15 @@ class SumFn(Function):
         xp = get_array_module(dy)
         return (xp.broadcast_to(_keep(dy, self.axes, self.keepdims), self.x_shape),)
 
+    def backward_graph(self, dy):
+        return (BroadcastToFn.apply(_keep(dy, self.axes, self.keepdims), shape=self.x_shape),)
+
 
 class MeanFn(Function):
     """y = mean of x over ``axis`` (all axes when None).  Shapes: x (...) -> y (x without the reduced axes)"""
 
     def forward(self, x, *, axis=None, keepdims=False):
-        self.x_shape, self.axes, self.keepdims = x.shape, _axes(axis, x.ndim), keepdims
+        self.x_shape, self.axes, self.keepdims = x.shape, _axes(axis, x.ndim, "mean"), keepdims
         self.count = 1
         for a in self.axes:
             self.count *= x.shape[a]
@@ -46,17 +73,28 @@ class MeanFn(Function):
         xp = get_array_module(dy)
         return (xp.broadcast_to(_keep(dy, self.axes, self.keepdims) / self.count, self.x_shape),)
 
+    def backward_graph(self, dy):
+        return (BroadcastToFn.apply(_keep(dy, self.axes, self.keepdims) * (1.0 / self.count), shape=self.x_shape),)
+
 
 class MaxFn(Function):
     """y = max of x over ``axis`` (all axes when None).  Shapes: x (...) -> y (x without the reduced axes)"""
 
     def forward(self, x, *, axis=None, keepdims=False):
-        self.x, self.axes, self.keepdims = x, _axes(axis, x.ndim), keepdims
+        self.x, self.axes, self.keepdims = x, _axes(axis, x.ndim, "max"), keepdims
         self.y = x.max(axis=self.axes, keepdims=True)
         return self.y if keepdims else self.y.reshape([n for i, n in enumerate(x.shape) if i not in self.axes])
 
     # dx = dy where x is the max (split evenly between ties), 0 elsewhere
     def backward(self, dy):
+        return (self._winners() * _keep(dy, self.axes, self.keepdims),)
+
+    # The winners do not move under a small change of x (away from ties), so dx is linear in dy with a constant
+    # mask: the second derivative with respect to x is 0, and at a tie it is that of the even split.
+    def backward_graph(self, dy):
+        return (Tensor(self._winners()) * _keep(dy, self.axes, self.keepdims),)
+
+    def _winners(self):
         winners = (self.x == self.y).astype(self.x.dtype)
         winners /= winners.sum(axis=self.axes, keepdims=True)
-        return (winners * _keep(dy, self.axes, self.keepdims),)
+        return winners

@@ -1,7 +1,7 @@
 """Ops that move values around without changing them: reshape, permute, indexing, concat and stack."""
 
 from minivit.backend import get_array_module, scatter_add
-from minivit.function import Function
+from minivit.function import Function, normalize_axis
 
 
 class ReshapeFn(Function):
@@ -15,20 +15,31 @@ class ReshapeFn(Function):
     def backward(self, dy):
         return (dy.reshape(self.x_shape),)
 
+    backward_graph = backward
+
 
 class PermuteFn(Function):
     """y = x with its axes reordered: y.shape[i] = x.shape[axes[i]].  Shapes: x (s_0..s_n) -> y (s_axes[0]..)"""
 
     def forward(self, x, *, axes):
-        self.axes = tuple(a % x.ndim for a in axes)
+        self.axes = tuple(normalize_axis(a, x.ndim, "permute") for a in axes)
+        if sorted(self.axes) != list(range(x.ndim)):
+            raise ValueError(f"permute: axes {tuple(axes)} are not a permutation of the {x.ndim} axes of a tensor "
+                             f"of shape {x.shape}")
         return x.transpose(self.axes)
 
     # dx = dy with the inverse permutation
     def backward(self, dy):
+        return (dy.transpose(self._inverse()),)
+
+    def backward_graph(self, dy):
+        return (PermuteFn.apply(dy, axes=self._inverse()),)
+
+    def _inverse(self):
         inverse = [0] * len(self.axes)
         for i, a in enumerate(self.axes):
             inverse[a] = i
-        return (dy.transpose(inverse),)
+        return tuple(inverse)
 
 
 def _is_basic(index):
@@ -44,15 +55,41 @@ class GetItemFn(Function):
         self.x_shape, self.x_dtype, self.index = x.shape, x.dtype, index
         return x[index]
 
-    # dx = zeros, then dx[index] += dy   (an element picked twice gets both gradients)
+    # dx = zeros, then dx[index] += dy   (an element picked twice gets both gradients): see IndexAddFn
     def backward(self, dy):
-        xp = get_array_module(dy)
-        dx = xp.zeros(self.x_shape, dtype=self.x_dtype)
-        if _is_basic(self.index):
-            dx[self.index] = dy
-        else:
-            scatter_add(dx, self.index, dy)
-        return (dx,)
+        return (index_add(dy, self.index, self.x_shape),)
+
+    def backward_graph(self, dy):
+        return (IndexAddFn.apply(dy, index=self.index, shape=self.x_shape),)
+
+
+def index_add(values, index, shape):
+    """zeros(shape) with ``values`` added at ``index`` (repeated indices add up)."""
+    xp = get_array_module(values)
+    out = xp.zeros(shape, dtype=values.dtype)
+    if _is_basic(index):
+        out[index] = values
+    else:
+        scatter_add(out, index, values)
+    return out
+
+
+class IndexAddFn(Function):
+    """y = zeros(shape) with x added at ``index``: the adjoint of indexing, and so the backward of GetItemFn.
+
+    Shapes: x (as x_shape[index]) -> y (shape)
+    """
+
+    def forward(self, x, *, index, shape):
+        self.index = index
+        return index_add(x, index, shape)
+
+    # dx = dy[index]
+    def backward(self, dy):
+        return (dy[self.index],)
+
+    def backward_graph(self, dy):
+        return (GetItemFn.apply(dy, index=self.index),)
 
 
 class ConcatFn(Function):
@@ -60,17 +97,23 @@ class ConcatFn(Function):
 
     def forward(self, *xs, axis=0):
         xp = get_array_module(*xs)
-        self.axis = axis % xs[0].ndim
+        self.axis = normalize_axis(axis, xs[0].ndim, "concat")
         self.sizes = [x.shape[self.axis] for x in xs]
         return xp.concatenate(xs, axis=self.axis)
 
     # dx_i = the slice of dy that x_i filled
     def backward(self, dy):
-        grads, start = [], 0
+        return tuple(dy[index] for index in self._slices())
+
+    def backward_graph(self, dy):
+        return tuple(GetItemFn.apply(dy, index=index) for index in self._slices())
+
+    def _slices(self):
+        slices, start = [], 0
         for n in self.sizes:
-            grads.append(dy[(slice(None),) * self.axis + (slice(start, start + n),)])
+            slices.append((slice(None),) * self.axis + (slice(start, start + n),))
             start += n
-        return tuple(grads)
+        return slices
 
 
 class StackFn(Function):
@@ -78,9 +121,16 @@ class StackFn(Function):
 
     def forward(self, *xs, axis=0):
         xp = get_array_module(*xs)
-        self.axis = axis % (xs[0].ndim + 1)
+        self.axis = normalize_axis(axis, xs[0].ndim + 1, "stack")
+        self.count = len(xs)
         return xp.stack(xs, axis=self.axis)
 
     # dx_i = dy[..., i, ...] along the new axis
     def backward(self, dy):
-        return tuple(dy[(slice(None),) * self.axis + (i,)] for i in range(dy.shape[self.axis]))
+        return tuple(dy[index] for index in self._slices())
+
+    def backward_graph(self, dy):
+        return tuple(GetItemFn.apply(dy, index=index) for index in self._slices())
+
+    def _slices(self):
+        return [(slice(None),) * self.axis + (i,) for i in range(self.count)]
