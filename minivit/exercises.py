@@ -929,6 +929,12 @@ _BLOCK_PARAM_STEP = {"norm1": "h1", "attn.qkv": "qkv", "attn.proj": "a", "norm2"
 def block_gradients(x, params, dy, nh):
     """The engine's gradient of every intermediate of a pre-norm block (names as in BLOCK_STEPS, 'dx' for the
     input) and of every parameter ('d' + its timm name), for the upstream gradient dy of the output y."""
+    from minivit.tensor import enable_grad
+    with enable_grad():                     # also when called from inside a backward, which runs without a graph
+        return _block_gradients(x, params, dy, nh)
+
+
+def _block_gradients(x, params, dy, nh):
     from minivit import functional as F
     p = {name: Tensor(np.asarray(value), requires_grad=True) for name, value in params.items()}
     xt = Tensor(np.asarray(x), requires_grad=True)
