@@ -41,6 +41,13 @@ def figure(width, height):
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
+def integer_ticks(ax):
+    """Ticks only at whole numbers on both axes: rows and columns of a heat map are tokens, not fractions."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _save(fig, path):
     if path is not None:
         fig.savefig(path)
@@ -173,11 +180,14 @@ def plot_attention(probs, path=None, title="attention", labels=None):
     fig = figure(3 * len(probs), 3.2)
     axes = np.atleast_1d(fig.subplots(1, len(probs)))
     for h, ax in enumerate(axes):
-        ax.imshow(probs[h], cmap="viridis", vmin=0)
+        im = ax.imshow(probs[h], cmap="viridis", vmin=0)
         ax.set(title=f"head {h}", xlabel="key", ylabel="query")
         if labels is not None:
             ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
             ax.set_yticks(range(len(labels)), labels, fontsize=6)
+        else:
+            integer_ticks(ax)
+        fig.colorbar(im, ax=ax, fraction=0.046, label="probability")
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -194,8 +204,9 @@ def plot_attention_on_image(image, attention, grid, path=None, title="class toke
     fig = figure(6, 3)
     left, right = fig.subplots(1, 2)
     _show_image(left, image)
-    right.imshow(attention.reshape(grid), cmap="inferno")
+    im = right.imshow(attention.reshape(grid), cmap="inferno")
     right.set_xticks([])
     right.set_yticks([])
     right.set_title(title)
+    fig.colorbar(im, ax=right, fraction=0.046, label="attention weight")
     return _save(fig, path)
