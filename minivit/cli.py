@@ -1,4 +1,5 @@
-"""The command line: ``minivit train``, ``minivit eval`` and ``minivit export`` (also ``python -m minivit``).
+"""The command line: ``minivit train``, ``minivit eval``, ``minivit export`` and ``minivit vae`` (also
+``python -m minivit``).
 
 Every failure ends in one line on stderr, ``minivit: error: ...``, and an exit code: 2 for a bad command line
 (a flag out of range, flags that contradict each other, a file that must not be overwritten), 1 for a fault at run
@@ -12,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from minivit import backend, checkpoint, data
+from minivit import backend, checkpoint, data, vae_train
 from minivit.rundir import RunLocked
 from minivit.train import (PRESETS, STOP, SettingsError, TrainingDiverged, TrainSettings, evaluate_checkpoint,
                            flag, settings_for, train)
@@ -43,6 +44,18 @@ TRAIN_FLAGS = {
 }
 # What --resume accepts besides the checkpoint's own settings.
 RESUME_FLAGS = ("device", "data_dir", "anomaly", "verify", "epochs")
+# flag -> (VAESettings field, type, help), for minivit vae
+VAE_FLAGS = {
+    **{name: TRAIN_FLAGS[name] for name in ("--dataset", "--data-dir", "--epochs", "--batch-size", "--lr", "--min-lr",
+                                            "--weight-decay", "--warmup-epochs", "--clip-grad", "--patch-size",
+                                            "--embed-dim", "--depth", "--num-heads", "--mlp-ratio", "--seed",
+                                            "--limit", "--device")},
+    "--latent-dim": ("latent_dim", int, "size of the latent code z (2: draw the latent plane)"),
+    "--likelihood": ("likelihood", str, "'bernoulli' (binarised pixels) or 'gaussian' (one learned variance)"),
+    "--beta": ("beta", float, "weight of the KL term (beta-VAE; 1: the ELBO)"),
+    "--kl-warmup-epochs": ("kl_warmup_epochs", float, "epochs over which the KL weight rises from 0 to --beta"),
+    "--iwae-k": ("iwae_k", int, "samples of the importance-weighted bound at the end (0: skip it)"),
+}
 
 
 class UsageError(Exception):
@@ -92,12 +105,53 @@ def _parser():
     e.add_argument("--out", type=Path, default=None, help="folder for the pictures (default: beside the checkpoint)")
     e.add_argument("--device", type=str, default="cpu", help="'cpu' or 'cuda' (default: cpu)")
 
+    _add_vae_parser(sub, common)
+
     x = sub.add_parser("export", parents=[common], help="write a checkpoint's weights as a timm-named state dict "
                        "(.safetensors, with the model's config, or .npz)")
     x.add_argument("checkpoint", type=Path)
     x.add_argument("output", type=Path)
     x.add_argument("--force", action="store_true", help="write over an existing file (never the checkpoint read)")
     return parser
+
+
+def _add_vae_parser(sub, common):
+    tiny = vae_train.settings_for("tiny")
+    v = sub.add_parser("vae", parents=[common], help="train a ViT variational autoencoder",
+                       description="Train a VAE with a ViT encoder and a ViT decoder; report the test -ELBO and IWAE "
+                       "bound, and draw reconstructions, samples and interpolations. Presets: " + "; ".join(
+                           f"{name} ({p['dataset']}, {p['epochs']} epochs)" for name, p in vae_train.PRESETS.items())
+                       + ". The defaults shown are the tiny preset's.")
+    v.add_argument("--preset", default="tiny", choices=list(vae_train.PRESETS),
+                   help="starting settings (default: tiny, the embedded Fashion-MNIST subset)")
+    for name, (field, kind, text) in VAE_FLAGS.items():
+        default = getattr(tiny, field)
+        v.add_argument(name, type=kind, default=None, help=text if default is None else f"{text} (default: {default})")
+    v.add_argument("--no-verify", dest="verify", action="store_false", default=None,
+                   help="use data files that differ from the published ones (your own data)")
+    v.add_argument("--out", type=Path, default=None, help="output folder (default: runs/vae-<preset>-<time>)")
+    v.add_argument("--resume", type=Path, default=None, help="continue from a checkpoint (or a run folder) with its "
+                   "own settings; with --epochs N, extend it to N epochs")
+    v.add_argument("--overwrite", action="store_true", help="allow --out to hold an earlier run")
+    v.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_vae(args):
+    overrides = {field: getattr(args, name[2:].replace("-", "_")) for name, (field, _, _) in VAE_FLAGS.items()}
+    overrides.update(verify=args.verify)
+    if args.resume is not None:
+        allowed = ("device", "data_dir", "verify", "epochs")
+        extra = sorted(f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None and k not in allowed)
+        if extra:
+            raise UsageError(f"--resume continues the saved run with its own settings; drop {', '.join(extra)} "
+                             "(only --epochs, --device, --data-dir and --no-verify may change)")
+        ckpt = _checkpoint_path(args.resume)
+        settings = vae_train.VAESettings(**{k: overrides[k] for k in allowed if overrides[k] is not None})
+        return vae_train.train_vae(settings, args.out or ckpt.parent, resume=ckpt, epochs=overrides["epochs"],
+                                   overwrite=args.overwrite, progress=not args.no_progress)
+    settings = vae_train.settings_for(args.preset, **overrides)
+    out = args.out or Path("runs") / f"vae-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return vae_train.train_vae(settings, out, overwrite=args.overwrite, progress=not args.no_progress)
 
 
 def _checkpoint_path(path):
@@ -151,6 +205,8 @@ def main(argv=None):
                                 verify=args.verify)
         elif args.command == "export":
             run_export(args)
+        elif args.command == "vae":
+            run_vae(args)
     except KeyboardInterrupt as err:
         print(f"\nminivit: interrupted; {err or 'the command did not finish'}", file=sys.stderr)
         return 130

@@ -171,20 +171,27 @@ def settings_for(preset, **overrides):
 
 def validate(s):
     """Check settings before any work starts; raise SettingsError naming every flag that is wrong and why."""
+    return check_settings(s, RANGES, CHOICES, _relations)
+
+
+def check_settings(s, ranges, choices, relations):
+    """Check a settings dataclass: each field against its range or choices, then (if those hold) the fields
+    against each other with ``relations(s)`` (a list of problems), then the device. Raise SettingsError naming
+    every flag that is wrong and why; return ``s`` when all is well."""
     problems = []
     kinds = {f.name: numbers.Integral if f.type is int else numbers.Real for f in dataclasses.fields(s)}
-    for name, allowed in RANGES.items():
+    for name, allowed in ranges.items():
         value = getattr(s, name)
         if isinstance(value, bool) or not isinstance(value, kinds[name]):
             kind = "a whole number" if kinds[name] is numbers.Integral else "a number"
             problems.append(f"{flag(name)} must be {kind}, got {value!r}")
         elif value not in allowed:
             problems.append(f"{flag(name)} {value} is out of range: expected {allowed}")
-    for name, allowed in CHOICES.items():
+    for name, allowed in choices.items():
         if getattr(s, name) not in allowed:
             problems.append(f"{flag(name)} must be one of {', '.join(map(repr, allowed))}, got {getattr(s, name)!r}")
     if not problems:
-        problems += _relations(s)
+        problems += relations(s)
     try:
         if backend.normalize_device(s.device) == "cuda" and not backend.cuda_available():
             problems.append("--device cuda needs CuPy and a CUDA device, and none is usable here "
@@ -264,11 +271,12 @@ def evaluate(model, images, labels, mean, std, batch_size=256, device="cpu"):
             "predictions": predictions, "confidences": np.concatenate(confidences)}
 
 
-def _write_reports(paths, history):
-    """metrics.jsonl and curves.png from the history so far, each written atomically."""
+def write_reports(paths, history, plot=viz.plot_history):
+    """metrics.jsonl and curves.png (drawn by ``plot(history)``) from the history so far, each written
+    atomically."""
     text = "".join(json.dumps(row) + "\n" for row in history)
     checkpoint.atomic_write(paths["metrics"], lambda tmp: Path(tmp).write_text(text))
-    checkpoint.atomic_write(paths["curves"], lambda tmp: viz.plot_history(history).savefig(tmp, format="png"))
+    checkpoint.atomic_write(paths["curves"], lambda tmp: plot(history).savefig(tmp, format="png"))
 
 
 def plural(count, word):
@@ -276,12 +284,12 @@ def plural(count, word):
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-def _saved_state(path, epoch, total, out_dir):
-    """What an interrupted run leaves, for the message that ends it."""
+def saved_state(path, epoch, total, out_dir, command="train"):
+    """What an interrupted run of ``minivit <command>`` leaves, for the message that ends it."""
     if epoch == total:
         return f"{path} holds all {plural(total, 'epoch')}: the run is complete"
     if epoch is not None:
-        return f"{path} holds epoch {epoch} of {total}: continue with  minivit train --resume {out_dir}"
+        return f"{path} holds epoch {epoch} of {total}: continue with  minivit {command} --resume {out_dir}"
     if path.exists():
         return f"nothing of this run was saved; {path} still holds the earlier run"
     return "nothing was saved: a run writes its first checkpoint when its first epoch ends"
@@ -348,10 +356,10 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
                                                rng_state=_rng_state(model), train_settings=dataclasses.asdict(s),
                                                epoch=epoch + 1, history=history)
                     saved_epoch = epoch + 1
-                    _write_reports(paths, history)
+                    write_reports(paths, history)
                     STOP.check()
         except KeyboardInterrupt:
-            raise TrainingInterrupted(_saved_state(paths["checkpoint"], saved_epoch, s.epochs, out_dir)) from None
+            raise TrainingInterrupted(saved_state(paths["checkpoint"], saved_epoch, s.epochs, out_dir)) from None
         finally:
             STOP.watching = STOP.asked = False
     final = history[-1]
