@@ -1,5 +1,5 @@
-"""The command line: ``minivit train``, ``minivit eval``, ``minivit export`` and ``minivit vae`` (also
-``python -m minivit``).
+"""The command line: ``minivit train``, ``minivit eval``, ``minivit export``, ``minivit vae`` and ``minivit
+stylize`` (also ``python -m minivit``).
 
 Every failure ends in one line on stderr, ``minivit: error: ...``, and an exit code: 2 for a bad command line
 (a flag out of range, flags that contradict each other, a file that must not be overwritten), 1 for a fault at run
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from minivit import backend, checkpoint, data, vae_train
+from minivit import art, backend, checkpoint, data, vae_train
 from minivit.rundir import RunLocked
 from minivit.train import (PRESETS, STOP, SettingsError, TrainingDiverged, TrainSettings, evaluate_checkpoint,
                            flag, settings_for, train)
@@ -106,6 +106,7 @@ def _parser():
     e.add_argument("--device", type=str, default="cpu", help="'cpu' or 'cuda' (default: cpu)")
 
     _add_vae_parser(sub, common)
+    _add_stylize_parser(sub, common)
 
     x = sub.add_parser("export", parents=[common], help="write a checkpoint's weights as a timm-named state dict "
                        "(.safetensors, with the model's config, or .npz)")
@@ -152,6 +153,67 @@ def run_vae(args):
     settings = vae_train.settings_for(args.preset, **overrides)
     out = args.out or Path("runs") / f"vae-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     return vae_train.train_vae(settings, out, overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def _add_stylize_parser(sub, common):
+    d = art.StyleSettings()
+    names = ", ".join(Path(p["file"]).stem for p in art.paintings())
+    st = sub.add_parser("stylize", parents=[common], help="paint an image in the style of another with ViT features",
+                        description="Optimise the pixels of CONTENT so that a ViT's token Gram matrices match STYLE's "
+                        f"and its tokens match CONTENT's. CONTENT and STYLE are image files or embedded paintings: "
+                        f"{names}.")
+    st.add_argument("content", help="image file, or an embedded painting's name")
+    st.add_argument("style", help="image file, or an embedded painting's name")
+    st.add_argument("--out", type=Path, required=True, help="the result (.png or .jpg); a side-by-side figure is "
+                    "written beside it as <name>-side-by-side.png")
+    st.add_argument("--size", type=int, default=d.size, help=f"picture side in pixels (default: {d.size}; with "
+                    "--model, the model's image size)")
+    st.add_argument("--steps", type=int, default=d.steps, help=f"optimisation steps (default: {d.steps})")
+    st.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate on the pixels (default: {d.lr})")
+    st.add_argument("--style-weight", type=float, default=d.style_weight, help=f"(default: {d.style_weight})")
+    st.add_argument("--content-weight", type=float, default=d.content_weight, help=f"(default: {d.content_weight})")
+    st.add_argument("--tv-weight", type=float, default=d.tv_weight, help=f"total variation (default: {d.tv_weight})")
+    st.add_argument("--style-blocks", type=_block_list, default=d.style_blocks,
+                    help="blocks whose Gram matrices carry the style, e.g. 0,1,2,3 (default: all four of the random "
+                    "ViT)")
+    st.add_argument("--content-blocks", type=_block_list, default=d.content_blocks,
+                    help=f"blocks whose tokens carry the content (default: {','.join(map(str, d.content_blocks))})")
+    st.add_argument("--init", choices=("content", "noise"), default=d.init, help="start from the content image "
+                    "or from noise")
+    st.add_argument("--model", type=Path, default=None, help="a checkpoint of minivit train (or an export) as the "
+                    "feature extractor (default: a ViT with random weights)")
+    st.add_argument("--seed", type=int, default=d.seed, help="seeds the random ViT and the noise")
+    st.add_argument("--force", action="store_true", help="write over existing output files")
+
+
+def _block_list(text):
+    try:
+        blocks = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block numbers separated by commas, got {text!r}") from None
+    return blocks
+
+
+def run_stylize(args):
+    if args.size < 8:
+        raise UsageError(f"--size {args.size} is too small: at least 8 pixels")
+    if args.steps < 1 or not args.lr > 0:
+        raise UsageError(f"--steps must be at least 1 and --lr positive, got {args.steps} and {args.lr}")
+    if min(args.style_weight, args.content_weight, args.tv_weight) < 0:
+        raise UsageError("--style-weight, --content-weight and --tv-weight must not be negative")
+    if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise UsageError(f"{args.out}: the result is a .png or .jpg file")
+    side = args.out.with_name(args.out.stem + "-side-by-side.png")
+    existing = [str(p) for p in (args.out, side) if p.exists()]
+    if existing and not args.force:
+        raise UsageError(f"{' and '.join(existing)} already exist(s); choose another --out, or pass --force")
+    model = checkpoint.model_from_checkpoint(_checkpoint_path(args.model))[0] if args.model else None
+    settings = art.StyleSettings(size=args.size, steps=args.steps, lr=args.lr, style_weight=args.style_weight,
+                                 content_weight=args.content_weight, tv_weight=args.tv_weight,
+                                 style_blocks=args.style_blocks, content_blocks=args.content_blocks, init=args.init,
+                                 seed=args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    return art.stylize_files(args.content, args.style, args.out, model=model, settings=settings)
 
 
 def _checkpoint_path(path):
@@ -207,6 +269,8 @@ def main(argv=None):
             run_export(args)
         elif args.command == "vae":
             run_vae(args)
+        elif args.command == "stylize":
+            run_stylize(args)
     except KeyboardInterrupt as err:
         print(f"\nminivit: interrupted; {err or 'the command did not finish'}", file=sys.stderr)
         return 130
@@ -225,7 +289,7 @@ def _describe(err):
     if isinstance(err, (UsageError, SettingsError)):
         return 2, str(err)
     if isinstance(err, (data.DataError, checkpoint.CheckpointError, TrainingDiverged, FloatingPointError,
-                        RunLocked)):
+                        RunLocked, art.ArtError)):
         return 1, str(err)
     if isinstance(err, OSError) and err.filename is not None:
         return 1, f"{err.filename}: {err.strerror}"

@@ -5,8 +5,8 @@
     2  functional, composed, gradcheck, profile, what users call on the engine (gan: GAN losses and penalties)
        gan
     3  nn, optim                                 layers, models and optimizers
-    4  checkpoint, rundir, data, viz, trace,     tools around models (testing: the PyTorch twin for tests)
-       testing
+    4  checkpoint, rundir, data, viz, trace,     tools around models (testing: the PyTorch twin for tests;
+       testing, art                              art: style transfer with ViT features)
     5  train, vae_train, cli, __main__           the application
     6  exercises                                 the lessons' checks
 
@@ -25,7 +25,7 @@ LAYERS = [
     ["tensor", "function", "autograd", "ops"],
     ["functional", "composed", "gradcheck", "profile", "gan"],
     ["nn", "optim"],
-    ["checkpoint", "rundir", "data", "viz", "trace", "testing"],
+    ["checkpoint", "rundir", "data", "viz", "trace", "testing", "art"],
     ["train", "vae_train", "cli", "__main__"],
     ["exercises"],
 ]
