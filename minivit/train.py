@@ -171,7 +171,7 @@ def settings_for(preset, **overrides):
 
 def validate(s):
     """Check settings before any work starts; raise SettingsError naming every flag that is wrong and why."""
-    return check_settings(s, RANGES, CHOICES, _relations)
+    return check_settings(s, RANGES, CHOICES, relations)
 
 
 def check_settings(s, ranges, choices, relations):
@@ -203,8 +203,9 @@ def check_settings(s, ranges, choices, relations):
     return s
 
 
-def _relations(s):
-    """What one flag needs of another (and of the data set)."""
+def relations(s):
+    """What one flag needs of another (and of the data set): the learning rates, the warmup, the patch size and the
+    heads (the settings of ``minivit vae`` share these)."""
     try:
         H = data.dataset_info(s.dataset).shape[1]
     except ValueError as e:
@@ -322,15 +323,9 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
              "curves": out_dir / "curves.png"}
     with RunFolder(out_dir, log):
         log(f"run folder: {out_dir}")
-        continues_here = resume is not None and Path(resume).resolve() == paths["checkpoint"].resolve()
-        if not overwrite and not continues_here and paths["checkpoint"].exists():
-            raise SettingsError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, "
-                                "or pass --overwrite")
-        ckpt = None
-        if resume is not None:
-            ckpt = checkpoint.load_checkpoint(resume)
-            s = _resumed_settings(ckpt, s, epochs, resume)
-        saved_epoch = ckpt.epoch if continues_here else None
+        ckpt, saved_epoch = start_run(out_dir, paths, resume, overwrite)
+        if ckpt is not None:
+            s = validate(TrainSettings(**{**resumed_settings(ckpt, s, epochs, resume), "anomaly": s.anomaly}))
         try:
             run = _prepare(s, ckpt, progress)
             if ckpt is not None:
@@ -400,8 +395,21 @@ def _prepare(s, ckpt, progress):
     return _Run(ds, loader, model, opt, sched, list(ckpt.history))
 
 
-def _resumed_settings(ckpt, s, epochs, resume):
-    """The checkpoint's settings with what a resumed run may change; SettingsError if there is nothing to do."""
+def start_run(out_dir, paths, resume, overwrite):
+    """What a run checks first in its locked folder: that it replaces no other run unless ``overwrite``; then it
+    reads the checkpoint to resume. Returns (Checkpoint or None, the epoch the folder's own checkpoint holds when
+    the run continues it in place, else None)."""
+    continues_here = resume is not None and Path(resume).resolve() == paths["checkpoint"].resolve()
+    if not overwrite and not continues_here and paths["checkpoint"].exists():
+        raise SettingsError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, "
+                            "or pass --overwrite")
+    ckpt = checkpoint.load_checkpoint(resume) if resume is not None else None
+    return ckpt, (ckpt.epoch if continues_here else None)
+
+
+def resumed_settings(ckpt, s, epochs, resume):
+    """The checkpoint's settings (a dict) with what a resumed run may change: the device, the data folder, the
+    check of the data files and the number of epochs; SettingsError if there is nothing left to do."""
     saved = ckpt.train_settings
     if epochs is not None and epochs <= ckpt.epoch:
         raise SettingsError(f"--epochs {epochs}: {resume} already holds {plural(ckpt.epoch, 'epoch')}; "
@@ -410,9 +418,8 @@ def _resumed_settings(ckpt, s, epochs, resume):
     if ckpt.epoch >= total:
         raise SettingsError(f"{resume} has finished all {plural(total, 'epoch')}; extend it with --epochs N "
                             f"(N > {total})")
-    return validate(TrainSettings(**{**saved, "device": s.device, "data_dir": s.data_dir or saved.get("data_dir"),
-                                     "anomaly": s.anomaly, "verify": s.verify and saved.get("verify", True),
-                                     "epochs": total}))
+    return {**saved, "device": s.device, "data_dir": s.data_dir or saved.get("data_dir"),
+            "verify": s.verify and saved.get("verify", True), "epochs": total}
 
 
 def _train_epoch(model, opt, sched, loader, epoch, s, progress):

@@ -27,7 +27,8 @@ from minivit.nn.vae import LIKELIHOODS, binarize, bits_per_dim, kl_weight
 from minivit.rundir import RunFolder
 from minivit.tensor import no_grad
 from minivit.train import (STOP, Range, SettingsError, TrainingDiverged, TrainingInterrupted, check_settings,
-                           load_data, plural, saved_state, write_reports)
+                           load_data, plural, relations, resumed_settings,
+                           saved_state, start_run, write_reports)
 
 
 @dataclass
@@ -92,24 +93,7 @@ def settings_for(preset, **overrides):
 
 def validate(s):
     """Check settings before any work starts; raise SettingsError naming every flag that is wrong and why."""
-    return check_settings(s, RANGES, CHOICES, _relations)
-
-
-def _relations(s):
-    try:
-        H = data.dataset_info(s.dataset).shape[1]
-    except ValueError as e:
-        return [f"--dataset: {e}"]
-    problems = []
-    if s.min_lr > s.lr:
-        problems.append(f"--min-lr {s.min_lr} is above --lr {s.lr}: the decay must end at or below the peak")
-    if s.warmup_epochs > s.epochs:
-        problems.append(f"--warmup-epochs {s.warmup_epochs} is longer than the run (--epochs {s.epochs})")
-    if H % s.patch_size:
-        problems.append(f"--patch-size {s.patch_size} does not divide the {H}x{H} images of {s.dataset}")
-    if s.embed_dim % s.num_heads:
-        problems.append(f"--embed-dim {s.embed_dim} is not divisible by --num-heads {s.num_heads}")
-    return problems
+    return check_settings(s, RANGES, CHOICES, relations)
 
 
 def build_model(s, info):
@@ -184,15 +168,12 @@ def train_vae(s, out_dir, resume=None, epochs=None, overwrite=True, progress=Tru
              "curves": out_dir / "curves.png"}
     with RunFolder(out_dir, log):
         log(f"run folder: {out_dir}")
-        continues_here = resume is not None and Path(resume).resolve() == paths["checkpoint"].resolve()
-        if not overwrite and not continues_here and paths["checkpoint"].exists():
-            raise SettingsError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, "
-                                "or pass --overwrite")
-        ckpt = None
-        if resume is not None:
-            ckpt = checkpoint.load_checkpoint(resume)
-            s = _resumed_settings(ckpt, s, epochs, resume)
-        saved_epoch = ckpt.epoch if continues_here else None
+        ckpt, saved_epoch = start_run(out_dir, paths, resume, overwrite)
+        if ckpt is not None:
+            if "latent_dim" not in ckpt.train_settings:
+                raise checkpoint.CheckpointError(f"{resume}: not a checkpoint of minivit vae (resume it with "
+                                                 "minivit train)")
+            s = validate(VAESettings(**resumed_settings(ckpt, s, epochs, resume)))
         try:
             ds = load_data(s, progress)
             info = ds.info
@@ -242,22 +223,6 @@ def train_vae(s, out_dir, resume=None, epochs=None, overwrite=True, progress=Tru
         finally:
             STOP.watching = STOP.asked = False
     return {"history": history, "report": report, "model": model, "paths": paths, "settings": s}
-
-
-def _resumed_settings(ckpt, s, epochs, resume):
-    """The checkpoint's settings with what a resumed run may change; SettingsError if there is nothing to do."""
-    saved = ckpt.train_settings
-    if "latent_dim" not in saved:
-        raise checkpoint.CheckpointError(f"{resume}: not a checkpoint of minivit vae (resume it with minivit train)")
-    if epochs is not None and epochs <= ckpt.epoch:
-        raise SettingsError(f"--epochs {epochs}: {resume} already holds {plural(ckpt.epoch, 'epoch')}; "
-                            f"to extend the run, ask for more than {ckpt.epoch}")
-    total = epochs or saved["epochs"]
-    if ckpt.epoch >= total:
-        raise SettingsError(f"{resume} has finished all {plural(total, 'epoch')}; extend it with --epochs N "
-                            f"(N > {total})")
-    return validate(VAESettings(**{**saved, "device": s.device, "data_dir": s.data_dir or saved.get("data_dir"),
-                                   "verify": s.verify and saved.get("verify", True), "epochs": total}))
 
 
 def _train_epoch(model, opt, sched, loader, generator, epoch, s, progress):
@@ -363,11 +328,6 @@ def evaluate(model, ds, test, s, out_dir, log=print, count=8, steps=10, manifold
 
 
 def _normal_quantiles(n, low=0.05, high=0.95):
-    """n points of N(0, 1) at evenly spaced probabilities from low to high (the inverse CDF, by bisection on erf)."""
-    probabilities = np.linspace(low, high, n)
-    lo, hi = np.full(n, -10.0), np.full(n, 10.0)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        below = 0.5 * (1 + backend.erf(mid / math.sqrt(2))) < probabilities
-        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
-    return ((lo + hi) / 2).astype(np.float32)
+    """n points of N(0, 1) at evenly spaced probabilities from low to high (the inverse of its CDF)."""
+    from scipy.special import ndtri
+    return ndtri(np.linspace(low, high, n)).astype(np.float32)

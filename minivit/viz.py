@@ -56,17 +56,25 @@ def _save(fig, path):
 
 def plot_history(history, path=None):
     """Loss and accuracy per epoch, train and test, from a list of metric dicts (as in metrics.jsonl)."""
+    return plot_curves(history, [("loss", "cross-entropy", [("train_loss", "train"), ("test_loss", "test")], 1),
+                                 ("accuracy", "accuracy (%)", [("train_acc", "train"), ("test_acc", "test")], 100)],
+                       path)
+
+
+def plot_curves(history, panels, path=None):
+    """Metrics per epoch side by side, from a list of metric dicts (as in metrics.jsonl).
+
+    Args:
+        panels: per panel (title, y label, [(key, legend label), ...], scale): each key's values times scale.
+    """
     from matplotlib.ticker import MaxNLocator
-    fig = figure(10, 4)
-    loss_ax, acc_ax = fig.subplots(1, 2)
+    fig = figure(5 * len(panels), 4)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
     epochs = [h["epoch"] for h in history]
-    for key, label in (("train_loss", "train"), ("test_loss", "test")):
-        loss_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
-    for key, label in (("train_acc", "train"), ("test_acc", "test")):
-        acc_ax.plot(epochs, [100 * h[key] for h in history], marker="o", label=label)
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for ax in (loss_ax, acc_ax):
+    for ax, (title, ylabel, curves, scale) in zip(axes, panels):
+        for key, label in curves:
+            ax.plot(epochs, [scale * h[key] for h in history], marker="o", label=label)
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even for one epoch
         ax.set_xlim(min(epochs, default=1) - 0.5, max(epochs, default=1) + 0.5)
         ax.grid(alpha=0.3)
@@ -215,22 +223,9 @@ def plot_attention_on_image(image, attention, grid, path=None, title="class toke
 # ------------------------------------------------------------------------------------------------------ VAE
 def plot_vae_history(history, path=None):
     """The negative ELBO (nats per image, train and test) and the KL term per epoch, from a VAE run's metrics."""
-    from matplotlib.ticker import MaxNLocator
-    fig = figure(10, 4)
-    elbo_ax, kl_ax = fig.subplots(1, 2)
-    epochs = [h["epoch"] for h in history]
-    for key, label in (("train_nelbo", "train"), ("test_nelbo", "test")):
-        elbo_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
-    for key, label in (("train_kl", "train"), ("test_kl", "test")):
-        kl_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
-    elbo_ax.set(xlabel="epoch", ylabel="nats per image", title="-ELBO (lower is better)")
-    kl_ax.set(xlabel="epoch", ylabel="nats per image", title="KL(q(z|x) || p(z))")
-    for ax in (elbo_ax, kl_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-        ax.set_xlim(min(epochs, default=1) - 0.5, max(epochs, default=1) + 0.5)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    return _save(fig, path)
+    return plot_curves(history, [
+        ("-ELBO (lower is better)", "nats per image", [("train_nelbo", "train"), ("test_nelbo", "test")], 1),
+        ("KL(q(z|x) || p(z))", "nats per image", [("train_kl", "train"), ("test_kl", "test")], 1)], path)
 
 
 def tile(images, rows, cols):

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 
 from minivit import Tensor, art  # noqa: E402
 from tests.test_torch_parity import _compare  # noqa: E402
-from tests.test_torch_second_order import _ours, _theirs  # noqa: E402
+from tests.test_torch_second_order import assert_second_derivatives_match_torch  # noqa: E402
 
 pytestmark = pytest.mark.torch
 R = np.random.default_rng(15)
@@ -44,15 +44,4 @@ def test_style_loss_matches_torch_in_values_and_gradients(name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_style_loss_matches_torch_in_second_derivatives(name):
-    ours, theirs, arrays = CASES[name]
-    with torch.no_grad():
-        out_shape = tuple(theirs(*[torch.from_numpy(a) for a in arrays]).shape)
-    U = R.standard_normal(out_shape)
-    V = [R.standard_normal(a.shape) for a in arrays]
-    first, second = _ours(ours, arrays, U, V)
-    first_ref, second_ref = _theirs(theirs, arrays, U, V)
-    for i, (a, b) in enumerate(zip(first, first_ref)):
-        np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL, err_msg=f"first derivative {i}")
-    for i, (a, b) in enumerate(zip(second, second_ref)):
-        np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL * max(np.abs(b).max(), 1.0),
-                                   err_msg=f"second derivative {i}")
+    assert_second_derivatives_match_torch(*CASES[name], tol=TOL)

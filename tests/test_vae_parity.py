@@ -13,7 +13,7 @@ TF = torch.nn.functional
 
 from minivit import functional as F  # noqa: E402
 from tests.test_torch_parity import _compare  # noqa: E402
-from tests.test_torch_second_order import _ours, _theirs  # noqa: E402
+from tests.test_torch_second_order import assert_second_derivatives_match_torch  # noqa: E402
 
 pytestmark = pytest.mark.torch
 R = np.random.default_rng(14)
@@ -64,21 +64,7 @@ def test_vae_op_matches_torch_in_values_and_gradients(name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_vae_op_matches_torch_in_second_derivatives(name):
-    ours, theirs, arrays = CASES[name]
-    with torch.no_grad():
-        out_shape = tuple(theirs(*[torch.from_numpy(a) for a in arrays]).shape)
-    U = R.standard_normal(out_shape)
-    V = [R.standard_normal(a.shape) for a in arrays]
-    first, second = _ours(ours, arrays, U, V)
-    first_ref, second_ref = _theirs(theirs, arrays, U, V)
-    for i, (a, b) in enumerate(zip(first, first_ref)):
-        np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL, err_msg=f"first derivative {i}")
-    for i, (a, b) in enumerate(zip(second, second_ref)):
-        if b is None:   # torch: the input enters the gradient linearly
-            assert a is None or np.abs(a).max() <= TOL, f"second derivative {i}"
-        else:
-            np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL * max(np.abs(b).max(), 1.0),
-                                       err_msg=f"second derivative {i}")
+    assert_second_derivatives_match_torch(*CASES[name], tol=TOL)
 
 
 def test_closed_form_kl_matches_torch_distributions():
