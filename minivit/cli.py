@@ -1,5 +1,5 @@
-"""The command line: ``minivit train``, ``minivit eval``, ``minivit export``, ``minivit vae`` and ``minivit
-stylize`` (also ``python -m minivit``).
+"""The command line: ``minivit train``, ``minivit eval``, ``minivit export``, ``minivit vae``, ``minivit
+stylize`` and ``minivit painters`` (also ``python -m minivit``).
 
 Every failure ends in one line on stderr, ``minivit: error: ...``, and an exit code: 2 for a bad command line
 (a flag out of range, flags that contradict each other, a file that must not be overwritten), 1 for a fault at run
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from minivit import art, backend, checkpoint, data, vae_train
+from minivit import art, backend, checkpoint, data, painters, vae_train
 from minivit.rundir import RunLocked
 from minivit.train import (PRESETS, STOP, SettingsError, TrainingDiverged, TrainSettings, evaluate_checkpoint,
                            flag, settings_for, train)
@@ -107,6 +107,11 @@ def _parser():
 
     _add_vae_parser(sub, common)
     _add_stylize_parser(sub, common)
+    pa = sub.add_parser("painters", parents=[common], help="tell the painters of the embedded paintings apart from "
+                        "crops; held-out accuracy and attention figures")
+    pa.add_argument("--out", type=Path, required=True, help="folder for report.json and the figures")
+    pa.add_argument("--epochs", type=int, default=15, help="passes over the training crops (default: 15)")
+    pa.add_argument("--seed", type=int, default=0, help="seeds the crops, the weights and the order")
 
     x = sub.add_parser("export", parents=[common], help="write a checkpoint's weights as a timm-named state dict "
                        "(.safetensors, with the model's config, or .npz)")
@@ -271,6 +276,10 @@ def main(argv=None):
             run_vae(args)
         elif args.command == "stylize":
             run_stylize(args)
+        elif args.command == "painters":
+            if args.epochs < 1:
+                raise UsageError(f"--epochs {args.epochs}: at least 1")
+            painters.train_classifier(args.out, epochs=args.epochs, seed=args.seed)
     except KeyboardInterrupt as err:
         print(f"\nminivit: interrupted; {err or 'the command did not finish'}", file=sys.stderr)
         return 130

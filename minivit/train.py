@@ -339,7 +339,7 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
             STOP.watching = True
             with anomaly:
                 for epoch in range(len(history), s.epochs):
-                    history.append(_train_epoch(model, run.opt, run.sched, run.loader, epoch, s, progress))
+                    history.append(train_epoch(model, run.opt, run.sched, run.loader, epoch, s, progress))
                     result = evaluate(model, ds.test_images, ds.test_labels, info.mean, info.std, device=s.device)
                     history[-1].update(test_loss=result["loss"], test_acc=result["acc"])
                     STOP.check()
@@ -422,7 +422,7 @@ def resumed_settings(ckpt, s, epochs, resume):
             "verify": s.verify and saved.get("verify", True), "epochs": total}
 
 
-def _train_epoch(model, opt, sched, loader, epoch, s, progress):
+def train_epoch(model, opt, sched, loader, epoch, s, progress):
     """One pass over the training set; returns the epoch's row of metrics (without the test set's)."""
     from tqdm import tqdm
     t0 = time.perf_counter()

@@ -7,7 +7,8 @@
     3  nn, optim                                 layers, models and optimizers
     4  checkpoint, rundir, data, viz, trace,     tools around models (testing: the PyTorch twin for tests;
        testing, art                              art: style transfer with ViT features)
-    5  train, vae_train, cli, __main__           the application
+    5  train, vae_train, painters, cli,          the application
+       __main__
     6  exercises                                 the lessons' checks
 
 The package root (``minivit/__init__.py``) gathers the public names and is exempt.
@@ -26,7 +27,7 @@ LAYERS = [
     ["functional", "composed", "gradcheck", "profile", "gan"],
     ["nn", "optim"],
     ["checkpoint", "rundir", "data", "viz", "trace", "testing", "art"],
-    ["train", "vae_train", "cli", "__main__"],
+    ["train", "vae_train", "painters", "cli", "__main__"],
     ["exercises"],
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
