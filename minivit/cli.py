@@ -1,4 +1,5 @@
-"""The command line: ``minivit train``, ``minivit eval`` and ``minivit export`` (also ``python -m minivit``).
+"""The command line: ``minivit train``, ``minivit eval``, ``minivit export``, ``minivit vae``, ``minivit
+stylize`` and ``minivit painters`` (also ``python -m minivit``).
 
 Every failure ends in one line on stderr, ``minivit: error: ...``, and an exit code: 2 for a bad command line
 (a flag out of range, flags that contradict each other, a file that must not be overwritten), 1 for a fault at run
@@ -12,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from minivit import backend, checkpoint, data
+from minivit import art, backend, checkpoint, data, painters, vae_train
 from minivit.rundir import RunLocked
 from minivit.train import (PRESETS, STOP, SettingsError, TrainingDiverged, TrainSettings, evaluate_checkpoint,
                            flag, settings_for, train)
@@ -43,6 +44,18 @@ TRAIN_FLAGS = {
 }
 # What --resume accepts besides the checkpoint's own settings.
 RESUME_FLAGS = ("device", "data_dir", "anomaly", "verify", "epochs")
+# flag -> (VAESettings field, type, help), for minivit vae
+VAE_FLAGS = {
+    **{name: TRAIN_FLAGS[name] for name in ("--dataset", "--data-dir", "--epochs", "--batch-size", "--lr", "--min-lr",
+                                            "--weight-decay", "--warmup-epochs", "--clip-grad", "--patch-size",
+                                            "--embed-dim", "--depth", "--num-heads", "--mlp-ratio", "--seed",
+                                            "--limit", "--device")},
+    "--latent-dim": ("latent_dim", int, "size of the latent code z (2: draw the latent plane)"),
+    "--likelihood": ("likelihood", str, "'bernoulli' (binarised pixels) or 'gaussian' (one learned variance)"),
+    "--beta": ("beta", float, "weight of the KL term (beta-VAE; 1: the ELBO)"),
+    "--kl-warmup-epochs": ("kl_warmup_epochs", float, "epochs over which the KL weight rises from 0 to --beta"),
+    "--iwae-k": ("iwae_k", int, "samples of the importance-weighted bound at the end (0: skip it)"),
+}
 
 
 class UsageError(Exception):
@@ -92,12 +105,120 @@ def _parser():
     e.add_argument("--out", type=Path, default=None, help="folder for the pictures (default: beside the checkpoint)")
     e.add_argument("--device", type=str, default="cpu", help="'cpu' or 'cuda' (default: cpu)")
 
+    _add_vae_parser(sub, common)
+    _add_stylize_parser(sub, common)
+    pa = sub.add_parser("painters", parents=[common], help="tell the painters of the embedded paintings apart from "
+                        "crops; held-out accuracy and attention figures")
+    pa.add_argument("--out", type=Path, required=True, help="folder for report.json and the figures")
+    pa.add_argument("--epochs", type=int, default=15, help="passes over the training crops (default: 15)")
+    pa.add_argument("--seed", type=int, default=0, help="seeds the crops, the weights and the order")
+
     x = sub.add_parser("export", parents=[common], help="write a checkpoint's weights as a timm-named state dict "
                        "(.safetensors, with the model's config, or .npz)")
     x.add_argument("checkpoint", type=Path)
     x.add_argument("output", type=Path)
     x.add_argument("--force", action="store_true", help="write over an existing file (never the checkpoint read)")
     return parser
+
+
+def _add_vae_parser(sub, common):
+    tiny = vae_train.settings_for("tiny")
+    v = sub.add_parser("vae", parents=[common], help="train a ViT variational autoencoder",
+                       description="Train a VAE with a ViT encoder and a ViT decoder; report the test -ELBO and IWAE "
+                       "bound, and draw reconstructions, samples and interpolations. Presets: " + "; ".join(
+                           f"{name} ({p['dataset']}, {p['epochs']} epochs)" for name, p in vae_train.PRESETS.items())
+                       + ". The defaults shown are the tiny preset's.")
+    v.add_argument("--preset", default="tiny", choices=list(vae_train.PRESETS),
+                   help="starting settings (default: tiny, the embedded Fashion-MNIST subset)")
+    for name, (field, kind, text) in VAE_FLAGS.items():
+        default = getattr(tiny, field)
+        v.add_argument(name, type=kind, default=None, help=text if default is None else f"{text} (default: {default})")
+    v.add_argument("--no-verify", dest="verify", action="store_false", default=None,
+                   help="use data files that differ from the published ones (your own data)")
+    v.add_argument("--out", type=Path, default=None, help="output folder (default: runs/vae-<preset>-<time>)")
+    v.add_argument("--resume", type=Path, default=None, help="continue from a checkpoint (or a run folder) with its "
+                   "own settings; with --epochs N, extend it to N epochs")
+    v.add_argument("--overwrite", action="store_true", help="allow --out to hold an earlier run")
+    v.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_vae(args):
+    overrides = {field: getattr(args, name[2:].replace("-", "_")) for name, (field, _, _) in VAE_FLAGS.items()}
+    overrides.update(verify=args.verify)
+    if args.resume is not None:
+        allowed = ("device", "data_dir", "verify", "epochs")
+        extra = sorted(f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None and k not in allowed)
+        if extra:
+            raise UsageError(f"--resume continues the saved run with its own settings; drop {', '.join(extra)} "
+                             "(only --epochs, --device, --data-dir and --no-verify may change)")
+        ckpt = _checkpoint_path(args.resume)
+        settings = vae_train.VAESettings(**{k: overrides[k] for k in allowed if overrides[k] is not None})
+        return vae_train.train_vae(settings, args.out or ckpt.parent, resume=ckpt, epochs=overrides["epochs"],
+                                   overwrite=args.overwrite, progress=not args.no_progress)
+    settings = vae_train.settings_for(args.preset, **overrides)
+    out = args.out or Path("runs") / f"vae-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return vae_train.train_vae(settings, out, overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def _add_stylize_parser(sub, common):
+    d = art.StyleSettings()
+    names = ", ".join(Path(p["file"]).stem for p in art.paintings())
+    st = sub.add_parser("stylize", parents=[common], help="paint an image in the style of another with ViT features",
+                        description="Optimise the pixels of CONTENT so that a ViT's token Gram matrices match STYLE's "
+                        f"and its tokens match CONTENT's. CONTENT and STYLE are image files or embedded paintings: "
+                        f"{names}.")
+    st.add_argument("content", help="image file, or an embedded painting's name")
+    st.add_argument("style", help="image file, or an embedded painting's name")
+    st.add_argument("--out", type=Path, required=True, help="the result (.png or .jpg); a side-by-side figure is "
+                    "written beside it as <name>-side-by-side.png")
+    st.add_argument("--size", type=int, default=d.size, help=f"picture side in pixels (default: {d.size}; with "
+                    "--model, the model's image size)")
+    st.add_argument("--steps", type=int, default=d.steps, help=f"optimisation steps (default: {d.steps})")
+    st.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate on the pixels (default: {d.lr})")
+    st.add_argument("--style-weight", type=float, default=d.style_weight, help=f"(default: {d.style_weight})")
+    st.add_argument("--content-weight", type=float, default=d.content_weight, help=f"(default: {d.content_weight})")
+    st.add_argument("--tv-weight", type=float, default=d.tv_weight, help=f"total variation (default: {d.tv_weight})")
+    st.add_argument("--style-blocks", type=_block_list, default=d.style_blocks,
+                    help="blocks whose Gram matrices carry the style, e.g. 0,1,2,3 (default: all four of the random "
+                    "ViT)")
+    st.add_argument("--content-blocks", type=_block_list, default=d.content_blocks,
+                    help=f"blocks whose tokens carry the content (default: {','.join(map(str, d.content_blocks))})")
+    st.add_argument("--init", choices=("content", "noise"), default=d.init, help="start from the content image "
+                    "or from noise")
+    st.add_argument("--model", type=Path, default=None, help="a checkpoint of minivit train (or an export) as the "
+                    "feature extractor (default: a ViT with random weights)")
+    st.add_argument("--seed", type=int, default=d.seed, help="seeds the random ViT and the noise")
+    st.add_argument("--force", action="store_true", help="write over existing output files")
+
+
+def _block_list(text):
+    try:
+        blocks = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block numbers separated by commas, got {text!r}") from None
+    return blocks
+
+
+def run_stylize(args):
+    if args.size < 8:
+        raise UsageError(f"--size {args.size} is too small: at least 8 pixels")
+    if args.steps < 1 or not args.lr > 0:
+        raise UsageError(f"--steps must be at least 1 and --lr positive, got {args.steps} and {args.lr}")
+    if min(args.style_weight, args.content_weight, args.tv_weight) < 0:
+        raise UsageError("--style-weight, --content-weight and --tv-weight must not be negative")
+    if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise UsageError(f"{args.out}: the result is a .png or .jpg file")
+    side = args.out.with_name(args.out.stem + "-side-by-side.png")
+    existing = [str(p) for p in (args.out, side) if p.exists()]
+    if existing and not args.force:
+        raise UsageError(f"{' and '.join(existing)} already exist(s); choose another --out, or pass --force")
+    model = checkpoint.model_from_checkpoint(_checkpoint_path(args.model))[0] if args.model else None
+    settings = art.StyleSettings(size=args.size, steps=args.steps, lr=args.lr, style_weight=args.style_weight,
+                                 content_weight=args.content_weight, tv_weight=args.tv_weight,
+                                 style_blocks=args.style_blocks, content_blocks=args.content_blocks, init=args.init,
+                                 seed=args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    return art.stylize_files(args.content, args.style, args.out, model=model, settings=settings)
 
 
 def _checkpoint_path(path):
@@ -151,6 +272,14 @@ def main(argv=None):
                                 verify=args.verify)
         elif args.command == "export":
             run_export(args)
+        elif args.command == "vae":
+            run_vae(args)
+        elif args.command == "stylize":
+            run_stylize(args)
+        elif args.command == "painters":
+            if args.epochs < 1:
+                raise UsageError(f"--epochs {args.epochs}: at least 1")
+            painters.train_classifier(args.out, epochs=args.epochs, seed=args.seed)
     except KeyboardInterrupt as err:
         print(f"\nminivit: interrupted; {err or 'the command did not finish'}", file=sys.stderr)
         return 130
@@ -169,7 +298,7 @@ def _describe(err):
     if isinstance(err, (UsageError, SettingsError)):
         return 2, str(err)
     if isinstance(err, (data.DataError, checkpoint.CheckpointError, TrainingDiverged, FloatingPointError,
-                        RunLocked)):
+                        RunLocked, art.ArtError)):
         return 1, str(err)
     if isinstance(err, OSError) and err.filename is not None:
         return 1, f"{err.filename}: {err.strerror}"

@@ -10,11 +10,13 @@ from minivit import backend
 from minivit.ops import (CrossEntropyFn, DropoutFn, GELUFn, LayerNormFn, LinearFn, LogSoftmaxFn,
                          MultiHeadSelfAttentionFn, PatchifyFn, ScaledDotProductAttentionFn, SoftmaxFn, UnpatchifyFn)
 from minivit.ops import BinaryCrossEntropyWithLogitsFn, L2AttentionFn, LogSigmoidFn, SigmoidFn, SoftplusFn
+from minivit.ops import BernoulliLogLikelihoodFn, GaussianKLFn, GaussianLogLikelihoodFn, ReparameterizeFn
 from minivit.tensor import Tensor, concat, stack
 
 __all__ = ["linear", "gelu", "softmax", "log_softmax", "layer_norm", "scaled_dot_product_attention",
            "multi_head_self_attention", "cross_entropy", "dropout", "patchify", "unpatchify", "concat", "stack",
-           "sigmoid", "softplus", "logsigmoid", "binary_cross_entropy_with_logits", "l2_distance_attention"]
+           "sigmoid", "softplus", "logsigmoid", "binary_cross_entropy_with_logits", "l2_distance_attention",
+           "reparameterize", "gaussian_kl", "bernoulli_log_likelihood", "gaussian_log_likelihood"]
 
 
 def _tensor(x):
@@ -295,3 +297,65 @@ def l2_distance_attention(q, k, v, scale=None):
         raise ValueError(f"l2_distance_attention: q {q.shape}, k {k.shape}, v {v.shape}; expected q (..., Nq, d), "
                          "k (..., Nk, d), v (..., Nk, dv) with the same leading axes")
     return L2AttentionFn.apply(q, k, v, scale=scale)
+
+
+# ----------------------------------------------------------------------------------- variational autoencoders
+def reparameterize(mu, logvar, eps=None, generator=None, samples=None):
+    """z = mu + exp(logvar / 2) * eps: a sample of N(mu, exp(logvar)) through which gradients reach mu and logvar.
+
+    Args:
+        mu, logvar: (B, L) mean and log-variance of each image's posterior.
+        eps: the standard-normal noise, of mu's shape or with leading sample axes (k, B, L); drawn when None.
+        generator: draws eps (a ``numpy.random.Generator``, or CuPy's); the library default when None.
+        samples: draw k samples per image, z of shape (k, B, L) (only when eps is None).
+    """
+    mu, logvar = _tensor(mu), _tensor(logvar)
+    if mu.shape != logvar.shape:
+        raise ValueError(f"reparameterize: mu {mu.shape} and logvar {logvar.shape} must have the same shape")
+    if eps is None:
+        xp = backend.get_array_module(mu.data)
+        generator = generator or backend.default_generator(xp)
+        shape = ((samples,) if samples else ()) + tuple(mu.shape)
+        eps = generator.standard_normal(shape).astype(mu.dtype)
+    elif samples is not None:
+        raise ValueError("reparameterize: pass either eps or samples, not both")
+    eps = _tensor(eps)
+    if tuple(eps.shape[eps.ndim - mu.ndim:]) != tuple(mu.shape):
+        raise ValueError(f"reparameterize: eps {eps.shape} must end with mu's shape {mu.shape}")
+    return ReparameterizeFn.apply(mu, logvar, eps)
+
+
+def gaussian_kl(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, I)) = 1/2 sum (mu^2 + exp(logvar) - logvar - 1) over the last axis.
+
+    Shapes: mu, logvar (..., L) -> (...)
+    """
+    mu, logvar = _tensor(mu), _tensor(logvar)
+    if mu.shape != logvar.shape:
+        raise ValueError(f"gaussian_kl: mu {mu.shape} and logvar {logvar.shape} must have the same shape")
+    return GaussianKLFn.apply(mu, logvar)
+
+
+def bernoulli_log_likelihood(logits, x):
+    """log p(x | logits) for independent Bernoulli pixels, summed over every axis but the first.
+
+    Shapes: logits (B, ...), x (same; pixels in [0, 1], usually binarised to {0, 1}) -> (B,)
+    """
+    logits, x = _tensor(logits), _tensor(x)
+    if logits.shape != x.shape or logits.ndim < 1:
+        raise ValueError(f"bernoulli_log_likelihood: logits {logits.shape} and x {x.shape} must have the same "
+                         "shape (B, ...)")
+    return BernoulliLogLikelihoodFn.apply(logits, x)
+
+
+def gaussian_log_likelihood(x, mean, logvar):
+    """log N(x; mean, exp(logvar)) for independent Gaussian pixels, summed over every axis but the first.
+
+    Shapes: x (B, ...), mean (same), logvar broadcastable to x (a scalar for one shared variance) -> (B,)
+    """
+    x, mean, logvar = _tensor(x), _tensor(mean), _tensor(logvar)
+    if x.shape != mean.shape or x.ndim < 1:
+        raise ValueError(f"gaussian_log_likelihood: x {x.shape} and mean {mean.shape} must have the same shape")
+    if logvar.ndim > x.ndim or any(a not in (1, b) for a, b in zip(logvar.shape[::-1], x.shape[::-1])):
+        raise ValueError(f"gaussian_log_likelihood: logvar {logvar.shape} does not broadcast to x {x.shape}")
+    return GaussianLogLikelihoodFn.apply(x, mean, logvar)

@@ -171,20 +171,27 @@ def settings_for(preset, **overrides):
 
 def validate(s):
     """Check settings before any work starts; raise SettingsError naming every flag that is wrong and why."""
+    return check_settings(s, RANGES, CHOICES, relations)
+
+
+def check_settings(s, ranges, choices, relations):
+    """Check a settings dataclass: each field against its range or choices, then (if those hold) the fields
+    against each other with ``relations(s)`` (a list of problems), then the device. Raise SettingsError naming
+    every flag that is wrong and why; return ``s`` when all is well."""
     problems = []
     kinds = {f.name: numbers.Integral if f.type is int else numbers.Real for f in dataclasses.fields(s)}
-    for name, allowed in RANGES.items():
+    for name, allowed in ranges.items():
         value = getattr(s, name)
         if isinstance(value, bool) or not isinstance(value, kinds[name]):
             kind = "a whole number" if kinds[name] is numbers.Integral else "a number"
             problems.append(f"{flag(name)} must be {kind}, got {value!r}")
         elif value not in allowed:
             problems.append(f"{flag(name)} {value} is out of range: expected {allowed}")
-    for name, allowed in CHOICES.items():
+    for name, allowed in choices.items():
         if getattr(s, name) not in allowed:
             problems.append(f"{flag(name)} must be one of {', '.join(map(repr, allowed))}, got {getattr(s, name)!r}")
     if not problems:
-        problems += _relations(s)
+        problems += relations(s)
     try:
         if backend.normalize_device(s.device) == "cuda" and not backend.cuda_available():
             problems.append("--device cuda needs CuPy and a CUDA device, and none is usable here "
@@ -196,8 +203,9 @@ def validate(s):
     return s
 
 
-def _relations(s):
-    """What one flag needs of another (and of the data set)."""
+def relations(s):
+    """What one flag needs of another (and of the data set): the learning rates, the warmup, the patch size and the
+    heads (the settings of ``minivit vae`` share these)."""
     try:
         H = data.dataset_info(s.dataset).shape[1]
     except ValueError as e:
@@ -264,11 +272,12 @@ def evaluate(model, images, labels, mean, std, batch_size=256, device="cpu"):
             "predictions": predictions, "confidences": np.concatenate(confidences)}
 
 
-def _write_reports(paths, history):
-    """metrics.jsonl and curves.png from the history so far, each written atomically."""
+def write_reports(paths, history, plot=viz.plot_history):
+    """metrics.jsonl and curves.png (drawn by ``plot(history)``) from the history so far, each written
+    atomically."""
     text = "".join(json.dumps(row) + "\n" for row in history)
     checkpoint.atomic_write(paths["metrics"], lambda tmp: Path(tmp).write_text(text))
-    checkpoint.atomic_write(paths["curves"], lambda tmp: viz.plot_history(history).savefig(tmp, format="png"))
+    checkpoint.atomic_write(paths["curves"], lambda tmp: plot(history).savefig(tmp, format="png"))
 
 
 def plural(count, word):
@@ -276,12 +285,12 @@ def plural(count, word):
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-def _saved_state(path, epoch, total, out_dir):
-    """What an interrupted run leaves, for the message that ends it."""
+def saved_state(path, epoch, total, out_dir, command="train"):
+    """What an interrupted run of ``minivit <command>`` leaves, for the message that ends it."""
     if epoch == total:
         return f"{path} holds all {plural(total, 'epoch')}: the run is complete"
     if epoch is not None:
-        return f"{path} holds epoch {epoch} of {total}: continue with  minivit train --resume {out_dir}"
+        return f"{path} holds epoch {epoch} of {total}: continue with  minivit {command} --resume {out_dir}"
     if path.exists():
         return f"nothing of this run was saved; {path} still holds the earlier run"
     return "nothing was saved: a run writes its first checkpoint when its first epoch ends"
@@ -314,15 +323,9 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
              "curves": out_dir / "curves.png"}
     with RunFolder(out_dir, log):
         log(f"run folder: {out_dir}")
-        continues_here = resume is not None and Path(resume).resolve() == paths["checkpoint"].resolve()
-        if not overwrite and not continues_here and paths["checkpoint"].exists():
-            raise SettingsError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, "
-                                "or pass --overwrite")
-        ckpt = None
-        if resume is not None:
-            ckpt = checkpoint.load_checkpoint(resume)
-            s = _resumed_settings(ckpt, s, epochs, resume)
-        saved_epoch = ckpt.epoch if continues_here else None
+        ckpt, saved_epoch = start_run(out_dir, paths, resume, overwrite)
+        if ckpt is not None:
+            s = validate(TrainSettings(**{**resumed_settings(ckpt, s, epochs, resume), "anomaly": s.anomaly}))
         try:
             run = _prepare(s, ckpt, progress)
             if ckpt is not None:
@@ -336,7 +339,7 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
             STOP.watching = True
             with anomaly:
                 for epoch in range(len(history), s.epochs):
-                    history.append(_train_epoch(model, run.opt, run.sched, run.loader, epoch, s, progress))
+                    history.append(train_epoch(model, run.opt, run.sched, run.loader, epoch, s, progress))
                     result = evaluate(model, ds.test_images, ds.test_labels, info.mean, info.std, device=s.device)
                     history[-1].update(test_loss=result["loss"], test_acc=result["acc"])
                     STOP.check()
@@ -348,10 +351,10 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
                                                rng_state=_rng_state(model), train_settings=dataclasses.asdict(s),
                                                epoch=epoch + 1, history=history)
                     saved_epoch = epoch + 1
-                    _write_reports(paths, history)
+                    write_reports(paths, history)
                     STOP.check()
         except KeyboardInterrupt:
-            raise TrainingInterrupted(_saved_state(paths["checkpoint"], saved_epoch, s.epochs, out_dir)) from None
+            raise TrainingInterrupted(saved_state(paths["checkpoint"], saved_epoch, s.epochs, out_dir)) from None
         finally:
             STOP.watching = STOP.asked = False
     final = history[-1]
@@ -392,8 +395,21 @@ def _prepare(s, ckpt, progress):
     return _Run(ds, loader, model, opt, sched, list(ckpt.history))
 
 
-def _resumed_settings(ckpt, s, epochs, resume):
-    """The checkpoint's settings with what a resumed run may change; SettingsError if there is nothing to do."""
+def start_run(out_dir, paths, resume, overwrite):
+    """What a run checks first in its locked folder: that it replaces no other run unless ``overwrite``; then it
+    reads the checkpoint to resume. Returns (Checkpoint or None, the epoch the folder's own checkpoint holds when
+    the run continues it in place, else None)."""
+    continues_here = resume is not None and Path(resume).resolve() == paths["checkpoint"].resolve()
+    if not overwrite and not continues_here and paths["checkpoint"].exists():
+        raise SettingsError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, "
+                            "or pass --overwrite")
+    ckpt = checkpoint.load_checkpoint(resume) if resume is not None else None
+    return ckpt, (ckpt.epoch if continues_here else None)
+
+
+def resumed_settings(ckpt, s, epochs, resume):
+    """The checkpoint's settings (a dict) with what a resumed run may change: the device, the data folder, the
+    check of the data files and the number of epochs; SettingsError if there is nothing left to do."""
     saved = ckpt.train_settings
     if epochs is not None and epochs <= ckpt.epoch:
         raise SettingsError(f"--epochs {epochs}: {resume} already holds {plural(ckpt.epoch, 'epoch')}; "
@@ -402,12 +418,11 @@ def _resumed_settings(ckpt, s, epochs, resume):
     if ckpt.epoch >= total:
         raise SettingsError(f"{resume} has finished all {plural(total, 'epoch')}; extend it with --epochs N "
                             f"(N > {total})")
-    return validate(TrainSettings(**{**saved, "device": s.device, "data_dir": s.data_dir or saved.get("data_dir"),
-                                     "anomaly": s.anomaly, "verify": s.verify and saved.get("verify", True),
-                                     "epochs": total}))
+    return {**saved, "device": s.device, "data_dir": s.data_dir or saved.get("data_dir"),
+            "verify": s.verify and saved.get("verify", True), "epochs": total}
 
 
-def _train_epoch(model, opt, sched, loader, epoch, s, progress):
+def train_epoch(model, opt, sched, loader, epoch, s, progress):
     """One pass over the training set; returns the epoch's row of metrics (without the test set's)."""
     from tqdm import tqdm
     t0 = time.perf_counter()

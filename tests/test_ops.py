@@ -30,6 +30,20 @@ def _gen(x):
     return get_array_module(x.data).random.default_rng(3)
 
 
+def _eps(t):
+    """Fixed standard-normal noise of t's shape, on t's device: a constant input, as in training."""
+    from minivit.backend import get_array_module
+    xp = get_array_module(t.data)
+    return xp.asarray(np.random.default_rng(5).standard_normal(t.shape))
+
+
+def _binary(t):
+    """Fixed pixels in {0, 1} of t's shape, on t's device (a dynamically binarised image)."""
+    from minivit.backend import get_array_module
+    xp = get_array_module(t.data)
+    return xp.asarray((np.random.default_rng(6).uniform(size=t.shape) < 0.5).astype(float))
+
+
 # op name -> list of (function of tensors, input arrays); every op in minivit must appear here.
 CASES = {
     "AddFn": [(lambda a, b: ops.AddFn.apply(a, b), [randn(3, 4), randn(3, 4)]),
@@ -131,6 +145,20 @@ CASES = {
         (lambda x, v: ops.L2AttentionFn.apply(x, x, v), [randn(2, 4, 3), randn(2, 4, 5)]),          # tied q = k
         (lambda q, k, v: ops.L2AttentionFn.apply(q, k, v, scale=0.7), [randn(2, 2, 3, 4), randn(2, 2, 6, 4),
                                                                         randn(2, 2, 6, 3)])],
+    "ReparameterizeFn": [
+        (lambda m, v, e: ops.ReparameterizeFn.apply(m, v, e), [randn(3, 4), randn(3, 4), randn(3, 4)]),
+        (lambda m, v, e: ops.ReparameterizeFn.apply(m, v, e), [randn(2, 3), randn(2, 3), randn(5, 2, 3)]),  # k = 5
+        (lambda m, v: ops.ReparameterizeFn.apply(m, v, _eps(m)), [randn(4, 2), randn(4, 2)])],   # eps a constant
+    "GaussianKLFn": [(lambda m, v: ops.GaussianKLFn.apply(m, v), [randn(3, 4), randn(3, 4)]),
+                     (lambda m, v: ops.GaussianKLFn.apply(m, v), [randn(2, 3, 5) * 2, randn(2, 3, 5)])],
+    "BernoulliLogLikelihoodFn": [
+        (lambda l, x: ops.BernoulliLogLikelihoodFn.apply(l, x), [randn(3, 1, 4, 4) * 3, R.uniform(0, 1, (3, 1, 4, 4))]),
+        (lambda l: ops.BernoulliLogLikelihoodFn.apply(l, _binary(l)), [randn(4, 6) * 2])],     # binarised pixels
+    "GaussianLogLikelihoodFn": [
+        (lambda x, m, v: ops.GaussianLogLikelihoodFn.apply(x, m, v), [randn(3, 5), randn(3, 5), randn(3, 5)]),
+        (lambda x, m, v: ops.GaussianLogLikelihoodFn.apply(x, m, v), [randn(2, 1, 3, 3), randn(2, 1, 3, 3),
+                                                                       randn(1, 1, 1)]),        # one shared variance
+        (lambda x, m, v: ops.GaussianLogLikelihoodFn.apply(x, m, v), [randn(4, 2, 3), randn(4, 2, 3), randn(3)])],
 }
 
 

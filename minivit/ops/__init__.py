@@ -20,6 +20,7 @@ from minivit.ops.loss import CrossEntropyFn
 from minivit.ops.patch import PatchifyFn, UnpatchifyFn
 from minivit.ops.logistic import BinaryCrossEntropyWithLogitsFn, LogSigmoidFn, SigmoidFn, SoftplusFn
 from minivit.ops.l2attention import L2AttentionFn
+from minivit.ops.vae import BernoulliLogLikelihoodFn, GaussianKLFn, GaussianLogLikelihoodFn, ReparameterizeFn
 
 __all__ = [
     "AddFn", "SubFn", "MulFn", "DivFn", "NegFn", "PowFn", "ExpFn", "LogFn", "TanhFn", "ErfFn", "MatMulFn",
@@ -28,6 +29,7 @@ __all__ = [
     "LinearFn", "GELUFn", "DropoutFn", "SoftmaxFn", "LogSoftmaxFn", "LayerNormFn",
     "ScaledDotProductAttentionFn", "MultiHeadSelfAttentionFn", "CrossEntropyFn", "PatchifyFn", "UnpatchifyFn",
     "SigmoidFn", "SoftplusFn", "LogSigmoidFn", "BinaryCrossEntropyWithLogitsFn", "L2AttentionFn",
+    "ReparameterizeFn", "GaussianKLFn", "BernoulliLogLikelihoodFn", "GaussianLogLikelihoodFn",
     "all_ops",
 ]
 
