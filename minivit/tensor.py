@@ -224,6 +224,8 @@ class Tensor:
 
     def transpose(self, axis0=-2, axis1=-1):
         """Swap two axes (the last two by default)."""
+        from minivit.function import normalize_axis
+        axis0, axis1 = normalize_axis(axis0, self.ndim, "transpose"), normalize_axis(axis1, self.ndim, "transpose")
         axes = list(range(self.ndim))
         axes[axis0], axes[axis1] = axes[axis1], axes[axis0]
         return _ops.PermuteFn.apply(self, axes=tuple(axes))

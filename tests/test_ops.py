@@ -304,3 +304,56 @@ def test_attention_is_right_where_exp_of_the_scores_would_overflow_or_vanish(sca
         np.testing.assert_allclose(multi, single, rtol=1e-5, atol=1e-6)
     report = gradcheck(lambda a, b, c: ops.ScaledDotProductAttentionFn.apply(a, b, c), [q / scale * 30, k, v])
     assert report.ok, report
+
+
+# ------------------------------------------------------------------ regressions of issue 17
+def test_division_gradient_in_the_divisor_neither_overflows_nor_vanishes():
+    """d(a/b)/db = -(a/b)/b: with a = b = 1e20 in float32 the old -a/(b b) gave -0.0, with 1e-25 it gave -inf."""
+    from minivit import Tensor
+    import minivit
+    for value, expected in ((1e20, -1e-20), (1e-25, -1e25)):
+        a = Tensor(np.array([value], np.float32), requires_grad=True)
+        b = Tensor(np.array([value], np.float32), requires_grad=True)
+        (a / b).backward(np.ones(1, np.float32))
+        np.testing.assert_allclose(b.grad, [expected], rtol=1e-6)
+        np.testing.assert_allclose(a.grad, [1 / value], rtol=1e-6)
+        a2 = Tensor(np.array([value], np.float32), requires_grad=True)
+        b2 = Tensor(np.array([value], np.float32), requires_grad=True)
+        (gb,) = minivit.grad(a2 / b2, [b2], np.ones(1, np.float32), create_graph=True)
+        np.testing.assert_allclose(gb.data, [expected], rtol=1e-6)
+
+
+def test_x_to_the_power_zero_has_a_zero_gradient_at_zero():
+    """PyTorch gives 0 for d(x^0)/dx at x = 0; the old 0 * 0^-1 gave NaN."""
+    from minivit import Tensor
+    import minivit
+    x = Tensor(np.array([0.0, 2.0, -1.0]), requires_grad=True)
+    y = x ** 0
+    np.testing.assert_array_equal(y.data, [1.0, 1.0, 1.0])
+    y.backward(np.ones(3))
+    np.testing.assert_array_equal(x.grad, [0.0, 0.0, 0.0])
+    x2 = Tensor(np.array([0.0, 2.0]), requires_grad=True)
+    (g,) = minivit.grad(x2 ** 0, [x2], np.ones(2), create_graph=True)
+    np.testing.assert_array_equal(g.data, [0.0, 0.0])
+
+
+def test_attention_with_broadcast_batch_axes_sums_the_gradients_back():
+    """q (2, 3, 5, 4) with k, v (1, 3, 7, .) runs forward; backward used to hand k a gradient of shape
+    (2, 3, 7, 4) and raise. Compared with the same attention on k and v copied along the batch."""
+    from minivit import Tensor
+    q, k, v = randn(2, 3, 5, 4), randn(1, 3, 7, 4), randn(1, 3, 7, 6)
+    dy = randn(2, 3, 5, 6)
+    tq, tk, tv = (Tensor(a, requires_grad=True) for a in (q, k, v))
+    ops.ScaledDotProductAttentionFn.apply(tq, tk, tv).backward(dy)
+    rq, rk, rv = (Tensor(a, requires_grad=True) for a in (q, np.repeat(k, 2, 0), np.repeat(v, 2, 0)))
+    ops.ScaledDotProductAttentionFn.apply(rq, rk, rv).backward(dy)
+    assert tk.grad.shape == k.shape and tv.grad.shape == v.shape
+    np.testing.assert_allclose(tq.grad, rq.grad, rtol=1e-12)
+    np.testing.assert_allclose(tk.grad, rk.grad.sum(0, keepdims=True), rtol=1e-12)
+    np.testing.assert_allclose(tv.grad, rv.grad.sum(0, keepdims=True), rtol=1e-12)
+    report = gradcheck(lambda a, b, c: ops.ScaledDotProductAttentionFn.apply(a, b, c),
+                       [randn(2, 1, 3, 4), randn(1, 2, 5, 4), randn(2, 5, 3)])
+    assert report.ok, report
+    report = gradgradcheck(lambda a, b, c: ops.ScaledDotProductAttentionFn.apply(a, b, c),
+                           [randn(2, 1, 3, 4), randn(1, 2, 5, 4), randn(1, 1, 5, 3)])
+    assert report.ok, report

@@ -1,7 +1,7 @@
 """Softmax and log-softmax along one axis."""
 
 from minivit.backend import get_array_module
-from minivit.function import Function
+from minivit.function import Function, normalize_axis
 
 
 class SoftmaxFn(Function):
@@ -12,6 +12,7 @@ class SoftmaxFn(Function):
 
     def forward(self, x, *, axis=-1):
         xp = get_array_module(x)
+        axis = normalize_axis(axis, x.ndim, "softmax")
         e = xp.exp(x - x.max(axis=axis, keepdims=True))  # shift by the max: exp never overflows
         e /= e.sum(axis=axis, keepdims=True)
         self.y, self.axis = e, axis
@@ -36,6 +37,7 @@ class LogSoftmaxFn(Function):
 
     def forward(self, x, *, axis=-1):
         xp = get_array_module(x)
+        axis = normalize_axis(axis, x.ndim, "log_softmax")
         shifted = x - x.max(axis=axis, keepdims=True)
         y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
         self.y, self.axis = y, axis
