@@ -459,3 +459,33 @@ def test_float32_gelu_is_at_least_as_close_to_exact_as_pytorchs():
     assert _ulps(ours.grad[g_good], tg[g_good].astype(np.float64), size[g_good]).max() <= 8
     ours_err, theirs_err = _ulps(y.data, ref_y), np.nan_to_num(_ulps(ty, ref_y), nan=np.inf)
     assert (ours_err <= theirs_err + 8).all()
+
+
+@pytest.mark.parametrize("dtype,scale", [(np.float32, 1e20), (np.float32, 1e37), (np.float64, 1e160)])
+def test_layer_norm_of_rows_whose_squares_overflow_is_right(dtype, scale):
+    """Issue 17, item 6: float32 x = [1, 2, 3, 4] * 1e20 gave the bias (rstd became 0); the answer does not depend
+    on the scale of a row (eps aside), nor does its gradient times the scale. (PyTorch 2.13 returns NaN here.)"""
+    import minivit
+    from minivit import Tensor
+    base = np.array([[1.0, 2, 3, 4], [1, -2, 0.5, 3], [0.5, 0.5, 0.5, 0.5]])
+    w, b, dy = np.array([1, 2, 0.5, 1]), np.array([0.1, 0, 0, -1]), randn(3, 4)
+    xt = Tensor((base * scale).astype(dtype), requires_grad=True)
+    y = ops.LayerNormFn.apply(xt, w.astype(dtype), b.astype(dtype), eps=1e-6)
+    y.backward(dy.astype(dtype))
+    ref_x = Tensor(base, requires_grad=True)
+    ref = ops.LayerNormFn.apply(ref_x, w, b, eps=0.0)
+    ref.backward(dy)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(y.data[:2], ref.data[:2], rtol=tol, atol=tol)
+    np.testing.assert_allclose(y.data[2], b, atol=tol)                      # a constant row: xhat = 0
+    np.testing.assert_allclose(xt.grad[:2] * scale, ref_x.grad[:2], rtol=tol * 10, atol=tol)
+    x2 = Tensor((base[:2] * scale).astype(dtype), requires_grad=True)
+    (g,) = minivit.grad(ops.LayerNormFn.apply(x2, w.astype(dtype), b.astype(dtype)), [x2], dy[:2].astype(dtype),
+                        create_graph=True)
+    np.testing.assert_allclose(g.data * scale, ref_x.grad[:2], rtol=tol * 10, atol=tol)
+
+
+def test_layer_norm_of_a_row_holding_inf_or_nan_is_nan():
+    y = ops.LayerNormFn.apply(np.array([[1.0, np.inf, 2.0], [np.nan, 1.0, 2.0], [1.0, 2.0, 4.0]], np.float32),
+                              np.ones(3, np.float32), np.zeros(3, np.float32)).data
+    assert np.isnan(y[:2]).all() and np.isfinite(y[2]).all()
