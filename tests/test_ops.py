@@ -489,3 +489,52 @@ def test_layer_norm_of_a_row_holding_inf_or_nan_is_nan():
     y = ops.LayerNormFn.apply(np.array([[1.0, np.inf, 2.0], [np.nan, 1.0, 2.0], [1.0, 2.0, 4.0]], np.float32),
                               np.ones(3, np.float32), np.zeros(3, np.float32)).data
     assert np.isnan(y[:2]).all() and np.isfinite(y[2]).all()
+
+
+def _softmax64(s):
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("fraction_bad", [0.05, 1.0])
+def test_attention_probabilities_keep_small_values(fraction_bad):
+    """Issue 17, item 7: the CPU's unshifted softmax kept rows whose exp-sum lay in (1e-30, 1e30), so scores
+    [-60, -110, -95] gave [1, 0, 6.305155e-16] instead of [1, 1.93e-22, 6.305117e-16]. Rows with all scores
+    negative are now shifted (row by row when few, all at once when many); probabilities match float64 within
+    the float32 rounding of the scores wherever they are normal floats."""
+    from minivit import Tensor, functional as F
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 3, 40, 8)).astype(np.float32) * 3
+    k = rng.standard_normal((1, 3, 12, 8)).astype(np.float32)
+    v = rng.standard_normal((1, 3, 12, 5)).astype(np.float32)
+    rows = rng.random((2, 3, 40)) < fraction_bad
+    q[rows] = -np.abs(q[rows]) * 25                                      # rows with far-negative scores
+    k = np.abs(k)
+    out, probs = F.scaled_dot_product_attention(Tensor(q), Tensor(k), Tensor(v), return_attn=True)
+    s = q.astype(np.float64) @ np.swapaxes(k, -1, -2).astype(np.float64) / math.sqrt(8)
+    exact = _softmax64(s)
+    normal = exact > np.finfo(np.float32).tiny
+    assert (~normal).any() and (normal & (exact < 1e-20)).any()          # the sweep reaches the small values
+    # scores near -100 carry float32 rounding of about 1e-5: that, not the softmax, sets the tolerance
+    np.testing.assert_allclose(probs.data[normal], exact[normal], rtol=1e-4)
+    assert np.abs(probs.data[~normal]).max() <= np.finfo(np.float32).tiny
+    np.testing.assert_allclose(out.data, exact @ v.astype(np.float64), rtol=1e-4, atol=1e-5)
+    fn = ops.ScaledDotProductAttentionFn()
+    fn(np.array([[-60.0, -110.0, -95.0]], np.float32), np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32),
+       scale=1.0)
+    np.testing.assert_allclose(fn.p[0], [1, 1.9287498e-22, 6.3051168e-16], rtol=1e-6)
+
+
+def test_multi_head_attention_probabilities_keep_small_values():
+    rng = np.random.default_rng(6)
+    B, N, nh, hd = 2, 6, 2, 4
+    qkv = rng.standard_normal((B, N, 3 * nh * hd)).astype(np.float32)
+    qkv[:, :, :nh * hd] = -np.abs(qkv[:, :, :nh * hd]) * 20
+    qkv[:, :, nh * hd:2 * nh * hd] = np.abs(qkv[:, :, nh * hd:2 * nh * hd])
+    fn = ops.MultiHeadSelfAttentionFn()
+    fn(qkv, num_heads=nh)
+    heads = qkv.astype(np.float64).reshape(B, N, 3, nh, hd).transpose(2, 0, 3, 1, 4)
+    exact = _softmax64(heads[0] @ heads[1].swapaxes(-1, -2) / 2.0)
+    normal = exact > np.finfo(np.float32).tiny
+    assert (exact[normal] < 1e-20).any()
+    np.testing.assert_allclose(fn.p[normal], exact[normal], rtol=1e-4)

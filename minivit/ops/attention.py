@@ -29,17 +29,32 @@ def attention_forward(q, k, v, scale, y=None, p=None):
     kt = transposed_copy(k, scale)                                       # (..., d, Nk)
     p = xp.matmul(q, kt, out=p)                                          # the scores s = q k^T * scale
     # Softmax does not change when a row is shifted; the usual shift by the row max only keeps exp from
-    # overflowing. Scores of a working model are far from exp's limits, so on the CPU try without it (two passes
-    # fewer over the largest array of the step) and shift only if some row's sum overflowed or vanished. On the
+    # overflowing and the small probabilities from underflowing. Scores of a working model are far from exp's
+    # limits, so on the CPU try without it (two passes fewer over the largest array of the step) and shift only
+    # the rows that need it. Unshifted, p_j = exp(s_j) / total loses nothing when 1 <= total < 1e30: no exp
+    # overflowed, and an exp(s_j) that underflowed below the normal range gives p_j <= exp(s_j), itself below
+    # it, as the shifted form would. Other rows (all scores negative, or huge) are redone with the shift. On the
     # GPU that check would wait for the device, so the shift is always made there.
     shift = xp.__name__ != "numpy"
     if not shift:
-        with xp.errstate(over="ignore", under="ignore"):   # an overflow here only sends us to the shift below
+        with xp.errstate(over="ignore", under="ignore"):   # an overflow here only sends the row to the shift
             xp.exp(p, out=p)
         total = sum_last(p)
-        shift = not bool(((total > 1e-30) & (total < 1e30)).all())
-        if shift:
-            xp.matmul(q, kt, out=p)                                      # the scores again, to shift them
+        ok = (total >= 1.0) & (total < 1e30)
+        if not bool(ok.all()):
+            bad = xp.nonzero(~ok[..., 0])                                # the rows to redo: (..., Nq) indices
+            if 8 * len(bad[0]) > ok.size:                                # many: all scores again, shifted
+                shift = True
+                xp.matmul(q, kt, out=p)
+            else:
+                batch = p.shape[:-2]
+                q_rows = xp.broadcast_to(q, batch + q.shape[-2:])[bad]                      # (n, d)
+                kt_rows = xp.broadcast_to(kt, batch + kt.shape[-2:])[bad[:-1]]              # (n, d, Nk)
+                s = (q_rows[:, None, :] @ kt_rows)[:, 0]                                     # (n, Nk)
+                s -= s.max(axis=-1, keepdims=True)
+                xp.exp(s, out=s)
+                p[bad] = s
+                total[bad] = s.sum(axis=-1, keepdims=True)
     if shift:
         p -= p.max(axis=-1, keepdims=True)
         xp.exp(p, out=p)
