@@ -41,6 +41,8 @@ CASES = {
               (lambda a, b: ops.MulFn.apply(a, b), [randn(2, 1, 4), randn(3, 1)])],
     "DivFn": [(lambda a, b: ops.DivFn.apply(a, b), [randn(3, 4), positive(3, 4)]),
               (lambda a, b: ops.DivFn.apply(a, b), [randn(2, 3), positive(3)])],
+    "CastFn": [(lambda a: ops.CastFn.apply(a, dtype=np.float64), [randn(3, 4)]),
+               (lambda a: ops.CastFn.apply(a, dtype=np.longdouble), [randn(2, 3)])],
     "NegFn": [(lambda a: ops.NegFn.apply(a), [randn(5)]), (lambda a: ops.NegFn.apply(a), [randn(2, 3)])],
     "PowFn": [(lambda a: ops.PowFn.apply(a, exponent=3), [randn(2, 3)]),
               (lambda a: ops.PowFn.apply(a, exponent=0.5), [positive(4, 2)]),

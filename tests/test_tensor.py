@@ -228,3 +228,64 @@ def test_anomaly_mode_names_the_op_in_forward_and_in_backward():
                                                      "gradient of input 0"):
             y.backward()
     (x * 2).sum().backward()  # outside the block nothing is checked
+
+
+# ------------------------------------------------------------------ dtype promotion (issue 17, item 8)
+def test_mixed_float_dtypes_promote_to_the_widest_in_every_op_and_gradients_keep_each_inputs_dtype():
+    """One rule: floating inputs of different precisions are promoted to the widest (NumPy's rule between
+    arrays); each gradient comes back in its input's dtype. F.linear(float32, float64) used to return float32."""
+    from minivit import functional as F
+    from minivit.tensor import concat, stack
+    rng = np.random.default_rng(0)
+    cases = {
+        "add": (lambda a, b: a + b, [(3, 4), (4,)]),
+        "mul": (lambda a, b: a * b, [(3, 4), (3, 4)]),
+        "div": (lambda a, b: a / b, [(3, 4), (3, 1)]),
+        "matmul": (lambda a, b: a @ b, [(3, 4), (4, 2)]),
+        "linear": (lambda a, b: F.linear(a, b), [(2, 3, 4), (5, 4)]),
+        "layer_norm": (lambda a, b: F.layer_norm(a, b, b), [(3, 4), (4,)]),
+        "attention": (lambda a, b: F.scaled_dot_product_attention(a, b, b), [(2, 3, 4), (2, 5, 4)]),
+        "concat": (lambda a, b: concat([a, b], axis=0), [(2, 3), (1, 3)]),
+        "stack": (lambda a, b: stack([a, b], axis=1), [(2, 3), (2, 3)]),
+    }
+    for name, (fn, shapes) in cases.items():
+        arrays = [rng.standard_normal(s) for s in shapes]
+        for low in (0, 1):
+            mixed = [Tensor(a.astype(np.float32) if i == low else a, requires_grad=True) for i, a in enumerate(arrays)]
+            wide = [Tensor(a.astype(np.float32).astype(np.float64) if i == low else a, requires_grad=True)
+                    for i, a in enumerate(arrays)]
+            y, y_ref = fn(*mixed), fn(*wide)
+            assert y.dtype == np.float64, name
+            np.testing.assert_allclose(y.data, y_ref.data, rtol=1e-12, err_msg=name)
+            upstream = rng.standard_normal(y.shape)
+            y.backward(upstream)
+            y_ref.backward(upstream)
+            for t, r in zip(mixed, wide):
+                assert t.grad.dtype == t.dtype, name
+                np.testing.assert_allclose(t.grad, r.grad.astype(t.dtype), rtol=1e-6, err_msg=name)
+    logits = Tensor(rng.standard_normal((4, 3)).astype(np.float32), requires_grad=True)
+    assert F.cross_entropy(logits, np.array([0, 1, 2, 0])).dtype == np.float32      # integer labels: no promotion
+    assert (logits * 2.0).dtype == np.float32 and (logits * np.float64(2.0)).dtype == np.float32
+    assert (logits + np.ones(3)).dtype == np.float64                                  # a float64 array promotes
+
+
+def test_a_double_vit_fed_float32_images_computes_in_float64():
+    from minivit import functional as F, nn
+    model = nn.VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=1,
+                                 num_heads=2).to(dtype=np.float64)
+    images = np.random.default_rng(1).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    logits = model(images)
+    assert logits.dtype == np.float64
+    np.testing.assert_array_equal(logits.data, model(images.astype(np.float64)).data)
+    F.cross_entropy(logits, np.array([0, 2])).backward()
+    assert all(p.grad.dtype == np.float64 for p in model.parameters())
+
+
+def test_second_derivatives_through_a_promotion():
+    import minivit
+    a = Tensor(np.array([1.5, -0.5], np.float32), requires_grad=True)
+    b = Tensor(np.array([2.0, 3.0]), requires_grad=True)
+    (ga,) = minivit.grad((a * b * b).sum(), [a], create_graph=True)
+    assert ga.dtype == np.float32
+    (gb,) = minivit.grad(ga.sum(), [b])
+    np.testing.assert_allclose(gb.data, 2 * b.data)

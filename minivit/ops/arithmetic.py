@@ -78,6 +78,21 @@ class DivFn(Function):
         return da, db
 
 
+class CastFn(Function):
+    """y = x converted to ``dtype`` (a NumPy dtype).  Shapes: x -> y (same)"""
+
+    def forward(self, x, *, dtype):
+        self.x_dtype = x.dtype
+        return x.astype(dtype)
+
+    # dx = dy converted back to x's dtype
+    def backward(self, dy):
+        return (dy.astype(self.x_dtype),)
+
+    def backward_graph(self, dy):
+        return (CastFn.apply(dy, dtype=self.x_dtype),)
+
+
 class NegFn(Function):
     """y = -x.  Shapes: x -> y (same)"""
 
