@@ -155,3 +155,17 @@ def test_timm_vit_loads_into_minivit_and_matches_it():
     for name, p in ref.named_parameters():
         ours = dict(model.named_parameters())[name].grad
         np.testing.assert_allclose(ours, p.grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 3.0, float("inf")])
+def test_clip_grad_norm_with_a_norm_type_matches_torch(norm_type):
+    gs = [R.standard_normal((3, 4)) * 5, R.standard_normal(7)]
+    ps = [nn.Parameter(np.zeros_like(g)) for g in gs]
+    tps = [torch.nn.Parameter(torch.zeros(g.shape, dtype=torch.float64)) for g in gs]
+    for p, tp, g in zip(ps, tps, gs):
+        p.grad, tp.grad = g.copy(), torch.from_numpy(g.copy())
+    norm = optim.clip_grad_norm_(ps, 1.0, norm_type=norm_type)
+    tnorm = torch.nn.utils.clip_grad_norm_(tps, 1.0, norm_type=norm_type)
+    np.testing.assert_allclose(float(norm), tnorm.item(), rtol=1e-10)
+    for p, tp in zip(ps, tps):
+        np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=1e-10)
