@@ -9,7 +9,7 @@ import math
 from minivit import backend
 from minivit.ops import (CrossEntropyFn, DropoutFn, GELUFn, LayerNormFn, LinearFn, LogSoftmaxFn,
                          MultiHeadSelfAttentionFn, PatchifyFn, ScaledDotProductAttentionFn, SoftmaxFn, UnpatchifyFn)
-from minivit.tensor import Tensor, concat, stack
+from minivit.tensor import Tensor, concat, stack, torch_names
 
 __all__ = ["linear", "gelu", "softmax", "log_softmax", "layer_norm", "scaled_dot_product_attention",
            "multi_head_self_attention", "cross_entropy", "dropout", "patchify", "unpatchify", "concat", "stack"]
@@ -54,14 +54,18 @@ def gelu(x, approximate="none"):
     return GELUFn.apply(_tensor(x), approximate=approximate)
 
 
-def softmax(x, axis=-1):
-    """softmax(x)_k = exp(x_k) / sum_j exp(x_j) along ``axis``, computed with the max subtracted."""
-    return SoftmaxFn.apply(_tensor(x), axis=axis)
+def softmax(x, axis=None, *, dim=None):
+    """softmax(x)_k = exp(x_k) / sum_j exp(x_j) along ``axis`` (or PyTorch's ``dim``; the last axis by default),
+    computed with the max subtracted."""
+    axis, _ = torch_names("softmax", axis, False, dim, None)
+    return SoftmaxFn.apply(_tensor(x), axis=-1 if axis is None else axis)
 
 
-def log_softmax(x, axis=-1):
-    """log_softmax(x)_k = x_k - log sum_j exp(x_j) along ``axis``, computed with the max subtracted."""
-    return LogSoftmaxFn.apply(_tensor(x), axis=axis)
+def log_softmax(x, axis=None, *, dim=None):
+    """log_softmax(x)_k = x_k - log sum_j exp(x_j) along ``axis`` (or ``dim``; the last axis by default),
+    computed with the max subtracted."""
+    axis, _ = torch_names("log_softmax", axis, False, dim, None)
+    return LogSoftmaxFn.apply(_tensor(x), axis=-1 if axis is None else axis)
 
 
 def layer_norm(x, weight, bias, eps=1e-6):

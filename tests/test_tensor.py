@@ -289,3 +289,86 @@ def test_second_derivatives_through_a_promotion():
     assert ga.dtype == np.float32
     (gb,) = minivit.grad(ga.sum(), [b])
     np.testing.assert_allclose(gb.data, 2 * b.data)
+
+
+# ------------------------------------------------------------------ PyTorch's spellings (issue 17, API list)
+def test_number_to_the_power_of_a_tensor_and_numpy_scalar_exponents():
+    x = Tensor(np.array([0.5, -1.0, 2.0]), requires_grad=True)
+    y = 2 ** x
+    np.testing.assert_allclose(y.data, 2.0 ** x.data, rtol=1e-15)
+    y.backward(np.array([1.0, 2.0, 3.0]))
+    np.testing.assert_allclose(x.grad, [1, 2, 3] * 2.0 ** x.data * np.log(2.0), rtol=1e-14)
+    assert (np.float32(3) ** Tensor(np.ones(2, np.float32))).dtype == np.float32
+    z = Tensor(np.array([1.5, -2.0]), requires_grad=True)
+    for exponent in (np.int64(2), np.float64(2.0), np.int32(2)):
+        out = z ** exponent
+        np.testing.assert_array_equal(out.data, z.data ** 2)
+    (z ** np.int64(3)).sum().backward()
+    np.testing.assert_allclose(z.grad, 3 * z.data ** 2)
+    t = Tensor(np.array([1.0, 2.0]), requires_grad=True)
+    (0 ** t).sum().backward()
+    np.testing.assert_array_equal(t.grad, [0.0, 0.0])                      # as PyTorch
+    with pytest.raises(TypeError, match="Python number exponent"):
+        z ** "2"
+
+
+def test_comparisons_give_boolean_tensors_without_gradient():
+    a = Tensor(np.array([1.0, 2.0, 3.0]), requires_grad=True)
+    b = Tensor(np.array([3.0, 2.0, 1.0]))
+    for op, ref in ((a < b, [1, 0, 0]), (a <= b, [1, 1, 0]), (a > b, [0, 0, 1]), (a >= b, [0, 1, 1]),
+                    (a == b, [0, 1, 0]), (a != b, [1, 0, 1]), (a > 1.5, [0, 1, 1]), (a == np.array(3.0), [0, 0, 1]),
+                    (2.0 < a, [0, 0, 1])):
+        assert isinstance(op, Tensor) and op.dtype == np.bool_ and not op.requires_grad
+        np.testing.assert_array_equal(op.data, np.array(ref, bool))
+    assert len({a, b}) == 2 and {a: 1}[a] == 1                              # still hashable, by identity
+
+
+def test_float_int_bool_and_item_of_one_element_tensors():
+    t = Tensor(np.array([[2.5]]))
+    assert float(t) == 2.5 and int(t) == 2 and bool(t) is True and t.item() == 2.5
+    assert bool(Tensor(np.zeros(1))) is False
+    assert float(Tensor(np.float32(1.5))) == 1.5
+    for f in (float, int, bool):
+        with pytest.raises(ValueError, match="ambiguous"):
+            f(Tensor(np.ones(3)))
+    with pytest.raises(ValueError, match="one element"):
+        Tensor(np.ones(2)).item()
+
+
+def test_dim_and_keepdim_beside_axis_and_keepdims():
+    from minivit import functional as F
+    from minivit.tensor import concat, stack
+    x = np.random.default_rng(0).standard_normal((2, 3, 4))
+    t = Tensor(x, requires_grad=True)
+    np.testing.assert_array_equal(t.sum(dim=1).data, x.sum(1))
+    np.testing.assert_array_equal(t.sum(dim=(0, 2), keepdim=True).data, x.sum((0, 2), keepdims=True))
+    np.testing.assert_array_equal(t.mean(dim=-1, keepdim=True).data, x.mean(-1, keepdims=True))
+    np.testing.assert_array_equal(t.max(axis=2).data, x.max(2))
+    values, indices = t.max(dim=1)
+    np.testing.assert_array_equal(values.data, x.max(1))
+    np.testing.assert_array_equal(indices.data, x.argmax(1))
+    assert t.max(dim=1, keepdim=True).values.shape == (2, 1, 4) and t.max(dim=1, keepdim=True).indices.shape == (2, 1, 4)
+    values.sum().backward()
+    np.testing.assert_array_equal(t.grad, (x == x.max(1, keepdims=True)).astype(float))
+    np.testing.assert_allclose(F.softmax(t, dim=1).data, F.softmax(t, axis=1).data)
+    np.testing.assert_allclose(F.log_softmax(t, dim=0).data, F.log_softmax(t, axis=0).data)
+    assert concat([t, t], dim=2).shape == (2, 3, 8) and stack([t, t], dim=1).shape == (2, 2, 3, 4)
+    with pytest.raises(TypeError, match="not both"):
+        t.sum(axis=1, dim=1)
+    with pytest.raises(TypeError, match="not both"):
+        F.softmax(t, axis=1, dim=1)
+
+
+def test_dim_spellings_match_torch():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(1).standard_normal((3, 4))
+    t, r = Tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
+    ours = t.sum(dim=0, keepdim=True) * t.mean(dim=1, keepdim=True) + t.max(dim=1, keepdim=True).values + 2 ** t
+    ref = r.sum(dim=0, keepdim=True) * r.mean(dim=1, keepdim=True) + r.max(dim=1, keepdim=True).values + 2 ** r
+    upstream = np.random.default_rng(2).standard_normal((3, 4))
+    ours.backward(upstream)
+    ref.backward(torch.from_numpy(upstream))
+    np.testing.assert_allclose(ours.data, ref.detach().numpy(), rtol=1e-10)
+    np.testing.assert_allclose(t.grad, r.grad.numpy(), rtol=1e-10)
+    np.testing.assert_array_equal(t.max(dim=1).indices.data, r.max(dim=1).indices.numpy())
+    np.testing.assert_array_equal((t > 0).data, (r > 0).numpy())
