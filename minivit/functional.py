@@ -31,6 +31,7 @@ def linear(x, weight, bias=None):
         (..., out)
     """
     x, weight = _tensor(x), _tensor(weight)
+    _floating("linear", x, weight)
     if weight.ndim != 2 or x.shape[-1:] != weight.shape[1:]:
         raise ValueError(f"linear: x has shape {x.shape} and weight {weight.shape}; expected x (..., in) "
                          "and weight (out, in) with the same `in`")
@@ -51,7 +52,9 @@ def gelu(x, approximate="none"):
     """
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    return GELUFn.apply(_tensor(x), approximate=approximate)
+    x = _tensor(x)
+    _floating("gelu", x)
+    return GELUFn.apply(x, approximate=approximate)
 
 
 def softmax(x, axis=None, *, dim=None):
@@ -68,20 +71,44 @@ def log_softmax(x, axis=None, *, dim=None):
     return LogSoftmaxFn.apply(_tensor(x), axis=-1 if axis is None else axis)
 
 
-def layer_norm(x, weight, bias, eps=1e-6):
+def layer_norm(x, *args, weight=None, bias=None, eps=1e-6):
     """Normalise the last axis to zero mean and unit variance, then scale by ``weight`` and shift by ``bias``.
 
+    Called as ``layer_norm(x, weight, bias, eps)`` or, as PyTorch, ``layer_norm(x, (D,), weight, bias, eps)``;
+    weight and bias may be left out (None): no scale, no shift.
+
     Args:
-        x: (..., D).
-        weight, bias: (D,).
-        eps: added to the variance; 1e-6 as in timm's ViT.
+        x: (..., D), floating.
+        weight, bias: (D,) or None.
+        eps: added to the variance; 1e-6 as in timm's ViT (PyTorch's default is 1e-5).
     """
-    x, weight, bias = _tensor(x), _tensor(weight), _tensor(bias)
+    x = _tensor(x)
+    _floating("layer_norm", x)
     D = x.shape[-1]
+    if args and isinstance(args[0], (int, tuple, list)):                # PyTorch's normalized_shape
+        shape = (args[0],) if isinstance(args[0], int) else tuple(args[0])
+        if shape != (D,):
+            raise ValueError(f"layer_norm: normalized_shape {shape} must be the last axis ({D},) of x {x.shape}; "
+                             "normalising over several axes is not supported")
+        args = args[1:]
+    if len(args) > 3:
+        raise TypeError(f"layer_norm: too many positional arguments ({len(args)} after x and normalized_shape)")
+    given = dict(zip(("weight", "bias", "eps"), args))
+    weight, bias, eps = given.get("weight", weight), given.get("bias", bias), given.get("eps", eps)
+    xp = backend.get_array_module(x.data)
+    weight = Tensor(xp.ones(D, dtype=x.dtype)) if weight is None else _tensor(weight)
+    bias = Tensor(xp.zeros(D, dtype=weight.dtype)) if bias is None else _tensor(bias)
     if weight.shape != (D,) or bias.shape != (D,):
         raise ValueError(f"layer_norm: x has shape {x.shape}, so weight and bias must be ({D},); "
                          f"got {weight.shape} and {bias.shape}")
     return LayerNormFn.apply(x, weight, bias, eps=eps)
+
+
+def _floating(op, *tensors):
+    for t in tensors:
+        if t.dtype.kind != "f":
+            raise TypeError(f"{op}: expected floating-point input, got dtype {t.dtype} (shape {t.shape}); "
+                            "convert with .astype(np.float32) first")
 
 
 def scaled_dot_product_attention(q, k, v, scale=None, return_attn=False):
@@ -128,38 +155,61 @@ def multi_head_self_attention(qkv, num_heads, return_attn=False):
     return (out, Tensor(fn.p.copy())) if return_attn else out   # a copy: backward still reads fn.p
 
 
-def cross_entropy(logits, target, label_smoothing=0.0, reduction="mean"):
-    """Cross-entropy between softmax(logits) and the target classes, fused with log-softmax.
+def cross_entropy(logits, target, label_smoothing=0.0, reduction="mean", weight=None, ignore_index=-100):
+    """Cross-entropy between softmax(logits) and the target, fused with log-softmax, as PyTorch's.
 
     Args:
-        logits: (B, K) unnormalised scores.
-        target: (B,) integer class indices in [0, K).
-        label_smoothing: s in [0, 1): the target puts 1 - s on the class and s/K on every class.
-        reduction: 'mean' (default), 'sum' or 'none'.
+        logits: (B, K) unnormalised scores, floating.
+        target: (B,) integer class indices in [0, K) (or ``ignore_index``), or (B, K) class probabilities
+            (floating; rows summing to 1), which may require grad.
+        label_smoothing: s in [0, 1): the target puts 1 - s on the class (on the given probabilities) and s/K on
+            every class.
+        reduction: 'mean' (default), 'sum' or 'none'. The mean divides by the summed weights of the target
+            classes of the rows not ignored (by B for probability targets).
+        weight: (K,) a weight per class, or None.
+        ignore_index: rows whose class index equals it add nothing and count for nothing (-100 as PyTorch).
 
     Returns:
-        a scalar, or (B,) with reduction='none'.
+        a scalar, or (B,) with reduction='none' (0 for ignored rows).
     """
     logits, target = _tensor(logits), _tensor(target)
     if logits.ndim != 2:
         raise ValueError(f"cross_entropy: logits must be (B, K), got shape {logits.shape}")
-    if target.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy: target must hold integer class indices, got dtype {target.dtype}")
-    if target.shape != logits.shape[:1]:
-        raise ValueError(f"cross_entropy: target has shape {target.shape}, expected ({logits.shape[0]},) "
-                         f"to match logits {logits.shape}")
+    if logits.dtype.kind != "f":
+        raise TypeError(f"cross_entropy: logits must be floating-point scores, got dtype {logits.dtype}; "
+                        "convert with .astype(np.float32)")
+    B, K = logits.shape
+    soft = target.dtype.kind == "f" and target.ndim == 2
+    if soft:
+        if target.shape != logits.shape:
+            raise ValueError(f"cross_entropy: probability targets have shape {target.shape}, expected {logits.shape}")
+    else:
+        if target.dtype.kind not in "iu":
+            raise TypeError(f"cross_entropy: target must hold integer class indices, got dtype {target.dtype} "
+                            f"and shape {target.shape} (class probabilities must be floating (B, K))")
+        if target.shape != (B,):
+            raise ValueError(f"cross_entropy: target has shape {target.shape}, expected ({B},) "
+                             f"to match logits {logits.shape}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if weight is not None:
+        weight = weight.data if isinstance(weight, Tensor) else weight
+        if tuple(weight.shape) != (K,):
+            raise ValueError(f"cross_entropy: weight must be ({K},), one per class, got shape {tuple(weight.shape)}")
+        weight = weight.astype(logits.dtype, copy=False)
     # On the GPU a range check would wait for the device; loaders check labels on the host instead.
-    if target.device == "cpu" and target.size:
-        lo, hi = int(target.data.min()), int(target.data.max())
-        K = logits.shape[1]
-        if lo < 0 or hi >= K:
-            raise ValueError(f"cross_entropy: target holds classes from {lo} to {hi}, expected 0..{K - 1} "
-                             f"for {K} logits")
-    return CrossEntropyFn.apply(logits, target, label_smoothing=float(label_smoothing), reduction=reduction)
+    if not soft and target.device == "cpu" and target.size:
+        labels = target.data if ignore_index is None else target.data[target.data != ignore_index]
+        if labels.size:
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= K:
+                raise ValueError(f"cross_entropy: target holds classes from {lo} to {hi}, expected 0..{K - 1} "
+                                 f"for {K} logits" + ("" if ignore_index is None else
+                                                      f" (or ignore_index {ignore_index})"))
+    return CrossEntropyFn.apply(logits, target, label_smoothing=float(label_smoothing), reduction=reduction,
+                                weight=weight, ignore_index=ignore_index)
 
 
 def dropout(x, p=0.5, training=True, generator=None):

@@ -5,6 +5,7 @@ import pytest
 
 from minivit import Tensor, functional as F
 from minivit import backend
+from minivit.gradcheck import gradcheck, gradgradcheck
 
 
 def test_cross_entropy_rejects_float_labels_and_out_of_range_classes():
@@ -77,3 +78,45 @@ def test_mixing_devices_names_both():
 def test_unknown_device_name():
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         backend.normalize_device("tpu")
+
+
+def test_layer_norm_without_weight_and_bias_and_with_pytorchs_normalized_shape():
+    from minivit import Tensor
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((2, 3, 5)), rng.standard_normal(5), rng.standard_normal(5)
+    plain = F.layer_norm(x, (5,)).data
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(plain, ref, rtol=1e-12)
+    np.testing.assert_allclose(F.layer_norm(x).data, ref, rtol=1e-12)
+    np.testing.assert_allclose(F.layer_norm(x, 5, w, b, 1e-5).data, F.layer_norm(x, w, b, eps=1e-5).data)
+    np.testing.assert_allclose(F.layer_norm(x, weight=w).data, ref * w, rtol=1e-12)
+    np.testing.assert_allclose(F.layer_norm(x, bias=b).data, ref + b, rtol=1e-12)
+    t = Tensor(x, requires_grad=True)
+    F.layer_norm(t, (5,)).backward(rng.standard_normal(x.shape))
+    assert t.grad.shape == x.shape
+    with pytest.raises(ValueError, match="normalized_shape"):
+        F.layer_norm(x, (3, 5))
+    assert gradcheck(lambda a: F.layer_norm(a, (5,), eps=1e-5), [x]).ok
+    assert gradgradcheck(lambda a: F.layer_norm(a), [x[0]]).ok
+
+
+def test_layer_norm_without_weight_matches_torch():
+    torch = pytest.importorskip("torch")
+    from minivit import Tensor
+    x = np.random.default_rng(1).standard_normal((4, 6))
+    t, r = Tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
+    upstream = np.random.default_rng(2).standard_normal((4, 6))
+    F.layer_norm(t, (6,), eps=1e-5).backward(upstream)
+    y = torch.nn.functional.layer_norm(r, (6,), eps=1e-5)
+    y.backward(torch.from_numpy(upstream))
+    np.testing.assert_allclose(F.layer_norm(x, (6,), eps=1e-5).data, y.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(t.grad, r.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_integer_inputs_get_named_errors():
+    with pytest.raises(TypeError, match="linear: expected floating-point input, got dtype int64"):
+        F.linear(np.ones((2, 3), np.int64), np.ones((4, 3), np.float32))
+    with pytest.raises(TypeError, match="layer_norm: expected floating-point"):
+        F.layer_norm(np.ones((2, 3), np.uint8))
+    with pytest.raises(TypeError, match="gelu: expected floating-point"):
+        F.gelu(np.ones(3, np.int32))

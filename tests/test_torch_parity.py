@@ -169,3 +169,34 @@ def test_clip_grad_norm_with_a_norm_type_matches_torch(norm_type):
     np.testing.assert_allclose(float(norm), tnorm.item(), rtol=1e-10)
     for p, tp in zip(ps, tps):
         np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=1e-10)
+
+
+_W5 = R.uniform(0.5, 2.0, 5)
+_LABELS = np.array([0, 4, -100, 2, 2, 1, -100, 3])
+_PROBS = R.dirichlet(np.ones(5), 8)
+CROSS_ENTROPY = {
+    "weight": (dict(weight=_W5), _LABELS.clip(0)),
+    "ignore_index": (dict(), _LABELS),
+    "weight_ignore_smoothing": (dict(weight=_W5, label_smoothing=0.2), _LABELS),
+    "ignore_smoothing": (dict(label_smoothing=0.1), _LABELS),
+    "ignore_other_index_sum": (dict(ignore_index=2, reduction="sum"), _LABELS.clip(0)),
+    "weight_none": (dict(weight=_W5, reduction="none"), _LABELS),
+    "probabilities": (dict(), _PROBS),
+    "probabilities_weight_smoothing": (dict(weight=_W5, label_smoothing=0.15), _PROBS),
+    "probabilities_none": (dict(reduction="none", weight=_W5), _PROBS),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name", CROSS_ENTROPY)
+def test_cross_entropy_weight_ignore_index_and_probabilities_match_torch(name, dtype):
+    kwargs, target = CROSS_ENTROPY[name]
+    x = R.standard_normal((8, 5))
+    ours = {k: (v.astype(dtype) if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
+    theirs = {k: (torch.from_numpy(v.astype(dtype)) if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
+    if target.dtype.kind == "f":
+        _compare(lambda a, t: F.cross_entropy(a, t, **ours), lambda a, t: TF.cross_entropy(a, t, **theirs),
+                 [x, target], dtype)                              # the gradient in the probabilities too
+    else:
+        _compare(lambda a, t: F.cross_entropy(a, t, **ours), lambda a, t: TF.cross_entropy(a, t, **theirs),
+                 [x, target], dtype, label_positions={1})
