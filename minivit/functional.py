@@ -6,6 +6,8 @@ backward live there). Inputs may be Tensors or plain arrays (taken as constants)
 
 import math
 
+import numpy as np
+
 from minivit import backend
 from minivit.ops import (CrossEntropyFn, DropoutFn, GELUFn, LayerNormFn, LinearFn, LogSoftmaxFn,
                          MultiHeadSelfAttentionFn, PatchifyFn, ScaledDotProductAttentionFn, SoftmaxFn, UnpatchifyFn)
@@ -111,13 +113,19 @@ def _floating(op, *tensors):
                             "convert with .astype(np.float32) first")
 
 
-def scaled_dot_product_attention(q, k, v, scale=None, return_attn=False):
-    """softmax(q k^T / sqrt(d)) v, with the softmax over the keys.
+def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 return_attn=False):
+    """softmax(q k^T / sqrt(d) + mask) v, with the softmax over the keys; PyTorch's signature.
 
     Args:
         q: (..., Nq, d) queries.
         k: (..., Nk, d) keys.
         v: (..., Nk, dv) values.
+        attn_mask: broadcastable to (..., Nq, Nk): boolean (True where a query may look at a key) or floating
+            (added to the scores; a constant, no gradient flows into it). A row that may look nowhere gives NaN,
+            as in PyTorch.
+        dropout_p: must be 0 (dropout on the attention weights is not supported).
+        is_causal: query i looks at keys 0..i only (the top-left triangle, as PyTorch); not with ``attn_mask``.
         scale: multiplies the scores; 1/sqrt(d) by default.
         return_attn: also return the attention probabilities (..., Nq, Nk): a copy, as a Tensor without gradient.
 
@@ -125,11 +133,39 @@ def scaled_dot_product_attention(q, k, v, scale=None, return_attn=False):
         (..., Nq, dv), or (output, probabilities) with ``return_attn``.
     """
     q, k, v = _tensor(q), _tensor(k), _tensor(v)
-    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or q.ndim < 2 or not (q.ndim == k.ndim == v.ndim):
+    if min(q.ndim, k.ndim, v.ndim) < 2 or not (q.ndim == k.ndim == v.ndim) or q.shape[-1] != k.shape[-1] \
+            or k.shape[-2] != v.shape[-2]:
         raise ValueError(f"scaled_dot_product_attention: q {q.shape}, k {k.shape}, v {v.shape}; expected "
-                         "q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv)")
+                         "q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv) with at least 2 axes each")
+    _floating("scaled_dot_product_attention", q, k, v)
+    if dropout_p:
+        raise ValueError(f"scaled_dot_product_attention: dropout_p={dropout_p} is not supported; pass 0")
+    xp = backend.get_array_module(q.data)
+    Nq, Nk = q.shape[-2], k.shape[-2]
+    bias = None
+    if is_causal:
+        if attn_mask is not None:
+            raise ValueError("scaled_dot_product_attention: give attn_mask or is_causal=True, not both")
+        attn_mask = xp.tril(xp.ones((Nq, Nk), dtype=bool))
+    if attn_mask is not None:
+        mask = attn_mask.data if isinstance(attn_mask, Tensor) else xp.asarray(attn_mask)
+        try:
+            batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+            fits = np.broadcast_shapes(tuple(mask.shape), batch + (Nq, Nk)) == batch + (Nq, Nk)
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"scaled_dot_product_attention: attn_mask of shape {tuple(mask.shape)} does not "
+                             f"broadcast to the scores' shape (..., {Nq}, {Nk}) of q {q.shape} and k {k.shape}")
+        dtype = xp.result_type(q.dtype, k.dtype)
+        if mask.dtype == bool:
+            bias = xp.where(mask, 0.0, -xp.inf).astype(dtype)
+        elif mask.dtype.kind == "f":
+            bias = mask.astype(dtype, copy=False)
+        else:
+            raise TypeError(f"scaled_dot_product_attention: attn_mask must be boolean or floating, got {mask.dtype}")
     fn = ScaledDotProductAttentionFn()
-    out = fn(q, k, v, scale=scale)
+    out = fn(q, k, v, scale=scale, bias=bias)
     return (out, Tensor(fn.p.copy())) if return_attn else out   # a copy: backward still reads fn.p
 
 

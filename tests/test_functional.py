@@ -120,3 +120,44 @@ def test_integer_inputs_get_named_errors():
         F.layer_norm(np.ones((2, 3), np.uint8))
     with pytest.raises(TypeError, match="gelu: expected floating-point"):
         F.gelu(np.ones(3, np.int32))
+
+
+def test_attention_masks_hide_keys_and_is_causal_is_the_lower_triangle():
+    rng = np.random.default_rng(3)
+    q, k, v = rng.standard_normal((2, 4, 3)), rng.standard_normal((2, 6, 3)), rng.standard_normal((2, 6, 2))
+    _, probs = F.scaled_dot_product_attention(q, k, v, is_causal=True, return_attn=True)
+    np.testing.assert_array_equal(probs.data[:, np.triu(np.ones((4, 6)), 1) > 0], 0.0)
+    np.testing.assert_allclose(probs.data.sum(-1), 1.0)
+    mask = rng.random((4, 6)) < 0.5
+    mask[:, 2] = True
+    out, probs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, return_attn=True)
+    np.testing.assert_array_equal(probs.data[:, ~mask], 0.0)
+    s = np.where(mask, q @ k.swapaxes(1, 2) / np.sqrt(3), -np.inf)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    np.testing.assert_allclose(out.data, (e / e.sum(-1, keepdims=True)) @ v, rtol=1e-12)
+    float_mask = rng.standard_normal((1, 4, 6))
+    shifted = F.scaled_dot_product_attention(q, k, v, attn_mask=Tensor(float_mask)).data
+    s = q @ k.swapaxes(1, 2) / np.sqrt(3) + float_mask
+    e = np.exp(s - s.max(-1, keepdims=True))
+    np.testing.assert_allclose(shifted, (e / e.sum(-1, keepdims=True)) @ v, rtol=1e-12)
+    assert gradcheck(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask), [q, k, v]).ok
+    assert gradgradcheck(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), [q, k, v]).ok
+    for dtype in (np.float32, np.float64):                       # the CPU's unshifted path is not taken with a mask
+        out = F.scaled_dot_product_attention(*(a.astype(dtype) for a in (q, k, v)), is_causal=True)
+        assert out.dtype == dtype and np.isfinite(out.data).all()
+
+
+def test_attention_errors_are_named():
+    q = np.zeros((2, 4, 3))
+    with pytest.raises(ValueError, match="not both"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=np.ones((4, 4), bool), is_causal=True)
+    with pytest.raises(ValueError, match="dropout_p"):
+        F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=np.ones((3, 4), bool))
+    with pytest.raises(TypeError, match="boolean or floating"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=np.ones((4, 4), np.int64))
+    with pytest.raises(ValueError, match="at least 2 axes"):
+        F.scaled_dot_product_attention(np.zeros(3), np.zeros(3), np.zeros(3))
+    with pytest.raises(TypeError, match="floating-point"):
+        F.scaled_dot_product_attention(np.zeros((2, 3), np.int64), np.zeros((2, 3)), np.zeros((2, 3)))

@@ -104,7 +104,11 @@ CASES = {
         (lambda q, k, v: ops.ScaledDotProductAttentionFn.apply(q, k, v), [randn(2, 2, 5, 3), randn(2, 2, 5, 3),
                                                                           randn(2, 2, 5, 3)]),
         (lambda q, k, v: ops.ScaledDotProductAttentionFn.apply(q, k, v, scale=0.7), [randn(2, 3, 4), randn(2, 6, 4),
-                                                                                    randn(2, 6, 5)])],
+                                                                                    randn(2, 6, 5)]),
+        (lambda q, k, v, bias=np.where(np.tril(np.ones((4, 4))), 0.0, -np.inf):
+         ops.ScaledDotProductAttentionFn.apply(q, k, v, bias=bias), [randn(2, 4, 3), randn(2, 4, 3), randn(2, 4, 2)]),
+        (lambda q, k, v, bias=randn(2, 1, 3, 5):
+         ops.ScaledDotProductAttentionFn.apply(q, k, v, bias=bias), [randn(2, 2, 3, 4), randn(5, 4), randn(5, 2)])],
     "MultiHeadSelfAttentionFn": [
         (lambda qkv: ops.MultiHeadSelfAttentionFn.apply(qkv, num_heads=2), [randn(2, 5, 12)]),
         (lambda qkv: ops.MultiHeadSelfAttentionFn.apply(qkv, num_heads=1), [randn(1, 3, 6)]),

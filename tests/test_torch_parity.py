@@ -200,3 +200,25 @@ def test_cross_entropy_weight_ignore_index_and_probabilities_match_torch(name, d
     else:
         _compare(lambda a, t: F.cross_entropy(a, t, **ours), lambda a, t: TF.cross_entropy(a, t, **theirs),
                  [x, target], dtype, label_positions={1})
+
+
+_MASK_Q, _MASK_K = R.standard_normal((2, 3, 5, 4)), R.standard_normal((2, 3, 7, 4))
+_MASK_V = R.standard_normal((2, 3, 7, 6))
+_BOOL_MASK = R.random((3, 5, 7)) < 0.7
+_BOOL_MASK[..., 0] = True                                       # every query sees at least one key
+ATTENTION_MASKS = {
+    "bool": dict(attn_mask=_BOOL_MASK),
+    "float": dict(attn_mask=R.standard_normal((2, 1, 5, 7))),
+    "causal": dict(is_causal=True),
+    "causal_scale": dict(is_causal=True, scale=0.3),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name", ATTENTION_MASKS)
+def test_attention_with_a_mask_matches_torch(name, dtype):
+    kwargs = ATTENTION_MASKS[name]
+    ours = {k: (v.astype(dtype) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v) for k, v in kwargs.items()}
+    theirs = {k: (torch.from_numpy(ours[k]) if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
+    _compare(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **ours),
+             lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, **theirs), [_MASK_Q, _MASK_K, _MASK_V], dtype)
