@@ -277,6 +277,8 @@ def patchify(images, patch_size):
     Returns:
         (B, H/P * W/P, C*P*P)
     """
+    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size <= 0:
+        raise ValueError(f"patchify: patch_size must be a positive integer, got {patch_size!r}")
     images = _tensor(images)
     if images.ndim != 4:
         raise ValueError(f"patchify: images must be (B, C, H, W), got shape {images.shape}")
@@ -296,6 +298,8 @@ def unpatchify(patches, patch_size, grid=None):
     Returns:
         (B, C, rows*P, cols*P)
     """
+    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size <= 0:
+        raise ValueError(f"unpatchify: patch_size must be a positive integer, got {patch_size!r}")
     patches = _tensor(patches)
     if patches.ndim != 3 or patches.shape[2] % (patch_size * patch_size):
         raise ValueError(f"unpatchify: patches must be (B, Np, C*P*P) with P={patch_size}, got {patches.shape}")
