@@ -372,3 +372,19 @@ def test_dim_spellings_match_torch():
     np.testing.assert_allclose(t.grad, r.grad.numpy(), rtol=1e-10)
     np.testing.assert_array_equal(t.max(dim=1).indices.data, r.max(dim=1).indices.numpy())
     np.testing.assert_array_equal((t > 0).data, (r > 0).numpy())
+
+
+def test_the_out_of_range_axes_of_issue_17_raise():
+    """Item 1's reproductions: each used to answer with another axis (axis % ndim)."""
+    from minivit.tensor import concat, stack
+    t = Tensor(np.arange(12.0).reshape(3, 4))
+    for attempt in (lambda: t.sum(2), lambda: t.max(5), lambda: t.mean(-3), lambda: concat([t, t], axis=2),
+                    lambda: stack([t, t], axis=3), lambda: t.permute(3, 0)):
+        with pytest.raises(ValueError, match="out of range for a tensor with"):
+            attempt()
+
+
+def test_integer_logits_get_a_named_error():
+    from minivit import functional as F
+    with pytest.raises(TypeError, match="logits must be floating-point"):
+        F.cross_entropy(np.zeros((2, 3), np.int64), np.array([0, 1]))
