@@ -30,7 +30,7 @@ def gelu_exact_backward(x, cdf, dy, dx):
     xp.multiply(x, x, out=dx)
     dx *= -0.5
     xp.exp(dx, out=dx)
-    dx *= xp.maximum(x, -1e300)                                         # -inf * exp(-inf) would be NaN
+    dx *= xp.maximum(x, -xp.finfo(x.dtype).max)                         # -inf * exp(-inf) would be NaN
     dx *= _INV_SQRT_2PI                                                 # x phi(x)
     dx += cdf
     dx *= dy
