@@ -219,13 +219,14 @@ def gelu_float32(x, y, grad=None):
         gauss *= xs
         gauss *= np.float32(_INV_SQRT_2PI)                  # x phi(x)
         np.add(cdf, gauss, out=grad)
-    if float(x.min(initial=0.0)) < GELU_TAIL:
-        _gelu_tail(x, y, grad)
+    tail = np.less(x, np.float32(GELU_TAIL))
+    if tail.any():
+        _gelu_tail(x, y, grad, tail)
 
 
-def _gelu_tail(x, y, grad):
+def _gelu_tail(x, y, grad, tail):
     """Recompute the inputs below GELU_TAIL (and -inf) in float64, where the float32 formula loses ulps."""
-    idx = np.nonzero(x < GELU_TAIL)
+    idx = np.nonzero(tail)
     x64 = np.maximum(x[idx].astype(np.float64), -40.0)      # Phi(-40) = 0 in float64 too: -inf gives -0.0
     from scipy.special import erfc
     cdf = 0.5 * erfc(-x64 / math.sqrt(2.0))
