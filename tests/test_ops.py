@@ -381,7 +381,7 @@ def _gelu_sweep():
     """float32 inputs over the whole range: log-spaced magnitudes of both signs (subnormals to the largest float),
     a dense grid over [-16, 16], zeros and the infinities."""
     tiny, big = np.finfo(np.float32).smallest_subnormal, np.finfo(np.float32).max
-    mags = np.logspace(np.log10(tiny) + 0.1, np.log10(big), 3000)
+    mags = np.logspace(math.log10(float(tiny)) + 0.1, math.log10(float(big)), 3000)
     return np.concatenate([-mags, mags, np.linspace(-16, 16, 40001), [0.0, -0.0, np.inf, -np.inf]]).astype(np.float32)
 
 

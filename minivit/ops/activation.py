@@ -19,7 +19,8 @@ def gelu_exact(x, y, cdf):
     xp = get_array_module(x)
     erfc(xp.multiply(x, -_SQRT_HALF, out=y), out=cdf)                   # y holds -x / sqrt 2 for a moment
     cdf *= 0.5
-    xp.multiply(x, cdf, out=y)
+    with xp.errstate(invalid="ignore"):
+        xp.multiply(x, cdf, out=y)
     y[xp.isneginf(x)] = -0.0                                            # the limit, not -inf * 0
 
 
