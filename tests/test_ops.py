@@ -402,8 +402,9 @@ def _gelu_reference(x):
 def _ulps(value, exact, size=None):
     """|value - exact| in float32 ulps of |exact| (of ``size`` when given); subnormal spacing at least."""
     size = np.abs(exact) if size is None else size
-    spacing = np.maximum(np.spacing(size.astype(np.float32)).astype(np.float64), np.finfo(np.float32).smallest_subnormal)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(all="ignore"):
+        spacing = np.maximum(np.spacing(size.astype(np.float32)).astype(np.float64),
+                             np.finfo(np.float32).smallest_subnormal)
         return np.where(value.astype(np.float64) == exact, 0.0, np.abs(value.astype(np.float64) - exact) / spacing)
 
 
