@@ -97,7 +97,7 @@ class MinivitStep:
 class TorchStep:
     def __init__(self, model, images, labels, device):
         import torch
-        from minivit.torch_reference import torch_vit_like
+        from minivit.testing.torch_reference import torch_vit_like
         self.torch = torch
         self.model = torch_vit_like(model, dtype=torch.float32, device=device)
         decay = [p for n, p in self.model.named_parameters() if p.ndim > 1 and n not in ("cls_token", "pos_embed")]

@@ -47,8 +47,7 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
         a tuple with one gradient per input: Tensors (with a graph when ``create_graph``), or None for an
         unused input when ``allow_unused``. No ``.grad`` is changed.
     """
-    outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
-    inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+    outputs, inputs = _as_list(outputs, "outputs"), _as_list(inputs, "inputs")
     if grad_outputs is None:
         grad_outputs = [None] * len(outputs)
     elif isinstance(grad_outputs, Tensor) or hasattr(grad_outputs, "shape"):
@@ -56,8 +55,6 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
     if len(grad_outputs) != len(outputs):
         raise ValueError(f"grad: {len(outputs)} outputs and {len(grad_outputs)} grad_outputs; give one per output")
     for i, x in enumerate(inputs):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"grad: input {i} is a {type(x).__name__}, expected a Tensor")
         if not x.requires_grad:
             raise RuntimeError(f"grad: input {i} (shape {x.shape}) does not require grad")
     _check_outputs(outputs)
@@ -73,6 +70,15 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
                                "allow_unused=True to get None for it")
         result.append(g if g is None or isinstance(g, Tensor) else Tensor(g))
     return tuple(result)
+
+
+def _as_list(tensors, what):
+    tensors = [tensors] if isinstance(tensors, Tensor) else tensors
+    if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, Tensor) for t in tensors):
+        raise TypeError(f"grad: {what} must be a Tensor or a list or tuple of Tensors, got {type(tensors).__name__}"
+                        + ("" if not isinstance(tensors, (list, tuple)) else
+                           f" holding {[type(t).__name__ for t in tensors]}"))
+    return list(tensors)
 
 
 def _check_outputs(outputs):

@@ -5,15 +5,22 @@ One ``.safetensors`` file holds
     metadata  JSON strings: the model config, the training settings, the optimizer's hyper-parameters and step
               counts, the schedule, the random generators' states, the epoch and the metrics so far.
 
-A file is written to a temporary name in the same folder, flushed to disk, then renamed over the target, so a
-crash never leaves a half-written checkpoint under the real name.
+Every file written here carries ``minivit.sha256`` in its metadata: a SHA-256 of its tensors (name, dtype, shape and
+bytes, in name order) and of the rest of its metadata. Reading checks it, so a damaged file is an error, never
+silently wrong weights. (Files from elsewhere, timm's for instance, have no checksum and are read unchecked.)
+
+A file is written to a temporary name in the same folder (``.<name>.<pid>.<random>.tmp``), flushed to disk, then
+renamed over the target, so a crash never leaves a half-written checkpoint under the real name.
+``remove_stale_temporaries`` deletes the temporary files of processes that were killed while writing.
 
 The model's tensors use timm's names, so ``export_state_dict`` / ``import_state_dict`` move weights to and from
 timm (safetensors or ``.npz``, read with ``allow_pickle=False``).
 """
 
+import hashlib
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = "minivit.checkpoint.v1"
+CHECKPOINT_NAME = "checkpoint.safetensors"  # the checkpoint inside a run folder
+_TEMPORARY = re.compile(r"\..+\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")  # the names atomic_write gives
+CHECKSUM_KEY = "minivit.sha256"  # the metadata entry with the checksum (a name no other tool writes)
 
 
 class CheckpointError(Exception):
@@ -53,16 +63,57 @@ def atomic_write(path, write):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename == str(tmp):  # a full disk, say: name the file the user knows
+            e.filename = str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
 
 
+def remove_stale_temporaries(folder):
+    """Delete the temporary files that writers in ``folder`` left when they were killed; return their paths.
+
+    A temporary file whose writer (the pid in its name) still runs is kept: it may be finishing its write.
+    """
+    removed = []
+    for path in sorted(Path(folder).glob(".*.tmp")):
+        match = _TEMPORARY.fullmatch(path.name)
+        if match and not _process_exists(int(match["pid"])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def checksum(tensors, metadata):
+    """SHA-256 (hex) of the tensors (name, dtype, shape and bytes, in name order) and of the other metadata."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name} {array.dtype.str} {array.shape}\n".encode())
+        digest.update(array.tobytes())
+    digest.update(json.dumps({k: v for k, v in metadata.items() if k != CHECKSUM_KEY}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
 def save_tensors(path, tensors, metadata=None):
-    """Write a dict of NumPy arrays (and string metadata) as safetensors, atomically."""
+    """Write a dict of NumPy arrays (and string metadata, plus its checksum) as safetensors, atomically."""
     st_numpy, _ = _safetensors()
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    metadata = dict(metadata or {})
+    metadata[CHECKSUM_KEY] = checksum(arrays, metadata)
     atomic_write(path, lambda tmp: st_numpy.save_file(arrays, tmp, metadata=metadata))
     return Path(path)
 
@@ -79,6 +130,9 @@ def load_tensors(path):
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if CHECKSUM_KEY in metadata and checksum(tensors, metadata) != metadata[CHECKSUM_KEY]:
+        raise CheckpointError(f"{path}: damaged: its contents no longer match the SHA-256 recorded when it was "
+                              "written; use another copy (or the run's earlier checkpoint)")
     return tensors, metadata
 
 
@@ -119,11 +173,18 @@ def save_checkpoint(path, model, optimizer=None, schedule=None, rng_state=None, 
 
 
 def load_checkpoint(path):
-    """Read a file written by ``save_checkpoint``."""
+    """Read a file written by ``save_checkpoint`` (checksum checked)."""
     tensors, meta = load_tensors(path)
     if meta.get("format") != FORMAT:
+        if "config" in meta:
+            raise CheckpointError(f"{path}: exported weights, not a training checkpoint: it can be evaluated but "
+                                  "not resumed (it holds no optimizer state)")
         raise CheckpointError(f"{path}: not a minivit checkpoint (format {meta.get('format')!r}, "
                               f"expected {FORMAT!r}); for a bare state dict use import_state_dict")
+    return _parse_checkpoint(path, tensors, meta)
+
+
+def _parse_checkpoint(path, tensors, meta):
     try:
         ckpt = Checkpoint(
             model_state={k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
@@ -149,11 +210,26 @@ def load_checkpoint(path):
 
 
 def model_from_checkpoint(path):
-    """Build the VisionTransformer described by a checkpoint and load its weights."""
+    """Build the VisionTransformer described by a checkpoint, or by an export that recorded its config, and load
+    its weights. Returns (model, Checkpoint); an export's Checkpoint has no optimizer or schedule."""
     from minivit.nn import VisionTransformer
-    ckpt = load_checkpoint(path)
-    model = VisionTransformer(**ckpt.config)
-    model.load_state_dict(ckpt.model_state)
+    tensors, meta = load_tensors(path)
+    if meta.get("format") == FORMAT:
+        ckpt = _parse_checkpoint(path, tensors, meta)
+    elif "config" in meta:  # written by export_state_dict
+        try:
+            ckpt = Checkpoint(model_state=tensors, config=json.loads(meta["config"]),
+                              train_settings=json.loads(meta.get("train_settings", "{}")))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: damaged metadata ({e})") from e
+    else:
+        raise CheckpointError(f"{path}: holds weights but not the model's config (format {meta.get('format')!r}); "
+                              "load it into a model you build with import_state_dict")
+    try:
+        model = VisionTransformer(**ckpt.config)
+        model.load_state_dict(ckpt.model_state)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its config does not fit its tensors ({type(e).__name__}: {e})") from e
     return model, ckpt
 
 
@@ -186,8 +262,12 @@ def import_state_dict(model, path, strict=True):
     return model.load_state_dict(state, strict=strict)
 
 
-def export_state_dict(model, path):
-    """Write ``model``'s weights under timm's names to ``.safetensors`` or ``.npz`` (atomically)."""
+def export_state_dict(model, path, train_settings=None):
+    """Write ``model``'s weights under timm's names to ``.safetensors`` or ``.npz`` (atomically).
+
+    A ``.safetensors`` export also records the model's config and ``train_settings`` (the data set) in its
+    metadata, so that ``model_from_checkpoint`` and ``minivit eval`` can rebuild and evaluate it.
+    """
     path = Path(path)
     state = model.state_dict()
     if path.suffix == ".npz":
@@ -196,5 +276,6 @@ def export_state_dict(model, path):
                 np.savez(f, **state)
         return atomic_write(path, write)
     if path.suffix == ".safetensors":
-        return save_tensors(path, state, {"format": "pt"})
+        return save_tensors(path, state, {"format": "pt", "config": json.dumps(model.config),
+                                          "train_settings": json.dumps(train_settings or {})})
     raise CheckpointError(f"{path}: expected a .safetensors or .npz file name")

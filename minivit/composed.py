@@ -1,74 +1,35 @@
-"""The same layers built from primitives (+, *, exp, sum, @, ...) and differentiated by autograd.
+"""The composed twins of the fused ops, gathered in one place: each is built from primitives (+, *, exp, sum,
+@, ...) and differentiated by autograd.
 
-These are the "composed twins" of the fused ops in ``minivit.functional``: slower and hungrier for memory (every
-intermediate is kept for backward), but each line is a line of the math. The lessons start from them, and the
-tests check that fused and composed agree in values and in gradients.
+Each twin lives in its op's file, above the fused op, as that file's readable version of the math; this module
+only collects them under the names of ``minivit.functional``. They are slower and hungrier for memory than the
+fused ops (every intermediate is kept for backward), but each line is a line of the math. The lessons start
+from them, and the tests check that fused and composed agree in values and in gradients.
 """
 
-import math
+from minivit.ops.activation import gelu_composed as gelu, gelu_tanh_composed as gelu_tanh
+from minivit.ops.attention import multi_head_self_attention_composed as multi_head_self_attention
+from minivit.ops.attention import scaled_dot_product_attention_composed as scaled_dot_product_attention
+from minivit.ops.l2attention import l2_distance_attention_composed as l2_distance_attention
+from minivit.ops.linear import linear_composed as linear
+from minivit.ops.logistic import binary_cross_entropy_with_logits_composed as binary_cross_entropy_with_logits
+from minivit.ops.logistic import logsigmoid_composed as logsigmoid, sigmoid_composed as sigmoid
+from minivit.ops.logistic import softplus_composed as softplus
+from minivit.ops.loss import cross_entropy_composed as cross_entropy
+from minivit.ops.norm import layer_norm_composed as layer_norm
+from minivit.ops.patch import from_patches, to_patches
+from minivit.ops.softmax import log_softmax_composed as log_softmax, softmax_composed as softmax
 
-from minivit import backend
-from minivit.tensor import Tensor
-
-
-def linear(x, weight, bias=None):
-    """x W^T + b.  Shapes: x (..., in), W (out, in), b (out,) -> (..., out)"""
-    y = x @ weight.T
-    return y if bias is None else y + bias
-
-
-def softmax(x, axis=-1):
-    """exp(x - max x) / sum exp(x - max x).  Shapes: x (..., K) -> (..., K)"""
-    # The shift changes no output, so it is a constant to autograd.
-    e = (x - x.max(axis=axis, keepdims=True).detach()).exp()
-    return e / e.sum(axis=axis, keepdims=True)
-
-
-def log_softmax(x, axis=-1):
-    """x - max x - log sum exp(x - max x).  Shapes: x (..., K) -> (..., K)"""
-    shifted = x - x.max(axis=axis, keepdims=True).detach()
-    return shifted - shifted.exp().sum(axis=axis, keepdims=True).log()
+__all__ = ["linear", "softmax", "log_softmax", "layer_norm", "gelu", "gelu_tanh", "scaled_dot_product_attention",
+           "multi_head_self_attention", "cross_entropy", "patchify", "unpatchify", "sigmoid", "softplus", "logsigmoid",
+           "binary_cross_entropy_with_logits", "l2_distance_attention"]
 
 
-def layer_norm(x, weight, bias, eps=1e-6):
-    """(x - mean) / sqrt(var + eps) * w + b over the last axis.  Shapes: x (..., D), w, b (D,) -> (..., D)"""
-    xc = x - x.mean(axis=-1, keepdims=True)
-    var = (xc * xc).mean(axis=-1, keepdims=True)
-    return xc / (var + eps) ** 0.5 * weight + bias
+def patchify(images, patch_size):
+    """Images as flattened patches, by reshape and permute.  Shapes: (B, C, H, W) -> (B, H/P * W/P, C*P*P)"""
+    return to_patches(images, patch_size)
 
 
-def gelu_tanh(x):
-    """x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).  Shapes: x -> same"""
-    return 0.5 * x * (1.0 + (math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)).tanh())
-
-
-def scaled_dot_product_attention(q, k, v, scale=None):
-    """softmax(q k^T * scale) v.  Shapes: q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv) -> (..., Nq, dv)"""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale   # (..., Nq, Nk)
-    return softmax(scores, axis=-1) @ v
-
-
-def multi_head_self_attention(qkv, num_heads):
-    """Split a packed qkv into heads, attend in each, put the heads side by side again.
-
-    Shapes: qkv (B, N, 3D) -> (B, N, D)
-    """
-    B, N, three_d = qkv.shape
-    D = three_d // 3
-    hd = D // num_heads
-    heads = qkv.reshape(B, N, 3, num_heads, hd).permute(2, 0, 3, 1, 4)     # (3, B, nh, N, hd)
-    out = scaled_dot_product_attention(heads[0], heads[1], heads[2])       # (B, nh, N, hd)
-    return out.transpose(1, 2).reshape(B, N, D)                            # (B, N, nh*hd)
-
-
-def cross_entropy(logits, target, label_smoothing=0.0):
-    """mean over the batch of -sum_k q_k log softmax(logits)_k, q the (smoothed) one-hot target.
-
-    Shapes: logits (B, K), target (B,) integers -> ()
-    """
-    target = target.data if isinstance(target, Tensor) else target
-    xp = backend.get_array_module(logits.data)
-    K = logits.shape[1]
-    q = xp.eye(K, dtype=logits.dtype)[target] * (1.0 - label_smoothing) + label_smoothing / K   # (B, K)
-    return -(log_softmax(logits, axis=1) * q).sum(axis=1).mean()
+def unpatchify(patches, patch_size, grid):
+    """Patches back into images, by reshape and permute.  Shapes: (B, gh*gw, C*P*P) -> (B, C, gh*P, gw*P)"""
+    return from_patches(patches, patch_size, grid)

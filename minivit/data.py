@@ -4,7 +4,8 @@ Files are looked up in this order: an explicit ``data_dir``, then ``$MINIVIT_DAT
 folder (``apt-get install dataset-fashion-mnist`` gives /usr/share/datasets/fashion-mnist), then the user cache
 (``~/.cache/minivit``). Each of these may hold the files directly or in a sub-folder named after the dataset. If
 none has them, they are downloaded into ``data_dir`` (or the cache): checked against SHA-256, written under a
-temporary name and renamed only when complete.
+temporary name and renamed only when complete. Files found locally are checked against the same SHA-256 (unless
+``verify=False``), and labels must be integers in range, so a wrong or damaged file is an error before training.
 
 IDX files (MNIST, Fashion-MNIST) are read with nothing but gzip and NumPy; CIFAR-10's python batches are read
 straight from the archive with an unpickler that accepts only the plain types those batches contain.
@@ -18,10 +19,12 @@ import pickle
 import tarfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from minivit.rundir import make_folders, remove_empty_folders
 
 EMBEDDED_DIR = Path(__file__).parent / "datasets"
 DEBIAN_DIR = Path("/usr/share/datasets")
@@ -44,6 +47,11 @@ class DatasetInfo:
     sha256: dict                   # file name -> SHA-256 of the canonical download
     urls: tuple = ()               # base URLs to download the files from, tried in order
     embedded: bool = False         # ships inside the package
+    repacked_sha256: dict = field(default_factory=dict)  # SHA-256 of known-good copies packaged otherwise
+
+    def is_known(self, filename, digest):
+        """Whether ``digest`` is the SHA-256 of the published ``filename`` or of a known-good copy of it."""
+        return digest in (self.sha256.get(filename), self.repacked_sha256.get(filename))
 
 
 DATASETS = {
@@ -54,7 +62,13 @@ DATASETS = {
          "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
          "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
          "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"},
-        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)),
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        # Debian's dataset-fashion-mnist recompresses the same images and labels (the embedded subset is cut from it)
+        repacked_sha256={
+            "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+            "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+            "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+            "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"}),
     "mnist": DatasetInfo(
         "mnist", tuple(str(i) for i in range(10)), (1, 28, 28), (0.1307,), (0.3081,),
         IDX_FILES["train"] + IDX_FILES["test"],
@@ -127,10 +141,15 @@ def read_idx(path):
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def write_idx(path, array):
-    """Write a uint8 array as a gzipped IDX file (the format of MNIST and Fashion-MNIST)."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+def write_idx(path, array, dtype=np.uint8):
+    """Write an array as a gzipped IDX file (the format of MNIST and Fashion-MNIST) of one of IDX's types:
+    uint8 (MNIST's), int8, int16, int32, float32 or float64, stored big-endian."""
+    codes = {np.dtype(t): code for code, t in _IDX_TYPES.items()}
+    stored = np.dtype(dtype).newbyteorder(">")
+    if stored not in codes:
+        raise ValueError(f"write_idx: IDX has no type for {np.dtype(dtype)}")
+    array = np.ascontiguousarray(array, dtype=stored)
+    header = bytes([0, 0, codes[stored], array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
     with open(path, "wb") as f:  # mtime=0: the same array always gives the same bytes
         with gzip.GzipFile(fileobj=f, mode="wb", mtime=0, filename="") as gz:
             gz.write(header + array.tobytes())
@@ -142,12 +161,21 @@ def _load_idx_pair(folder, split, info):
     if images.ndim != 3 or images.shape[1:] != info.shape[1:]:
         raise DataError(f"{folder / images_file}: expected images of shape (N, {info.shape[1]}, {info.shape[2]}), "
                         f"got {images.shape}")
+    if images.dtype != np.uint8:
+        raise DataError(f"{folder / images_file}: expected uint8 pixels (IDX type 0x08), got {images.dtype}")
     if labels.shape != images.shape[:1]:
         raise DataError(f"{folder / labels_file}: {labels.shape[0]} labels for {images.shape[0]} images")
-    if labels.size and labels.max() >= len(info.classes):
-        raise DataError(f"{folder / labels_file}: label {labels.max()} is out of range for "
-                        f"{len(info.classes)} classes")
-    return images[:, None], labels.astype(np.int64)
+    return images[:, None], checked_labels(labels, len(info.classes), folder / labels_file)
+
+
+def checked_labels(labels, num_classes, source):
+    """``labels`` as int64, after checking that they are integers from 0 to num_classes - 1 (DataError if not)."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{source}: labels must be integers, got {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{source}: labels must be 0..{num_classes - 1} for {num_classes} classes, got "
+                        f"{labels.min()}..{labels.max()}")
+    return labels.astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------------ CIFAR-10
@@ -177,12 +205,10 @@ def read_cifar_batch(raw, source="CIFAR-10 batch"):
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DataError(f"{source}: expected a dict with b'data' and b'labels'")
     data = np.asarray(batch[b"data"], dtype=np.uint8)
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    labels = np.asarray(batch[b"labels"])
     if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != data.shape[:1]:
         raise DataError(f"{source}: expected data (N, 3072) and N labels, got {data.shape} and {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise DataError(f"{source}: labels must be 0..9, got {labels.min()}..{labels.max()}")
-    return data.reshape(-1, 3, 32, 32), labels
+    return data.reshape(-1, 3, 32, 32), checked_labels(labels, 10, source)
 
 
 def read_cifar10(archive):
@@ -271,19 +297,24 @@ def download(url, dest, sha256=None, progress=True, timeout=30):
 
 
 def locate(name, data_dir=None, allow_download=True, progress=True):
-    """The folder holding all files of dataset ``name``, downloading them if they are nowhere to be found."""
+    """The folder holding all files of dataset ``name``, downloading them if they are nowhere to be found.
+
+    A ``data_dir`` that is given must exist. A failed download leaves no empty folder behind.
+    """
     info = dataset_info(name)
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DataError(f"the data folder {data_dir} does not exist (--data-dir); create it, or leave --data-dir "
+                        "out to look in the usual places")
     candidates = candidate_dirs(info, data_dir)
     for folder in candidates:
         if all((folder / f).is_file() for f in info.files):
             return folder
     if info.embedded:
         raise DataError(f"the embedded dataset {name} is missing from {candidates[0]}: reinstall minivit")
-    target = (Path(data_dir) if data_dir is not None else cache_dir()) / info.name
-    hint = (f"put {', '.join(info.files)} in one of: " + ", ".join(str(c) for c in candidates)
-            + (" (or: apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else ""))
     if not allow_download:
-        raise DataError(f"{name} not found; {hint}")
+        raise DataError(f"{name} not found; {_what_is_missing(info, candidates)}")
+    target = (Path(data_dir) if data_dir is not None else cache_dir()) / info.name
+    created = make_folders(target)
     errors = []
     for filename in info.files:
         if (target / filename).is_file():
@@ -295,8 +326,21 @@ def locate(name, data_dir=None, allow_download=True, progress=True):
             except (urllib.error.URLError, OSError, DataError) as e:
                 errors.append(f"{base + filename}: {e}")
         else:
-            raise DataError(f"{name} not found and could not be downloaded ({'; '.join(errors)}); {hint}")
+            remove_empty_folders(created)
+            raise DataError(f"{name} not found and could not be downloaded ({'; '.join(errors)}); "
+                            f"{_what_is_missing(info, candidates)}")
     return target
+
+
+def _what_is_missing(info, candidates):
+    """Where to put which files: the missing ones of the folder that holds some, or all of them."""
+    counts = [sum((folder / f).is_file() for f in info.files) for folder in candidates]
+    fullest = candidates[counts.index(max(counts))]
+    if max(counts):
+        missing = [f for f in info.files if not (fullest / f).is_file()]
+        return f"{fullest} holds {max(counts)} of its {len(info.files)} files; missing: {', '.join(missing)}"
+    return (f"put {', '.join(info.files)} in one of: " + ", ".join(str(c) for c in candidates)
+            + (" (or: apt-get install dataset-fashion-mnist)" if info.name == "fashion-mnist" else ""))
 
 
 def dataset_info(name):
@@ -316,14 +360,21 @@ class Dataset:
     folder: Path
 
 
-def load_dataset(name="fashion-mnist", data_dir=None, allow_download=True, progress=True):
-    """Find (or fetch) and read a dataset; see the module docstring for where files are looked for."""
+def load_dataset(name="fashion-mnist", data_dir=None, allow_download=True, progress=True, verify=True):
+    """Find (or fetch) and read a dataset; see the module docstring for where files are looked for.
+
+    With ``verify`` (and always for the embedded subset) each file must have the SHA-256 of the published one, so
+    that another data set's files of the same names (MNIST and Fashion-MNIST share them) are never read in its
+    place. ``verify=False`` reads your own files.
+    """
     info = dataset_info(name)
     folder = locate(name, data_dir, allow_download, progress)
-    if info.embedded:
-        for filename, expected in info.sha256.items():
-            if sha256_of(folder / filename) != expected:
-                raise DataError(f"{folder / filename}: SHA-256 differs from the shipped file; reinstall minivit")
+    if verify or info.embedded:
+        for filename in info.files:
+            if not info.is_known(filename, sha256_of(folder / filename)):
+                raise DataError(f"{folder / filename}: not the published {name} file (its SHA-256 differs); "
+                                + ("reinstall minivit" if info.embedded else
+                                   "is it another data set's? To train on your own files, pass --no-verify"))
     if name == "cifar10":
         splits = read_cifar10(folder / info.files[0])
         return Dataset(info, *splits["train"], *splits["test"], folder)

@@ -1,23 +1,36 @@
-"""Check functions for the lessons' exercises: specific feedback, never just "wrong".
+"""Check functions for the lessons' exercises: feedback that diagnoses, never just "wrong".
 
 Each ``check_<exercise>(fn)`` calls the learner's function on a few inputs and compares with the engine (or,
-for a backward, with central finite differences through ``minivit.gradcheck``). It returns a ``Feedback`` that
-prints as a short report: passed; failed with which input, the worst element, expected against got, and a
-hint; or "not attempted" when the function still returns None or raises NotImplementedError, so an unsolved
-notebook runs on. With the environment variable ``MINIVIT_STRICT_CHECKS=1`` anything but a pass raises
-``ExerciseError`` (the lessons' solved runs in CI use it).
+for a backward, with central finite differences in float64). It returns a ``Feedback`` that prints as a short
+report: passed; not attempted (the function still returns None or raises NotImplementedError, so an unsolved
+notebook runs on); or failed, with a diagnosis:
+
+- a backward's gradient is compared as a whole with the finite-difference gradient, so that the typical mistakes
+  get their names: a constant ratio ("4.00x the expected everywhere: a missing 1/B?"), a sign flip, the right
+  numbers in the wrong places (a transpose), a gradient that is zero;
+- properties every right answer has (softmax's input gradient sums to zero along each row, LayerNorm's dx is
+  orthogonal to x_hat) are checked, and the one that fails is named;
+- when the learner's code raises, the report shows the line of their code that raised and the cases that passed;
+- hints come in steps: a failure prints a nudge, and ``feedback.hint(2)`` (or ``exercises.hint(name, 2)``) gives
+  the formula.
+
+With the environment variable ``MINIVIT_STRICT_CHECKS=1`` anything but a pass raises ``ExerciseError`` (the
+lessons' solved runs in CI use it).
 """
 
 import math
 import os
+import traceback
 
 import numpy as np
 
 from minivit import backend
-from minivit.function import Function
-from minivit.gradcheck import gradcheck
+from minivit.gradcheck import verdict
 from minivit.nn import init as nn_init
 from minivit.tensor import Tensor
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+HINTS = {}   # exercise -> (a nudge, the formula): filled in by each check
 
 
 class ExerciseError(AssertionError):
@@ -26,6 +39,21 @@ class ExerciseError(AssertionError):
 
 class NotAttempted(Exception):
     pass
+
+
+class Hint(str):
+    """A hint that shows as plain text when it is the last value of a notebook cell."""
+
+    def __repr__(self):
+        return str(self)
+
+
+def hint(exercise, level=1):
+    """The hint for ``exercise``: level 1 a nudge towards the idea, level 2 the formula itself."""
+    if exercise not in HINTS:
+        raise ValueError(f"no exercise named {exercise!r}; exercises: {', '.join(sorted(HINTS))}")
+    nudge, formula = HINTS[exercise]
+    return Hint(f"hint {exercise} (1 of 2): {nudge}" if level <= 1 else f"hint {exercise} (2 of 2): {formula}")
 
 
 class Feedback:
@@ -42,6 +70,10 @@ class Feedback:
 
     def __bool__(self):
         return self.passed
+
+    def hint(self, level=2):
+        """The next hint: ``hint(2)`` gives the formula (the report already shows the first, gentler one)."""
+        return hint(self.exercise, level)
 
     def __str__(self):
         mark = {"passed": "PASSED", "failed": "FAILED", "not attempted": "NOT ATTEMPTED"}[self.status]
@@ -83,68 +115,221 @@ def _compare(label, got, expected, rtol=1e-6, atol=1e-8):
             f"expected {expected[worst]:+.6g}, got {got[worst]:+.6g}")
 
 
-def _run(exercise, hint, body):
-    """Run ``body()`` (which returns a list of problem lines, empty when all is well) and wrap it in Feedback."""
+def _where_it_raised(error):
+    """'line N of your code: <source>' for the innermost frame outside minivit and NumPy, or None."""
+    frames = traceback.extract_tb(error.__traceback__)
+    for frame in reversed(frames):
+        path = os.path.abspath(frame.filename) if not frame.filename.startswith("<") else frame.filename
+        if path.startswith(_PACKAGE_DIR) or f"{os.sep}numpy{os.sep}" in path:
+            continue
+        source = (frame.line or "").strip()
+        return f"line {frame.lineno} of your code{' (' + frame.name + ')' if frame.name != '<lambda>' else ''}: " \
+               + (source or "(source not available)")
+    return None
+
+
+def _raised_lines(error):
+    lines = [f"your function raised {type(error).__name__}: {error}"]
+    where = _where_it_raised(error)
+    if where:
+        lines.append(where)
+    return lines
+
+
+def _run(exercise, hints, body):
+    """Run ``body()`` (which returns (problem lines, summary)) and wrap it in Feedback.
+
+    hints: (a nudge shown with a failure, the formula that ``hint(2)`` gives).
+    """
+    if isinstance(hints, str):
+        raise TypeError(f"{exercise}: give the hints as (a nudge, the formula), not one string")
+    HINTS[exercise] = hints
     try:
         problems, summary = body()
     except NotAttempted:
         return Feedback(exercise, "not attempted", ["fill in the function (it still returns None); the lesson "
                                                     "goes on with the engine's own version"])
-    except Exception as e:  # the learner's code raised: say so, with the message
-        return Feedback(exercise, "failed", [f"your function raised {type(e).__name__}: {e}", f"hint: {hint}"])
+    except Exception as e:  # the learner's code raised: say so, with their line
+        return Feedback(exercise, "failed", _raised_lines(e) + [f"hint: {hints[0]}", _MORE_HINT.format(exercise)])
     if problems:
-        return Feedback(exercise, "failed", problems + [f"hint: {hint}"])
+        return Feedback(exercise, "failed", problems + [f"hint: {hints[0]}", _MORE_HINT.format(exercise)])
     return Feedback(exercise, "passed", [summary])
+
+
+_MORE_HINT = "still stuck? .hint(2) on this feedback, or exercises.hint({0!r}, 2), shows the formula"
 
 
 def _rng(seed=0):
     return np.random.default_rng(seed)
 
 
-def _gradient_gate(forward, learner_backward, cases, names):
-    """Gradient-check the learner's backward, paired with the engine's forward, on each case.
+# ------------------------------------------------------------------------------------------------ gradients
+def numeric_gradients(forward, arrays, dy, count, h=1e-6):
+    """Central differences of L = sum(forward(*arrays) * dy) for the first ``count`` arrays (float64)."""
+    arrays = [np.array(a, dtype=np.float64) if i < count else a for i, a in enumerate(arrays)]
+    grads = []
+    for x in arrays[:count]:
+        g = np.zeros_like(x)
+        for index in np.ndindex(x.shape):
+            kept = x[index]
+            x[index] = kept + h
+            up = float((forward(*arrays) * dy).sum())
+            x[index] = kept - h
+            down = float((forward(*arrays) * dy).sum())
+            x[index] = kept
+            g[index] = (up - down) / (2 * h)
+        grads.append(g)
+    return grads
+
+
+def _close(a, b, rtol=1e-5, atol=1e-7):
+    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= atol + rtol * (np.abs(a) + np.abs(b))))
+
+
+def _factor_name(ratio, factors):
+    """'a missing 1/B?' when ratio is B (the learner forgot to divide), 'an extra 1/B?' when it is 1/B."""
+    for value, name in factors:
+        if math.isclose(ratio, value, rel_tol=1e-3):
+            return f"a missing 1/{name}?" if value > 1 else f"an extra factor {name}?"
+        if math.isclose(ratio, 1 / value, rel_tol=1e-3):
+            return f"an extra 1/{name} (a mean where the formula has a sum?)" if value > 1 else \
+                f"a missing factor {name}?"
+    if math.isclose(ratio, round(ratio), rel_tol=1e-3):
+        return f"a missing 1/{round(ratio)}?"
+    if ratio and math.isclose(1 / ratio, round(1 / ratio), rel_tol=1e-3):
+        return f"an extra 1/{round(1 / ratio)}?"
+    return "a constant factor is missing or extra"
+
+
+def diagnose(name, got, expected, factors=()):
+    """Name the typical mistake that turns ``expected`` into ``got``, or None when none fits.
+
+    factors: (value, name) pairs of constants in the forward (the batch size B, sqrt(d), ...), so that a ratio
+    can be traced to the constant that was forgotten.
+    """
+    scale = np.abs(expected).max() + 1e-12
+    if not np.all(np.isfinite(got)):
+        return f"d{name} holds NaN or Inf"
+    if got.shape != expected.shape:
+        if got.ndim >= 2 and expected.ndim >= 2 and got.shape == expected.swapaxes(-1, -2).shape:
+            same = _close(got.swapaxes(-1, -2), expected)
+            return (f"d{name} has shape {got.shape}, expected {expected.shape}"
+                    + (": it is the expected gradient transposed" if same else ": a transpose too many or missing"))
+        return None
+    if np.abs(got).max() <= 1e-12 * scale:
+        return f"d{name} is zero everywhere, but the gradient is not"
+    if _close(got, -expected):
+        return f"d{name} has the right size everywhere but the opposite sign: a sign flip"
+    ratio = float((got * expected).sum() / max((expected * expected).sum(), 1e-300))
+    if not math.isclose(ratio, 1.0, rel_tol=1e-4) and _close(got, ratio * expected, rtol=1e-4):
+        return (f"your gradient d{name} is {ratio:.2f}x the expected everywhere: {_factor_name(ratio, factors)}")
+    if got.ndim >= 2 and got.shape[-1] == got.shape[-2] and _close(got.swapaxes(-1, -2), expected):
+        return f"d{name} holds the right numbers in the wrong places: it is the expected gradient transposed"
+    if got.size > 1 and _close(np.sort(got.ravel()), np.sort(expected.ravel())):
+        return (f"d{name} holds the right numbers in the wrong places (a transpose, or axes in the wrong order "
+                f"before a reshape?)")
+    return None
+
+
+def _worst_line(label, got, expected):
+    rel = np.abs(got - expected) / np.maximum(np.abs(got) + np.abs(expected), 1e-12)
+    worst = np.unravel_index(np.argmax(rel), rel.shape)
+    wrong = int((np.abs(got - expected) > 1e-7 + 1e-5 * (np.abs(got) + np.abs(expected))).sum())
+    return (f"{label}: {wrong} of {got.size} elements wrong; worst at {tuple(int(i) for i in worst)}: your gradient "
+            f"{got[worst]:+.6g}, finite differences {expected[worst]:+.6g} (relative error {rel[worst]:.1e}, "
+            f"{verdict(float(rel[worst]))})")
+
+
+def _gradient_gate(forward, learner_backward, cases, names, factors=None, invariants=(), mistakes=()):
+    """Compare the learner's backward with finite differences on each case and diagnose what differs.
 
     forward(*arrays) -> y; learner_backward(arrays, y, dy) -> one gradient per checked input (in ``names``).
+    factors(arrays) -> (value, name) pairs of the forward's constants, to name a ratio.
+    invariants: (input name, description, fn(gradient, arrays, y) -> how far it is violated, 0 when it holds).
+    mistakes: (input name, description, fn(arrays, y, dy) -> the gradient that mistake gives) for the mistakes
+    that no general test names (a missing term of a sum).
     Returns (problems, max relative error).
     """
-    problems, worst = [], 0.0
+    problems, worst, passed_cases = [], 0.0, []
     for c, arrays in enumerate(cases):
-        class LearnerOp(Function):
-            def forward(self, *xs):
-                self.xs = xs
-                self.y = forward(*xs)
-                return self.y
-
-            def backward(self, dy):
-                grads = _call(learner_backward, self.xs, self.y, dy)
-                grads = grads if isinstance(grads, tuple) else (grads,)
-                if len(grads) != len(names):
-                    raise ValueError(f"return {len(names)} gradients ({', '.join(names)}), got {len(grads)}")
-                grads = tuple(_array(g) for g in grads)
-                for name, g, x in zip(names, grads, self.xs):
-                    if g.shape != x.shape:
-                        raise ValueError(f"the gradient for {name} has shape {g.shape}, expected {x.shape} "
-                                         f"(the shape of {name})")
-                return grads + (None,) * (len(self.xs) - len(grads))
-
-        report = gradcheck(lambda *ts: LearnerOp.apply(*ts), arrays, names=list(names) + [
-            f"const {i}" for i in range(len(arrays) - len(names))], mode="full", seed=c)
-        checked = [r for r in report.rows if r.name in names]
-        worst = max([worst] + [r.max_rel for r in checked])
-        for r in checked:
-            if not r.passed:
-                problems.append(f"case {c + 1}, d{r.name} {r.shape}: worst at {r.worst_index}: your gradient "
-                                f"{r.analytic:+.6g}, finite differences {r.numeric:+.6g} "
-                                f"(relative error {r.max_rel:.1e}, {r.verdict})")
+        arrays = [np.array(a) for a in arrays]
+        y = forward(*arrays)
+        dy = np.random.default_rng(100 + c).standard_normal(np.shape(y))
+        expected = numeric_gradients(forward, arrays, dy, len(names))
+        try:
+            grads = _call(learner_backward, [a.copy() for a in arrays], y, dy)
+        except NotAttempted:
+            raise
+        except Exception as e:
+            problems += [f"case {c + 1}: " + line for line in _raised_lines(e)]
+            if passed_cases:
+                problems.append("cases passed before it: " + ", ".join(str(k) for k in passed_cases))
+            return problems, worst
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        if len(grads) != len(names):
+            return problems + [f"return {len(names)} gradients ({', '.join('d' + n for n in names)}), got "
+                               f"{len(grads)}"], worst
+        grads = tuple(_array(g).astype(np.float64) if g is not None else None for g in grads)
+        right, wrong = [], []
+        for name, g, e in zip(names, grads, expected):
+            label = f"case {c + 1}, d{name} {e.shape}"
+            if g is None:
+                wrong.append(f"{label}: returned None")
+                continue
+            if _close(g, e):
+                right.append("d" + name)
+                worst = max(worst, float((np.abs(g - e) / np.maximum(np.abs(g) + np.abs(e), 1e-12)).max()))
+                continue
+            lines = []
+            named = diagnose(name, g, e, factors(arrays) if factors else ())
+            if named:
+                lines.append(f"{label}: {named}")
+            if g.shape != e.shape:
+                others = [n for n, other in zip(names, expected) if n != name and _close(g, other)]
+                if others and not named:
+                    named = (f"what you return as d{name} is d{others[0]}: return the gradients in the order "
+                             f"{', '.join('d' + n for n in names)}")
+                    lines.append(f"{label}: {named}")
+                if not named:
+                    lines.append(f"{label}: the gradient for {name} has shape {g.shape}, expected {e.shape} "
+                                 f"(the shape of {name})")
+                wrong += lines
+                continue
+            for mistake_name, description, mistake in mistakes:
+                if mistake_name == name and not named and _close(g, _array(mistake(arrays, y, dy))):
+                    lines.append(f"{label}: {description}")
+                    named = description
+            for inv_name, description, violation in invariants:
+                if inv_name == name:
+                    amount = float(violation(g, arrays, y))
+                    if amount > 1e-4 * (np.abs(g).max() + 1e-12) + 1e-9:   # eps bends LayerNorm's by ~1e-6
+                        lines.append(f"{label}: {description} fails for yours (off by up to {amount:.3g}): a term "
+                                     f"is missing or wrong")
+            lines.append(_worst_line(label, g, e))
+            wrong += lines
+        if wrong:
+            if right:
+                wrong.append(f"case {c + 1}: {', '.join(right)} right")
+            if passed_cases:
+                wrong.append("cases passed: " + ", ".join(str(k) for k in passed_cases))
+            return problems + wrong, worst
+        passed_cases.append(c + 1)
     return problems, worst
 
 
-def _gate(exercise, hint, forward, backward, cases, names):
+def _gate(exercise, hints, forward, backward, cases, names, **diagnostics):
+    HINTS[exercise] = hints
+
     def body():
-        problems, worst = _gradient_gate(forward, backward, cases, names)
+        problems, worst = _gradient_gate(forward, backward, cases, names, **diagnostics)
         return problems, (f"matches finite differences on {len(cases)} cases (largest relative error "
                           f"{worst:.1e})")
-    return _run(exercise, hint, body)
+    return _run(exercise, hints, body)
+
+
+def _rows_sum(axis=-1):
+    """The violation of 'sums to zero along ``axis``': the largest absolute sum."""
+    return lambda g, arrays, y: np.abs(g.sum(axis)).max()
 
 
 # ------------------------------------------------------------------------------------------------ lesson 0
@@ -160,7 +345,8 @@ def check_accuracy(fn):
             if not np.isclose(float(got), expected):
                 problems.append(f"case {c + 1}: expected {expected:.3f}, got {float(got):.3f}")
         return problems, "right on 3 random batches"
-    return _run("accuracy", "compare logits.argmax(axis=1) with the labels and take the mean", body)
+    return _run("accuracy", ("the prediction of a row is the class with the largest logit",
+                             "compare logits.argmax(axis=1) with the labels and take the mean"), body)
 
 
 # ------------------------------------------------------------------------------------------------ lesson 1
@@ -180,7 +366,8 @@ def check_central_difference(fn):
             if abs(got - math.cos(x)) > 1e-8:
                 problems.append(f"d/dx sin at x={x}: expected {math.cos(x):.10f}, got {got!r}")
         return problems, "central, with O(h^2) error"
-    return _run("central_difference", "evaluate f on both sides of x and divide by 2h", body)
+    return _run("central_difference", ("step to both sides of x, not only forward",
+                                       "(f(x + h) - f(x - h)) / (2 h)"), body)
 
 
 # ------------------------------------------------------------------------------------------------ lesson 2
@@ -198,17 +385,27 @@ def check_topological_order(fn):
         problems = []
         if set(ids) != expected or len(ids) != len(expected):
             problems.append(f"expected each of the {len(expected)} tensors exactly once, got {len(ids)} entries")
-        else:
-            position = {i: k for k, i in enumerate(ids)}
-            for node in _all_nodes(root):
-                for parent in (node._ctx.parents if node._ctx else ()):
-                    if parent.requires_grad and position[id(parent)] < position[id(node)]:
-                        problems.append("an input comes before a tensor computed from it: walk from the root "
-                                        "and append a node only after everything that uses it")
-                        break
+        elif not _users_first(ids, root):
+            if _users_first(ids[::-1], root):
+                problems.append("your order is reversed: it starts at the inputs, but backward must start at the "
+                                "root (reverse the list you built)")
+            else:
+                problems.append("an input comes before a tensor computed from it: a tensor may pass on its gradient "
+                                "only after every tensor that uses it has")
+            if id(order[0]) != id(root):
+                problems.append(f"the first entry should be the root; yours is a tensor of shape "
+                                f"{tuple(order[0].shape)}")
         return problems, "every tensor once, each before its inputs"
-    return _run("topological_order", "a depth-first search that appends a node after its inputs, then reversed",
-                body)
+    return _run("topological_order", ("a tensor may be processed only when everything computed from it has been",
+                                      "a depth-first search from the root that appends a node after all its inputs "
+                                      "(postorder), then reversed so that the root comes first"), body)
+
+
+def _users_first(ids, root):
+    """Whether each tensor comes before all of its inputs in the list of ids."""
+    position = {i: k for k, i in enumerate(ids)}
+    return all(position[id(parent)] > position[id(node)] for node in _all_nodes(root)
+               for parent in (node._ctx.parents if node._ctx else ()) if parent.requires_grad)
 
 
 def _all_nodes(root):
@@ -228,7 +425,9 @@ def check_sigmoid_backward(fn):
     """fn(y, dy) -> dx for y = 1 / (1 + exp(-x))."""
     rng = _rng(2)
     cases = [[rng.standard_normal((3, 4)) * 2], [rng.standard_normal(7)]]
-    return _gate("sigmoid_backward", "dy/dx = y (1 - y): write it with the output y, then multiply by dy",
+    return _gate("sigmoid_backward", ("differentiate 1 / (1 + e^-x) and write the result with y alone; then the "
+                                      "chain rule: multiply by the upstream gradient",
+                                      "dx = dy * y * (1 - y)"),
                  lambda x: 1.0 / (1.0 + np.exp(-x)), lambda xs, y, dy: fn(y, dy), cases, ("x",))
 
 
@@ -245,7 +444,8 @@ def check_relative_error(fn):
         if line and np.isnan(_array(got)).any():
             problems.append("0/0 gave NaN: guard the denominator with max(..., 1e-12)")
         return problems, "symmetric and safe at zero"
-    return _run("relative_error", "divide |a - n| by max(|a| + |n|, 1e-12)", body)
+    return _run("relative_error", ("symmetric in a and n, and never 0/0",
+                                   "|a - n| / max(|a| + |n|, 1e-12)"), body)
 
 
 # ------------------------------------------------------------------------------------------------ lesson 4
@@ -254,8 +454,25 @@ def check_linear_backward(fn):
     rng = _rng(4)
     cases = [[rng.standard_normal((5, 3)), rng.standard_normal((4, 3)), rng.standard_normal(4)],
              [rng.standard_normal((2, 6)), rng.standard_normal((2, 6)), rng.standard_normal(2)]]
-    return _gate("linear_backward", "dx = dy w, dw = dy^T x, db = dy summed over the batch",
-                 lambda x, w, b: x @ w.T + b, lambda xs, y, dy: fn(xs[0], xs[1], dy), cases, ("x", "w", "b"))
+    return _gate("linear_backward", ("each gradient has the shape of its input: let the shapes choose the product "
+                                     "and the transpose; b was added to every row",
+                                     "dx = dy w, dw = dy^T x, db = dy summed over the batch"),
+                 lambda x, w, b: x @ w.T + b, lambda xs, y, dy: fn(xs[0], xs[1], dy), cases, ("x", "w", "b"),
+                 factors=lambda arrays: [(len(arrays[0]), "B")])
+
+
+def check_layer_scale_backward(fn):
+    """fn(x (B, N, D), gamma (D,), dy (B, N, D)) -> (dx, dgamma) for y = x * gamma (one scale per channel)."""
+    rng = _rng(41)
+    cases = [[rng.standard_normal((2, 3, 4)), rng.standard_normal(4)],
+             [rng.standard_normal((3, 5, 2)), rng.standard_normal(2)]]
+    return _gate("layer_scale_backward", ("gamma was copied to every token of every image: which axes did the "
+                                          "broadcast add, and what happens to a copied value's gradient?",
+                                          "dx = dy * gamma; dgamma = (dy * x) summed over the batch and token "
+                                          "axes"),
+                 lambda x, gamma: x * gamma, lambda xs, y, dy: fn(xs[0], xs[1], dy), cases, ("x", "gamma"),
+                 factors=lambda arrays: [(arrays[0].shape[0] * arrays[0].shape[1], "(B N)"),
+                                         (arrays[0].shape[0], "B"), (arrays[0].shape[1], "N")])
 
 
 # ------------------------------------------------------------------------------------------------ lesson 5
@@ -267,8 +484,12 @@ def check_softmax_backward(fn):
     def softmax(x):
         e = np.exp(x - x.max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)
-    return _gate("softmax_backward", "dx = y * (dy - sum(dy * y, last axis, keepdims=True))", softmax,
-                 lambda xs, y, dy: fn(y, dy), cases, ("x",))
+    return _gate("softmax_backward", ("every y_i depends on every x_j: the Jacobian is diag(y) - y y^T, not only "
+                                      "its diagonal",
+                                      "dx = y * (dy - sum(dy * y, last axis, keepdims=True))"), softmax,
+                 lambda xs, y, dy: fn(y, dy), cases, ("x",),
+                 invariants=[("x", "softmax's input gradient sums to zero along each row (adding a constant to a "
+                              "row of x leaves y unchanged)", _rows_sum())])
 
 
 def check_cross_entropy_backward(fn):
@@ -280,8 +501,55 @@ def check_cross_entropy_backward(fn):
         shifted = x - x.max(1, keepdims=True)
         logp = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
         return -logp[np.arange(len(t)), t].mean()
-    return _gate("cross_entropy_backward", "softmax(logits), subtract 1 at each label, divide by the batch size",
-                 loss, lambda xs, y, dy: _array(_call(fn, xs[0], xs[1])) * dy, cases, ("logits",))
+    return _gate("cross_entropy_backward", ("the loss is a mean over the batch; for one row, -log softmax(x)[t] "
+                                            "has a gradient that is the probabilities minus a one-hot vector",
+                                            "softmax(logits), subtract 1 at each label, divide by the batch size"),
+                 loss, lambda xs, y, dy: _array(_call(fn, xs[0], xs[1])) * dy, cases, ("logits",),
+                 factors=lambda arrays: [(len(arrays[0]), "B")],
+                 invariants=[("logits", "each row of the gradient sums to zero (probabilities sum to 1, the one-hot "
+                              "row too)", _rows_sum())])
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def check_log_softmax_backward(fn):
+    """fn(logp, dy) -> dx for logp = log_softmax(x) along the last axis."""
+    rng = _rng(42)
+    cases = [[rng.standard_normal((3, 5))], [rng.standard_normal((2, 2, 4)) * 3]]
+    return _gate("log_softmax_backward", ("log p_k = x_k - log sum_j exp(x_j): two terms; the gradient of the "
+                                          "second one is a distribution you met in this lesson",
+                                          "dx = dy - exp(logp) * sum(dy, last axis, keepdims=True)"),
+                 lambda x: np.log(_softmax(x)), lambda xs, y, dy: fn(y, dy), cases, ("x",),
+                 invariants=[("x", "log-softmax's input gradient sums to zero along each row (adding a constant to "
+                              "a row of x leaves log p unchanged)", _rows_sum())],
+                 mistakes=[("x", "dx is softmax's backward applied to dy: but here the output is log p, whose "
+                            "derivative differs", lambda a, y, dy: _softmax(a[0]) * (dy - (dy * _softmax(a[0])).sum(
+                                -1, keepdims=True)))])
+
+
+def check_smoothed_cross_entropy_backward(fn):
+    """fn(logits (B, K), labels (B,), smoothing) -> dlogits of the mean cross-entropy against the smoothed target
+    q = (1 - smoothing) onehot + smoothing / K."""
+    rng = _rng(43)
+    cases = [[rng.standard_normal((4, 3)), rng.integers(0, 3, 4)], [rng.standard_normal((6, 5)), rng.integers(0, 5, 6)]]
+
+    def loss(x, t):
+        K = x.shape[1]
+        q = (1 - 0.1) * np.eye(K)[t] + 0.1 / K
+        return -(q * np.log(_softmax(x))).sum(1).mean()
+    return _gate("smoothed_cross_entropy_backward",
+                 ("the target is now a distribution q, not a one-hot row: for one row, -sum_k q_k log p_k; use that "
+                  "q sums to 1",
+                  "(softmax(logits) - q) / B with q = (1 - smoothing) onehot + smoothing / K"),
+                 loss, lambda xs, y, dy: _array(_call(fn, xs[0], xs[1], 0.1)) * dy, cases, ("logits",),
+                 factors=lambda arrays: [(len(arrays[0]), "B")],
+                 invariants=[("logits", "each row of the gradient sums to zero (p and q both sum to 1)", _rows_sum())],
+                 mistakes=[("logits", "this is the gradient without smoothing: the target q gives the label "
+                            "1 - smoothing + smoothing / K and every other class smoothing / K",
+                            lambda a, y, dy: (_softmax(a[0]) - np.eye(a[0].shape[1])[a[1]]) / len(a[1]) * dy)])
 
 
 # ------------------------------------------------------------------------------------------------ lesson 6
@@ -294,10 +562,63 @@ def check_layer_norm_backward(fn):
     def forward(x, w, b):
         xc = x - x.mean(-1, keepdims=True)
         return xc / np.sqrt((xc ** 2).mean(-1, keepdims=True) + 1e-6) * w + b
+    def along_xhat(g, arrays, y):               # LayerNorm ignores a shift of a row and a rescale of it
+        x = arrays[0]
+        xc = x - x.mean(-1, keepdims=True)
+        return np.abs((g * xc).sum(-1) / np.sqrt((xc ** 2).sum(-1))).max()
     return _gate("layer_norm_backward",
-                 "with g = dy * w and xhat the normalised x: dx = (g - mean(g) - xhat * mean(g * xhat)) / "
-                 "sqrt(var + eps); dw = sum(dy * xhat), db = sum(dy) over all but the last axis",
-                 forward, lambda xs, y, dy: fn(xs[0], xs[1], dy, 1e-6), cases, ("x", "w", "b"))
+                 ("the mean and the variance depend on every x of the row: besides the direct path through "
+                  "(x - mean), x reaches the output through the mean and through the variance",
+                  "with g = dy * w and xhat the normalised x: dx = (g - mean(g) - xhat * mean(g * xhat)) / "
+                  "sqrt(var + eps); dw = sum(dy * xhat), db = sum(dy) over all but the last axis"),
+                 forward, lambda xs, y, dy: fn(xs[0], xs[1], dy, 1e-6), cases, ("x", "w", "b"),
+                 factors=lambda arrays: [(int(np.prod(arrays[0].shape[:-1])), "(number of rows)"),
+                                         (arrays[0].shape[-1], "D")],
+                 invariants=[("x", "LayerNorm's dx sums to zero along each row (shifting a row does not change "
+                              "y)", _rows_sum()),
+                             ("x", "LayerNorm's dx is orthogonal to x_hat along each row (scaling a row does not "
+                              "change y)", along_xhat)],
+                 mistakes=[("x", "dx is what it would be if w were all ones: the gradient that reaches x_hat is "
+                            "dy * w", lambda a, y, dy: _layer_norm_dx(a[0], np.ones_like(a[1]), dy))])
+
+
+def _layer_norm_dx(x, w, dy, eps=1e-6):
+    xc = x - x.mean(-1, keepdims=True)
+    rstd = 1 / np.sqrt((xc ** 2).mean(-1, keepdims=True) + eps)
+    xhat, g = xc * rstd, dy * w
+    return rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+
+
+def check_rms_norm_backward(fn):
+    """fn(x (..., D), w (D,), dy, eps) -> (dx, dw) for y = x / sqrt(mean(x^2) + eps) * w (RMSNorm: no mean, no
+    bias)."""
+    rng = _rng(44)
+    cases = [[rng.standard_normal((4, 6)), rng.standard_normal(6)],
+             [rng.standard_normal((2, 3, 5)) * 2 + 1, rng.standard_normal(5)]]
+
+    def forward(x, w):
+        return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * w
+
+    def along_x(g, arrays, y):                  # RMSNorm ignores a rescale of a row
+        x = arrays[0]
+        return np.abs((g * x).sum(-1) / np.sqrt((x ** 2).sum(-1))).max()
+
+    def dx_unit_w(a, y, dy):
+        x = a[0]
+        r = 1 / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6)
+        return r * (dy - x * r * (dy * x * r).mean(-1, keepdims=True))
+    return _gate("rms_norm_backward",
+                 ("as in LayerNorm, x reaches the output directly and through the statistic of its row; here the "
+                  "only statistic is the mean square, so one of LayerNorm's three paths is gone",
+                  "with g = dy * w, r = 1/sqrt(mean(x^2) + eps) and xhat = x r: dx = r (g - xhat mean(g xhat)); "
+                  "dw = sum(dy * xhat) over all but the last axis"),
+                 forward, lambda xs, y, dy: fn(xs[0], xs[1], dy, 1e-6), cases, ("x", "w"),
+                 factors=lambda arrays: [(int(np.prod(arrays[0].shape[:-1])), "(number of rows)"),
+                                         (arrays[0].shape[-1], "D")],
+                 invariants=[("x", "RMSNorm's dx is orthogonal to x along each row (scaling a row does not change "
+                              "y)", along_x)],
+                 mistakes=[("x", "dx is what it would be if w were all ones: the gradient that reaches x_hat is "
+                            "dy * w", dx_unit_w)])
 
 
 # ------------------------------------------------------------------------------------------------ lesson 7
@@ -306,8 +627,44 @@ def check_gelu_backward(fn):
     from scipy.special import erf
     rng = _rng(8)
     cases = [[rng.standard_normal((4, 5)) * 2], [np.linspace(-4, 4, 17)]]
-    return _gate("gelu_backward", "d/dx [x Phi(x)] = Phi(x) + x phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi)",
-                 lambda x: x * 0.5 * (1 + erf(x / math.sqrt(2))), lambda xs, y, dy: fn(xs[0], dy), cases, ("x",))
+    def phi(x):
+        return np.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+    return _gate("gelu_backward", ("x Phi(x) is a product: the product rule gives two terms; Phi's derivative is "
+                                   "the normal density",
+                                   "d/dx [x Phi(x)] = Phi(x) + x phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi)"),
+                 lambda x: x * 0.5 * (1 + erf(x / math.sqrt(2))), lambda xs, y, dy: fn(xs[0], dy), cases, ("x",),
+                 mistakes=[("x", "dx is Phi(x) dy: the product rule's second term, x phi(x), is missing",
+                            lambda a, y, dy: dy * 0.5 * (1 + erf(a[0] / math.sqrt(2)))),
+                           ("x", "the second term x phi(x) is there but phi lacks its 1/sqrt(2 pi)",
+                            lambda a, y, dy: dy * (0.5 * (1 + erf(a[0] / math.sqrt(2)))
+                                                   + a[0] * np.exp(-a[0] ** 2 / 2)))])
+
+
+def check_gelu_tanh_backward(fn):
+    """fn(x, dy) -> dx for the tanh approximation y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    rng = _rng(45)
+    c = math.sqrt(2 / math.pi)
+    cases = [[rng.standard_normal((4, 5)) * 2], [np.linspace(-4, 4, 17)]]
+
+    def forward(x):
+        return 0.5 * x * (1 + np.tanh(c * (x + 0.044715 * x ** 3)))
+
+    def no_inner(a, y, dy):
+        x = a[0]
+        t = np.tanh(c * (x + 0.044715 * x ** 3))
+        return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c)
+
+    def no_product_rule(a, y, dy):
+        return dy * 0.5 * (1 + np.tanh(c * (a[0] + 0.044715 * a[0] ** 3)))
+    return _gate("gelu_tanh_backward", ("a product again, with a chain inside: x times 0.5 (1 + tanh(u(x))); "
+                                        "tanh' = 1 - tanh^2, and u is a polynomial in x",
+                                        "with u = sqrt(2/pi) (x + 0.044715 x^3) and t = tanh(u): dx = dy (0.5 (1 + "
+                                        "t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2))"),
+                 forward, lambda xs, y, dy: fn(xs[0], dy), cases, ("x",),
+                 mistakes=[("x", "the inner derivative du/dx misses its polynomial part: d/dx (x + 0.044715 x^3) "
+                            "is 1 + 3 * 0.044715 x^2", no_inner),
+                           ("x", "dx is 0.5 (1 + tanh(u)) dy: the product rule's second term, the one with "
+                            "tanh's derivative, is missing", no_product_rule)])
 
 
 # ------------------------------------------------------------------------------------------------ lesson 8
@@ -329,15 +686,20 @@ def check_patchify(fn):
             if line:
                 problems.append(line)
         return problems, "same patches in the same order as the engine"
-    return _run("patchify", "reshape to (B, C, H/P, P, W/P, P), move the grid axes forward: transpose(0, 2, 4, 1, "
-                "3, 5), then flatten each patch", body)
+    return _run("patchify", ("split H and W each into (grid, P) with a reshape, then bring the two grid axes "
+                             "before the channel axis",
+                             "reshape to (B, C, H/P, P, W/P, P), move the grid axes forward: transpose(0, 2, 4, 1, "
+                             "3, 5), then flatten each patch"), body)
 
 
 def check_patchify_backward(fn):
     """fn(dy (B, Np, C*P*P), image_shape (B, C, H, W), P) -> dimages: the gradients put back at their pixels."""
     rng = _rng(10)
     cases = [[rng.standard_normal((2, 1, 4, 4))], [rng.standard_normal((1, 3, 4, 6))]]
-    return _gate("patchify_backward", "patchify only moves values: undo its reshape and transpose on dy",
+    return _gate("patchify_backward", ("patchify only moves values, so its backward moves them back: undo each "
+                                       "step of the forward, last step first",
+                                       "dy.reshape(B, H/P, W/P, C, P, P).transpose(0, 3, 1, 4, 2, 5).reshape(B, C, "
+                                       "H, W)"),
                  lambda x: _reference_patchify(x, 2), lambda xs, y, dy: fn(dy, xs[0].shape, 2), cases, ("images",))
 
 
@@ -352,9 +714,59 @@ def check_attention_backward(fn):
         s = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])
         p = np.exp(s - s.max(-1, keepdims=True))
         return p / p.sum(-1, keepdims=True) @ v
-    return _gate("attention_backward", "recompute p; dv = p^T dy; dp = dy v^T; ds = p * (dp - rowsum(dp * p)); "
-                 "dq = ds k / sqrt(d); dk = ds^T q / sqrt(d)", forward, lambda xs, y, dy: fn(*xs, dy), cases,
-                 ("q", "k", "v"))
+    return _gate("attention_backward", ("walk the forward backwards: y = p v (a matrix product), p = softmax(s) "
+                                        "row by row (lesson 5), s = q k^T / sqrt(d) (another product and a "
+                                        "constant)",
+                                        "recompute p; dv = p^T dy; dp = dy v^T; ds = p * (dp - rowsum(dp * p)); "
+                                        "dq = ds k / sqrt(d); dk = ds^T q / sqrt(d)"),
+                 forward, lambda xs, y, dy: fn(*xs, dy), cases, ("q", "k", "v"),
+                 factors=lambda arrays: [(math.sqrt(arrays[0].shape[-1]), "sqrt(d)")],
+                 mistakes=[("q", "ds is p * dp: softmax's backward lacks its second term, the subtraction of "
+                            "rowsum(dp * p) (every probability of a row depends on every score of the row)",
+                            lambda a, y, dy: _attention_grads(*a, dy, rowsum=False)[0])],
+                 invariants=[("k", "dk sums to zero over the keys (moving every key by the same vector shifts each "
+                              "row of scores by a constant, which softmax ignores)", _rows_sum(axis=-2))])
+
+
+def _attention_grads(q, k, v, dy, causal=False, rowsum=True):
+    """Reference (dq, dk, dv) of softmax(q k^T / sqrt(d) [+ causal mask]) v, optionally without softmax's rowsum."""
+    scale = 1 / math.sqrt(q.shape[-1])
+    s = q @ k.swapaxes(-1, -2) * scale
+    if causal:
+        s = np.where(np.tril(np.ones(s.shape[-2:], dtype=bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dp = dy @ v.swapaxes(-1, -2)
+    ds = (p * (dp - (dp * p).sum(-1, keepdims=True)) if rowsum else p * dp) * scale
+    return ds @ k, ds.swapaxes(-1, -2) @ q, p.swapaxes(-1, -2) @ dy
+
+
+def check_causal_attention_backward(fn):
+    """fn(q, k, v, dy) -> (dq, dk, dv) for y = softmax(mask(q k^T / sqrt(d))) v, where query i sees keys 0..i."""
+    rng = _rng(46)
+    cases = [[rng.standard_normal((4, 3)), rng.standard_normal((4, 3)), rng.standard_normal((4, 2))],
+             [rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 3))]]
+
+    def forward(q, k, v):
+        s = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])
+        s = np.where(np.tril(np.ones(s.shape[-2:], dtype=bool)), s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        return p / p.sum(-1, keepdims=True) @ v
+    return _gate("causal_attention_backward",
+                 ("a masked score is -inf, so its probability is exactly 0: what gradient can flow through it? Then "
+                  "the steps of the unmasked backward apply unchanged",
+                  "recompute p with the mask (scores above the diagonal set to -inf before the softmax); then dv = "
+                  "p^T dy; dp = dy v^T; ds = p * (dp - rowsum(dp * p)); dq = ds k / sqrt(d); dk = ds^T q / sqrt(d)"),
+                 forward, lambda xs, y, dy: fn(*xs, dy), cases, ("q", "k", "v"),
+                 factors=lambda arrays: [(math.sqrt(arrays[0].shape[-1]), "sqrt(d)")],
+                 mistakes=[(name, f"d{name} is the gradient of attention without the mask: the probabilities you "
+                            f"differentiate must be the masked ones (zero above the diagonal)",
+                            lambda a, y, dy, i=i: _attention_grads(*a, dy)[i]) for i, name in enumerate("qkv")]
+                 + [("q", "ds is p * dp: softmax's backward lacks its second term, the subtraction of "
+                     "rowsum(dp * p)", lambda a, y, dy: _attention_grads(*a, dy, causal=True, rowsum=False)[0])],
+                 invariants=[("k", "dk sums to zero over the keys (moving every key by the same vector shifts each "
+                              "allowed score of a row by the same amount, which softmax ignores)",
+                              _rows_sum(axis=-2))])
 
 
 # ------------------------------------------------------------------------------------------------ lesson 10
@@ -371,7 +783,9 @@ def check_split_heads(fn):
         problems = [line for line in (_compare(name, g, e, rtol=0, atol=0) for name, g, e in zip("qkv", got, expected))
                     if line]
         return problems, "q, k and v split into heads as timm does"
-    return _run("split_heads", "reshape to (B, N, 3, nh, hd), then transpose(2, 0, 3, 1, 4)", body)
+    return _run("split_heads", ("the last axis holds [q | k | v], each of them [head 0 | head 1 | ...]: split it "
+                                "in that order, then move the axes",
+                                "reshape to (B, N, 3, nh, hd), then transpose(2, 0, 3, 1, 4)"), body)
 
 
 def check_split_heads_backward(fn):
@@ -383,8 +797,11 @@ def check_split_heads_backward(fn):
     def forward(qkv):                                        # (3, B, nh, N, hd): q, k and v stacked
         B, N, three_d = qkv.shape
         return qkv.reshape(B, N, 3, nh, three_d // (3 * nh)).transpose(2, 0, 3, 1, 4)
-    return _gate("split_heads_backward", "undo the forward: stack (dq, dk, dv), transpose(1, 3, 0, 2, 4) to (B, N, 3, "
-                 "nh, hd), reshape to (B, N, 3D)", forward, lambda xs, y, dy: fn(dy[0], dy[1], dy[2]), cases, ("qkv",))
+    return _gate("split_heads_backward", ("the forward only moves values: undo its transpose with the inverse "
+                                          "permutation, then its reshape",
+                                          "stack (dq, dk, dv), transpose(1, 3, 0, 2, 4) to (B, N, 3, nh, hd), "
+                                          "reshape to (B, N, 3D)"),
+                 forward, lambda xs, y, dy: fn(dy[0], dy[1], dy[2]), cases, ("qkv",))
 
 
 # ------------------------------------------------------------------------------------------------ lesson 11
@@ -398,7 +815,8 @@ def check_sincos_2d(fn):
             if line:
                 problems.append(line)
         return problems, "the same table as the library"
-    return _run("sincos_2d", "w_i = 10000^(-i/(D/4)); concatenate sin(row w), cos(row w), sin(col w), cos(col w)",
+    return _run("sincos_2d", ("D/4 frequencies; the row gets half of the channels, the column the other half",
+                              "w_i = 10000^(-i/(D/4)); concatenate sin(row w), cos(row w), sin(col w), cos(col w)"),
                 body)
 
 
@@ -412,9 +830,15 @@ def check_tokens_backward(fn):
     def forward(cls, patches, pos):
         copies = np.broadcast_to(cls, (patches.shape[0], 1, cls.shape[-1]))
         return np.concatenate([copies, patches], axis=1) + pos
-    return _gate("tokens_backward", "the class token and the position embedding were copied to every image: sum their "
-                 "gradients over the batch (keepdims); the patches get the rest of dy", forward,
-                 lambda xs, y, dy: fn(dy), cases, ("cls", "patches", "pos"))
+    return _gate("tokens_backward", ("a value copied to many places receives the sum of their gradients",
+                                     "the class token and the position embedding were copied to every image: sum "
+                                     "their gradients over the batch (keepdims); the patches get the rest of dy"),
+                 forward, lambda xs, y, dy: fn(dy), cases, ("cls", "patches", "pos"),
+                 factors=lambda arrays: [(len(arrays[1]), "B")],
+                 mistakes=[("cls", "dcls is the gradient of the first image only: the class token is copied to all "
+                            "B images, and each copy sends a gradient back", lambda a, y, dy: dy[:1, :1]),
+                           ("pos", "dpos is the gradient of the first image only: the position table is added to all "
+                            "B images, and each sends a gradient back", lambda a, y, dy: dy[:1])])
 
 
 # ------------------------------------------------------------------------------------------------ lesson 12
@@ -443,7 +867,9 @@ def check_adamw_update(fn):
             if problems:
                 break
         return problems, "three steps equal to minivit.optim.AdamW"
-    return _run("adamw_update", "decay p by (1 - lr wd) first; bias-correct m and v with 1 - beta^t", body)
+    return _run("adamw_update", ("the decay is decoupled from the gradient, and m and v start at zero, so early "
+                                 "steps need a correction",
+                                 "decay p by (1 - lr wd) first; bias-correct m and v with 1 - beta^t"), body)
 
 
 # ------------------------------------------------------------------------------------------------ lesson 13
@@ -458,8 +884,9 @@ def check_attention_rollout(fn):
             layers.append(a / a.sum(-1, keepdims=True))
         line = _compare("rollout", _call(fn, layers), attention_rollout(layers), rtol=1e-9)
         return ([line] if line else []), "equal to minivit.trace.attention_rollout"
-    return _run("attention_rollout", "average the heads, A' = (A + I) / 2 renormalised, multiply the layers with "
-                "the first one rightmost", body)
+    return _run("attention_rollout", ("the residual path is attention to oneself; the first layer acts first",
+                                      "average the heads, A' = (A + I) / 2 renormalised, multiply the layers with "
+                                      "the first one rightmost"), body)
 
 
 # ------------------------------------------------------------------------------------------------ lesson 14
@@ -474,4 +901,441 @@ def check_get_array_module(fn):
             if _call(fn, cupy.zeros(2)) is not cupy:
                 problems.append("a CuPy array should give the cupy module")
         return problems, "numpy for NumPy arrays" + (", cupy for CuPy arrays" if backend.cuda_available() else "")
+    return _run("get_array_module", ("an array knows which library made it",
+                                      "look at type(x).__module__, or use cupy.get_array_module"), body)
+
+
+# ------------------------------------------------------------------------------------------------ lesson 16
+# A pre-norm ViT block, one line per intermediate, in the order of the forward:
+BLOCK_STEPS = (
+    ("h1", "x", "h1 = norm1(x)                      LayerNorm (lesson 6)"),
+    ("qkv", "h1", "qkv = h1 W_qkv^T + b_qkv           linear (lesson 4)"),
+    ("attn", "qkv", "attn = heads of softmax(q k^T / sqrt(hd)) v, side by side   (lessons 9 and 10)"),
+    ("a", "attn", "a = attn W_proj^T + b_proj         linear"),
+    ("x1", "a", "x1 = x + a                         residual: x gets a gradient from here too"),
+    ("h2", "x1", "h2 = norm2(x1)                     LayerNorm"),
+    ("f1", "h2", "f1 = h2 W_fc1^T + b_fc1            linear"),
+    ("g", "f1", "g = gelu(f1)                       exact GELU (lesson 7)"),
+    ("m", "g", "m = g W_fc2^T + b_fc2              linear"),
+    ("y", "m", "y = x1 + m                         residual: x1 gets a gradient from here too"),
+)
+BLOCK_PARAMS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+                "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
+                "mlp.fc2.bias")
+_BLOCK_PARAM_STEP = {"norm1": "h1", "attn.qkv": "qkv", "attn.proj": "a", "norm2": "h2", "mlp.fc1": "f1",
+                     "mlp.fc2": "m"}
+
+
+def block_gradients(x, params, dy, nh):
+    """The engine's gradient of every intermediate of a pre-norm block (names as in BLOCK_STEPS, 'dx' for the
+    input) and of every parameter ('d' + its timm name), for the upstream gradient dy of the output y."""
+    from minivit.tensor import enable_grad
+    with enable_grad():                     # also when called from inside a backward, which runs without a graph
+        return _block_gradients(x, params, dy, nh)
+
+
+def _block_gradients(x, params, dy, nh):
+    from minivit import functional as F
+    p = {name: Tensor(np.asarray(value), requires_grad=True) for name, value in params.items()}
+    xt = Tensor(np.asarray(x), requires_grad=True)
+    t = {}
+    t["h1"] = F.layer_norm(xt, p["norm1.weight"], p["norm1.bias"], eps=1e-6)
+    t["qkv"] = F.linear(t["h1"], p["attn.qkv.weight"], p["attn.qkv.bias"])
+    t["attn"] = F.multi_head_self_attention(t["qkv"], nh)
+    t["a"] = F.linear(t["attn"], p["attn.proj.weight"], p["attn.proj.bias"])
+    t["x1"] = xt + t["a"]
+    t["h2"] = F.layer_norm(t["x1"], p["norm2.weight"], p["norm2.bias"], eps=1e-6)
+    t["f1"] = F.linear(t["h2"], p["mlp.fc1.weight"], p["mlp.fc1.bias"])
+    t["g"] = F.gelu(t["f1"])
+    t["m"] = F.linear(t["g"], p["mlp.fc2.weight"], p["mlp.fc2.bias"])
+    t["y"] = t["x1"] + t["m"]
+    for tensor in t.values():
+        tensor.retain_grad()
+    t["y"].backward(np.asarray(dy))
+    grads = {"d" + name: _array(tensor.grad) for name, tensor in t.items() if name != "y"}   # dy is given
+    grads["dx"] = _array(xt.grad)
+    grads.update({"d" + name: _array(tensor.grad) for name, tensor in p.items()})
+    return grads
+
+
+def cmp(name, mine, expected, factors=()):
+    """One line comparing a gradient of yours with the engine's: exact, approximate (with the largest difference),
+    or wrong (with a diagnosis when one fits)."""
+    mine, expected = _array(mine), np.asarray(expected)
+    if mine.shape == expected.shape and np.array_equal(mine, expected):
+        verdict_ = "exact"
+    elif mine.shape == expected.shape and np.allclose(mine, expected, rtol=1e-5, atol=1e-8):
+        verdict_ = f"approximate (largest difference {np.abs(mine - expected).max():.1e})"
+    else:
+        named = diagnose(name[1:] if name.startswith("d") else name, mine, expected, factors) if mine.ndim else None
+        verdict_ = "WRONG" + (f": {named}" if named else (f": shape {mine.shape}, expected {expected.shape}"
+                                                           if mine.shape != expected.shape else ""))
+    return Hint(f"{name:<22s} {verdict_}")
+
+
+def block_comparer(x, params, dy, nh):
+    """compare(name, mine) -> a cmp line against the engine's gradient of that name for this block, x and dy.
+
+    The engine's numbers stay inside the closure: a learner sees verdicts, not answers."""
+    expected = block_gradients(x, params, dy, nh)
+
+    def compare(name, mine):
+        if name not in expected:
+            raise ValueError(f"no gradient named {name!r}; names: {', '.join(expected)}")
+        return cmp(name, mine, expected[name], _block_factors(x))
+    return compare
+
+
+def _block_factors(x):
+    B, N = np.shape(x)[:2]
+    return [(B * N, "(B N)"), (B, "B"), (N, "N")]
+
+
+def check_block_backward(fn):
+    """fn(x (B, N, D), params {timm name: array}, dy (B, N, D), nh) -> {'dx': ..., 'dh1': ..., 'dnorm1.weight': ...}:
+    the gradient of every intermediate of BLOCK_STEPS and of every parameter, each compared with the engine's."""
+    def body():
+        rng = _rng(47)
+        B, N, D, nh, hidden = 2, 5, 8, 2, 16
+        shapes = {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
+                  "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "norm2.weight": (D,), "norm2.bias": (D,),
+                  "mlp.fc1.weight": (hidden, D), "mlp.fc1.bias": (hidden,), "mlp.fc2.weight": (D, hidden),
+                  "mlp.fc2.bias": (D,)}
+        params = {name: rng.standard_normal(shape) * (0.3 if name.endswith("weight") and "norm" not in name else 1)
+                  for name, shape in shapes.items()}
+        x, dy = rng.standard_normal((B, N, D)), rng.standard_normal((B, N, D))
+        expected = block_gradients(x, params, dy, nh)
+        got = _call(fn, x.copy(), {k: v.copy() for k, v in params.items()}, dy.copy(), nh)
+        if not isinstance(got, dict):
+            return [f"return a dict of gradients (keys such as 'dx', 'dh1', 'dnorm1.weight'), got "
+                    f"{type(got).__name__}"], ""
+        missing = [k for k in expected if k not in got or got[k] is None]
+        lines, first_wrong = [], None
+        order = ["d" + name for name, _, _ in reversed(BLOCK_STEPS[:-1])] + ["dx"] + ["d" + n for n in BLOCK_PARAMS]
+        for key in order:
+            if key in missing:
+                continue
+            line = cmp(key, got[key], expected[key], _block_factors(x))
+            lines.append(str(line))
+            if "WRONG" in line and first_wrong is None:
+                first_wrong = key
+        problems = []
+        if missing:
+            problems.append("missing from your dict: " + ", ".join(missing))
+        if first_wrong is not None:
+            problems = ["every gradient, from the output back to the input, then the parameters:"] + \
+                [f"  {line}" for line in lines] + problems
+            problems.append(_where_the_chain_breaks(first_wrong))
+        return problems, f"all {len(expected)} gradients equal the engine's (exactly or to rounding)"
+    return _run("block_backward", ("go backwards through the forward one line at a time, each line an op from "
+                                   "lessons 4-10; a residual adds: x1 gets dy directly and again through the MLP, "
+                                   "x gets dx1 directly and again through attention",
+                                   "dm = dy; backward of fc2 -> dg; gelu' -> df1; fc1 -> dh2; norm2 -> its dx, "
+                                   "dx1 = dy + that; da = dx1; proj -> dattn; attention -> dqkv (split heads, dq, "
+                                   "dk, dv, put back); qkv -> dh1; norm1 -> its dx, dx = dx1 + that; parameters "
+                                   "from the linear and LayerNorm backwards of lessons 4 and 6"), body)
+
+
+def _where_the_chain_breaks(first_wrong):
+    name = first_wrong[1:]
+    if name == "x":
+        step = "the first line, h1 = norm1(x), or the residual: dx = dx1 + what comes back through norm1"
+        return f"the first wrong gradient is dx: all after it are right, so look at {step}"
+    step = next((s for s in BLOCK_STEPS if s[0] == name), None)
+    if step is None:                                          # a parameter: its own step is named by its prefix
+        prefix = name.rsplit(".", 1)[0]
+        out = _BLOCK_PARAM_STEP[prefix]
+        line = next(s[2] for s in BLOCK_STEPS if s[0] == out)
+        return (f"the intermediate gradients are right but d{name} is not: look at the parameter gradients of the "
+                f"step {line.split('   ')[0].strip()}")
+    later = [s for s in BLOCK_STEPS if s[1] == name]
+    if not later:
+        return f"the first wrong gradient is d{name}, the block's output gradient: it is dy itself"
+    return (f"going backwards, the first wrong gradient is d{name}; d{later[0][0]} is right, so the mistake is in "
+            f"the backward of: {later[0][2].split('   ')[0].strip()}"
+            + (" (and x1 also receives dy directly)" if name == "x1" else ""))
+
+
+# ------------------------------------------------------------------------------------------------ lesson 17
+def _momentum_reference(p, g, buf, lr, momentum, damped=False):
+    buf = momentum * buf + ((1 - momentum) * g if damped else g)
+    return p - lr * buf, buf
+
+
+def _rmsprop_reference(p, g, sq, lr, alpha, eps, root=True, eps_inside=False):
+    sq = alpha * sq + (1 - alpha) * g * g
+    denom = (np.sqrt(sq + eps) if eps_inside else np.sqrt(sq) + eps) if root else sq + eps
+    return p - lr * g / denom, sq
+
+
+def _adam_reference(p, g, m, v, t, lr, betas, eps, correct=True, eps_inside=False):
+    b1, b2 = betas
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    mh, vh = (m / (1 - b1 ** t), v / (1 - b2 ** t)) if correct else (m, v)
+    return p - lr * mh / (np.sqrt(vh + eps) if eps_inside else np.sqrt(vh) + eps), m, v
+
+
+def _update_rule_check(exercise, hints, fn, reference, state_names, settings, mistakes):
+    """Run three steps of the learner's update rule and of the reference from the same state; name a mistake
+    when the learner's steps equal one of ``mistakes`` ((description, reference with that mistake))."""
+    def body():
+        rng = _rng(48)
+        p0 = rng.standard_normal(5)
+        grads = [rng.standard_normal(5) for _ in range(3)]
+        with_t = "t" in settings
+
+        def run(rule):
+            p, state = p0.copy(), [np.zeros(5) for _ in state_names]
+            out = []
+            for t, g in enumerate(grads, start=1):
+                extra = {"t": t} if with_t else {}
+                result = rule(p.copy(), g.copy(), *[s.copy() for s in state], **extra, **settings["values"])
+                p, state = _array(result[0]), [_array(s) for s in result[1:]]
+                out.append((p, state))
+            return out
+
+        def call(p, g, *state, **kw):
+            args = [p, g, *state] + ([kw.pop("t")] if "t" in kw else []) + list(kw.values())
+            result = _call(fn, *args)
+            if not isinstance(result, tuple) or len(result) != 1 + len(state_names):
+                raise ValueError(f"return a tuple (p, {', '.join(state_names)}), got {type(result).__name__}")
+            return result
+
+        expected, got = run(reference), run(call)
+        for (name, rule) in mistakes:
+            if all(np.allclose(gp, mp) for (gp, _), (mp, _) in zip(got, run(rule))) and \
+                    not all(np.allclose(gp, ep) for (gp, _), (ep, _) in zip(got, expected)):
+                return [f"your steps are those of a known mistake: {name}"], ""
+        problems = []
+        for t, ((gp, gs), (ep, es)) in enumerate(zip(got, expected), start=1):
+            for label, a, b in [("p", gp, ep)] + list(zip(state_names, gs, es)):
+                line = _compare(f"step {t}, {label}", a, b, rtol=1e-9, atol=1e-12)
+                if line:
+                    problems.append(line)
+            if problems:
+                break
+        return problems, "three steps equal to the reference"
+    return _run(exercise, hints, body)
+
+
+def check_momentum_update(fn):
+    """fn(p, g, buf, lr, momentum) -> (p, buf): SGD with momentum as torch.optim.SGD (buf <- momentum buf + g)."""
+    settings = {"values": dict(lr=0.1, momentum=0.9)}
+    return _update_rule_check(
+        "momentum_update", ("the buffer accumulates raw gradients, older ones shrinking by `momentum` each step; "
+                            "the step follows the buffer, not the gradient",
+                            "buf = momentum * buf + g; p = p - lr * buf"),
+        fn, _momentum_reference, ("buf",), settings,
+        [("buf = momentum buf + (1 - momentum) g is an average of the gradients (Adam's m), 10x smaller here: "
+          "PyTorch's SGD adds g undamped", lambda p, g, b, lr, momentum: _momentum_reference(p, g, b, lr, momentum,
+                                                                                              damped=True)),
+         ("the step uses the gradient, not the buffer", lambda p, g, b, lr, momentum: (
+             p - lr * g, momentum * b + g))])
+
+
+def check_rmsprop_update(fn):
+    """fn(p, g, sq, lr, alpha, eps) -> (p, sq): RMSProp as torch.optim.RMSprop (no momentum, not centered)."""
+    settings = {"values": dict(lr=0.01, alpha=0.99, eps=1e-8)}
+    return _update_rule_check(
+        "rmsprop_update", ("keep a running average of the squared gradient per weight and divide each step by its "
+                           "square root",
+                           "sq = alpha * sq + (1 - alpha) * g^2; p = p - lr * g / (sqrt(sq) + eps)"),
+        fn, _rmsprop_reference, ("sq",), settings,
+        [("the step divides by sq, not by its square root", lambda p, g, s, lr, alpha, eps: _rmsprop_reference(
+            p, g, s, lr, alpha, eps, root=False)),
+         ("eps is inside the square root (PyTorch adds it after)", lambda p, g, s, lr, alpha, eps: _rmsprop_reference(
+             p, g, s, lr, alpha, eps, eps_inside=True))])
+
+
+def check_adam_update(fn):
+    """fn(p, g, m, v, t, lr, betas, eps) -> (p, m, v): Adam without weight decay (t counts from 1)."""
+    settings = {"values": dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8), "t": True}
+    return _update_rule_check(
+        "adam_update", ("momentum (an average of g) and RMSProp (an average of g^2) together; both averages start "
+                        "at zero, so divide each by the weight its terms have so far",
+                        "m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; p = p - lr (m / (1 - b1^t)) / "
+                        "(sqrt(v / (1 - b2^t)) + eps)"),
+        fn, _adam_reference, ("m", "v"), settings,
+        [("m and v are not bias-corrected: early steps are too small (m / (1 - b1^t), v / (1 - b2^t))",
+          lambda p, g, m, v, t, lr, betas, eps: _adam_reference(p, g, m, v, t, lr, betas, eps, correct=False)),
+         ("eps is inside the square root (PyTorch adds it after)",
+          lambda p, g, m, v, t, lr, betas, eps: _adam_reference(p, g, m, v, t, lr, betas, eps, eps_inside=True))])
+
+
+def reference_rule(name):
+    """The reference update rule of lesson 17's exercise ``name``: the lesson runs on it while the exercise is open."""
+    rules = {"momentum_update": _momentum_reference, "rmsprop_update": _rmsprop_reference,
+             "adam_update": _adam_reference}
+    if name not in rules:
+        raise ValueError(f"no reference rule {name!r}; rules: {', '.join(rules)}")
+    return rules[name]
+
+
+# ------------------------------------------------------------------------------------------------ lesson 18
+def _integrated_gradients_reference(grad_fn, x, baseline, steps, midpoints=True, times_delta=True):
+    fractions = (np.arange(steps) + (0.5 if midpoints else 0.0)) / steps
+    mean_grad = sum(np.asarray(grad_fn(baseline + a * (x - baseline))) for a in fractions) / steps
+    return (x - baseline) * mean_grad if times_delta else mean_grad
+
+
+def check_integrated_gradients(fn):
+    """fn(grad_fn, x, baseline, steps) -> attributions of x's shape: (x - baseline) times the mean of grad_fn at
+    baseline + a (x - baseline) for the midpoints a = (k + 1/2) / steps, k = 0 .. steps - 1."""
+    def body():
+        rng = _rng(49)
+        w, x, b = rng.standard_normal((3, 4)), rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+        problems = []
+        # f = sum(w x^2): the gradient 2 w x is linear in x, so the midpoint rule is exact: w (x^2 - b^2)
+        got = _array(_call(fn, lambda z: 2 * w * z, x.copy(), b.copy(), 8))
+        expected = w * (x ** 2 - b ** 2)
+        if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-9, atol=1e-12):
+            named = diagnose("attribution", got, expected)
+            for description, kwargs in (("the attributions are the mean gradient alone: multiply by (x - baseline)",
+                                         dict(times_delta=False)),
+                                        ("the points are a = k / steps, the left ends of the intervals, not their "
+                                         "midpoints (k + 1/2) / steps", dict(midpoints=False))):
+                if got.shape == expected.shape and np.allclose(
+                        got, _integrated_gradients_reference(lambda z: 2 * w * z, x, b, 8, **kwargs)):
+                    named = description
+            problems.append("on f = sum(w x^2) with 8 steps (the midpoint rule is exact there): "
+                            + (named or _compare("attributions", got, expected, rtol=1e-9)))
+            return problems, ""
+        # completeness on a curved function: the attributions add up to f(x) - f(baseline)
+        f = lambda z: float(np.tanh(w * z).sum())                    # noqa: E731
+        got = _array(_call(fn, lambda z: w * (1 - np.tanh(w * z) ** 2), x.copy(), b.copy(), 200))
+        gap = abs(got.sum() - (f(x) - f(b)))
+        if gap > 1e-4:
+            problems.append(f"on f = sum(tanh(w x)), the attributions sum to {got.sum():+.6f} but f(x) - f(baseline) "
+                            f"= {f(x) - f(b):+.6f}: completeness fails")
+        return problems, "exact on a quadratic; complete (sums to f(x) - f(baseline)) on a curved function"
+    return _run("integrated_gradients", ("walk in a straight line from the baseline to x, average the gradient at "
+                                         "evenly spaced points, and weigh each input by how far it moved",
+                                         "(x - baseline) * mean over k of grad_fn(baseline + (k + 1/2) / steps * "
+                                         "(x - baseline)), k = 0 .. steps - 1"), body)
+
+
+def reference_integrated_gradients(grad_fn, x, baseline, steps):
+    """Lesson 18's exercise as the library computes it: the lesson runs on it while the exercise is open."""
+    return _integrated_gradients_reference(grad_fn, x, baseline, steps)
+
+
+# ------------------------------------------------------------------------------------------------ lesson 19
+def reference_update_ratio(before, after):
+    """log10(std(after - before) / std(before)): lesson 19's exercise, which the lesson runs on while it is open."""
+    return float(np.log10(np.std(after - before) / np.std(before)))
+
+
+def check_update_ratio(fn):
+    """fn(before, after) -> log10(std(after - before) / std(before)) as a float."""
+    def body():
+        rng = _rng(50)
+        before = rng.standard_normal((6, 5)) * 0.02
+        problems = []
+        for scale in (1e-3, 1e-1):
+            after = before + scale * 0.02 * rng.standard_normal((6, 5))
+            expected = reference_update_ratio(before, after)
+            got = float(_call(fn, before.copy(), after.copy()))
+            if math.isclose(got, 10 ** expected, rel_tol=1e-6):
+                problems.append(f"you return the ratio itself ({got:.3g}); take its log10")
+            elif math.isclose(got, -expected, rel_tol=1e-6):
+                problems.append("the ratio is upside down: std(after - before) goes on top")
+            elif math.isclose(got, float(np.log10(np.std(after - before) / np.std(after))), rel_tol=1e-9):
+                problems.append("you divide by std(after): the data is the parameter before the step")
+            elif not math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-9):
+                problems.append(f"update {scale:g} x the data's scale: expected {expected:+.4f}, got {got:+.4f}")
+        return problems, "log10 of the update's std over the parameter's std"
+    return _run("update_ratio", ("how large the change is, relative to how large the weights are, on a log scale",
+                                 "np.log10(np.std(after - before) / np.std(before))"), body)
+
+
     return _run("get_array_module", "look at type(x).__module__, or use cupy.get_array_module", body)
+
+
+# ------------------------------------------------------------------------------------------------ lesson 15
+def _softmax_last(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _softmax_double_backward_mistakes(y, dy, v):
+    """What typical slips give instead of (dx, ddy), the gradients of sum(v * y * (dy - sum(dy * y))), each with
+    the words that explain it."""
+    s, r = (dy * y).sum(-1, keepdims=True), (v * y).sum(-1, keepdims=True)
+
+    def through_softmax(gy):                                # d/dx from d/dy: softmax's own backward
+        return y * (gy - (gy * y).sum(-1, keepdims=True))
+    gy = v * (dy - s) - dy * r                              # the right d/dy: y in front and inside s
+    dx_mistakes = [
+        (np.zeros_like(y), "dx is zero: y was treated as a constant, but y = softmax(x) moves with x, and so does "
+                           "the backward y * (dy - s) built from it"),
+        (gy, "dx equals the derivative with respect to y: y = softmax(x), so pass it back through softmax's "
+             "backward once more, dx = y * (gy - sum(gy * y))"),
+        (through_softmax(v * (dy - s)), "dx misses the term from s = sum(dy * y), which depends on y too: "
+                                        "its derivative adds -dy * sum(v * y) to the derivative with respect to y"),
+        (through_softmax(v * (dy - s) + dy * r), "dx has a sign error in the term from s = sum(dy * y): "
+                                                 "s is subtracted, so its term is -dy * sum(v * y)"),
+        (through_softmax(v * dy - dy * r), "dx misses the term from the y in front: d/dy of y * (dy - s) "
+                                           "holds v * (dy - s), not only v * dy"),
+    ]
+    ddy_mistakes = [
+        (v * y, "ddy misses the sum: the backward is linear in dy, and its derivative in dy is softmax's "
+                "backward applied to v, y * (v - sum(v * y))"),
+        (v, "ddy is v itself: the backward multiplies dy by softmax's Jacobian, so ddy = y * (v - sum(v * y))"),
+        (np.zeros_like(v), "ddy is zero: the backward depends on dy (linearly), so its derivative in dy is "
+                           "softmax's backward applied to v"),
+    ]
+    return dx_mistakes, ddy_mistakes
+
+
+def check_softmax_double_backward(fn):
+    """fn(y, dy, v) -> (dx, ddy) for the softmax backward g(x, dy) = y * (dy - sum(dy * y)), y = softmax(x)
+    along the last axis: the gradients of sum(v * g) with respect to x (through y) and to dy."""
+    rng = _rng(17)
+    cases = [[rng.standard_normal((3, 5)), rng.standard_normal((3, 5))],
+             [rng.standard_normal((2, 2, 4)) * 2, rng.standard_normal((2, 2, 4))]]
+
+    def softmax_backward(x, dy):
+        y = _softmax_last(x)
+        return y * (dy - (dy * y).sum(-1, keepdims=True))
+
+    def body():
+        problems, worst = _gradient_gate(softmax_backward, lambda xs, g, v: fn(_softmax_last(xs[0]), xs[1], v),
+                                         cases, ("x", "dy"))
+        problems += _diagnose_softmax_double_backward(fn, *cases[0], rng.standard_normal(cases[0][0].shape))
+        return problems, (f"matches finite differences of softmax's backward on {len(cases)} cases (largest "
+                          f"relative error {worst:.1e}) and the engine's double backward")
+    return _run("softmax_double_backward", ("y appears twice in the backward y * (dy - s), in front and inside s = "
+                                            "sum(dy * y), and x reaches it only through y",
+                                            "differentiate sum(v * y * (dy - s)), s = sum(dy * y), with respect to y "
+                                            "first (y appears twice: in front and inside s), then pass that back "
+                                            "through softmax's backward; ddy is softmax's backward applied to v"),
+                body)
+
+
+def _diagnose_softmax_double_backward(fn, x, dy, v):
+    """Lines naming the slip behind a wrong answer, and how it compares with the engine's double backward."""
+    from minivit.autograd import grad
+    from minivit.ops import SoftmaxFn
+
+    xt, dyt = Tensor(x, requires_grad=True), Tensor(dy, requires_grad=True)
+    (g,) = grad(SoftmaxFn.apply(xt), xt, dyt, create_graph=True)
+    engine = [t.data for t in grad(g, (xt, dyt), v)]
+    y = _softmax_last(x)
+    dx_mistakes, ddy_mistakes = _softmax_double_backward_mistakes(y, dy, v)
+    got = _call(fn, y, dy, v)
+    if not isinstance(got, tuple) or len(got) != 2:
+        return []
+    lines = []
+    for name, value, expected, mistakes in (("dx", got[0], engine[0], dx_mistakes),
+                                            ("ddy", got[1], engine[1], ddy_mistakes)):
+        value = _array(value)
+        line = _compare(f"{name} against the engine's double backward (case 1)", value, expected, rtol=1e-6)
+        if line is None:
+            continue
+        lines.append(line)
+        for wrong, why in mistakes:
+            if value.shape == wrong.shape and np.allclose(value, wrong, rtol=1e-6, atol=1e-10):
+                lines.append(why)
+                break
+    return lines

@@ -11,10 +11,12 @@ import numpy as np
 from minivit import backend
 from minivit.ops import (CrossEntropyFn, DropoutFn, GELUFn, LayerNormFn, LinearFn, LogSoftmaxFn,
                          MultiHeadSelfAttentionFn, PatchifyFn, ScaledDotProductAttentionFn, SoftmaxFn, UnpatchifyFn)
+from minivit.ops import BinaryCrossEntropyWithLogitsFn, L2AttentionFn, LogSigmoidFn, SigmoidFn, SoftplusFn
 from minivit.tensor import Tensor, concat, stack, torch_names
 
 __all__ = ["linear", "gelu", "softmax", "log_softmax", "layer_norm", "scaled_dot_product_attention",
-           "multi_head_self_attention", "cross_entropy", "dropout", "patchify", "unpatchify", "concat", "stack"]
+           "multi_head_self_attention", "cross_entropy", "dropout", "patchify", "unpatchify", "concat", "stack",
+           "sigmoid", "softplus", "logsigmoid", "binary_cross_entropy_with_logits", "l2_distance_attention"]
 
 
 def _tensor(x):
@@ -312,3 +314,78 @@ def unpatchify(patches, patch_size, grid=None):
     if grid[0] * grid[1] != Np:
         raise ValueError(f"unpatchify: grid {grid} holds {grid[0] * grid[1]} patches, got {Np}")
     return UnpatchifyFn.apply(patches, patch_size=patch_size, grid=tuple(grid))
+
+
+def sigmoid(x):
+    """sigmoid(x) = 1 / (1 + e^-x), computed through e^-|x| so that it is finite for every logit."""
+    return SigmoidFn.apply(_tensor(x))
+
+
+def softplus(x, beta=1.0):
+    """softplus(x) = log(1 + e^(beta x)) / beta, a smooth ReLU, finite for every x.
+
+    PyTorch switches to the identity where beta x > 20 (``threshold``); minivit keeps the exact formula
+    everywhere (the two differ by less than 2e-9 there).
+    """
+    if beta <= 0:
+        raise ValueError(f"softplus: beta must be positive, got {beta}")
+    x = _tensor(x)
+    if beta == 1.0:
+        return SoftplusFn.apply(x)
+    return SoftplusFn.apply(x * beta) * (1.0 / beta)
+
+
+def logsigmoid(x):
+    """log sigmoid(x) = -softplus(-x): the log-probability of the positive class for a logit x."""
+    return LogSigmoidFn.apply(_tensor(x))
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean", pos_weight=None):
+    """Binary cross-entropy of sigmoid(input) against ``target``, computed on the logits (stable for +-1e4):
+
+        loss_i = -weight_i [pos_weight t_i log sigmoid(x_i) + (1 - t_i) log(1 - sigmoid(x_i))]
+
+    Args:
+        input: logits x of any shape.
+        target: t in [0, 1], the same shape.
+        weight: rescales each element's loss; broadcast against x.
+        reduction: 'mean' (over all elements, default), 'sum' or 'none'.
+        pos_weight: weight of the positive term, broadcast against x (one per class on the last axis).
+    """
+    x, t = _tensor(input), _tensor(target)
+    if t.shape != x.shape:
+        raise ValueError(f"binary_cross_entropy_with_logits: target has shape {t.shape}, expected the shape of "
+                         f"input {x.shape}")
+    if t.dtype.kind != "f":
+        raise TypeError(f"binary_cross_entropy_with_logits: target must be floating point (probabilities in "
+                        f"[0, 1]), got dtype {t.dtype}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"binary_cross_entropy_with_logits: reduction must be 'mean', 'sum' or 'none', "
+                         f"got {reduction!r}")
+    extra = () if pos_weight is None else (_tensor(pos_weight),)
+    if weight is None:
+        return BinaryCrossEntropyWithLogitsFn.apply(x, t, *extra, reduction=reduction)
+    loss = BinaryCrossEntropyWithLogitsFn.apply(x, t, *extra, reduction="none") * _tensor(weight)
+    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+
+def l2_distance_attention(q, k, v, scale=None):
+    """softmax_j(-||q_i - k_j||^2 * scale) v, attention by distance (Kim et al. 2021); scale = 1/sqrt(d).
+
+    With tied projections (pass the same tensor as q and k) self-attention is Lipschitz, unlike dot-product
+    attention: ViTGAN's discriminator uses it.
+
+    Args:
+        q: (..., Nq, d) queries.
+        k: (..., Nk, d) keys.
+        v: (..., Nk, dv) values; the leading axes of q, k and v equal.
+
+    Returns:
+        (..., Nq, dv)
+    """
+    q, k, v = _tensor(q), _tensor(k), _tensor(v)
+    if (q.ndim < 2 or not q.ndim == k.ndim == v.ndim or q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]
+            or not q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
+        raise ValueError(f"l2_distance_attention: q {q.shape}, k {k.shape}, v {v.shape}; expected q (..., Nq, d), "
+                         "k (..., Nk, d), v (..., Nk, dv) with the same leading axes")
+    return L2AttentionFn.apply(q, k, v, scale=scale)

@@ -53,7 +53,7 @@ class AttentionTrace:
 
     def plot(self, image=0, path=None):
         """Scores, scaled scores and probabilities of one image, one row per head."""
-        from minivit.viz import _save, figure
+        from minivit.viz import _save, figure, integer_ticks
         names = ("scores", "scaled", "probs")
         fig = figure(3.2 * len(names), 3 * self.num_heads)
         axes = np.array(fig.subplots(self.num_heads, len(names))).reshape(self.num_heads, len(names))
@@ -62,6 +62,7 @@ class AttentionTrace:
                 ax = axes[h, j]
                 im = ax.imshow(self[name][image, h], cmap="viridis")
                 ax.set(title=f"{name}, head {h}", xlabel="key", ylabel="query")
+                integer_ticks(ax)
                 fig.colorbar(im, ax=ax, fraction=0.046)
         return _save(fig, path)
 

@@ -1,14 +1,19 @@
 """Training and evaluation: the loop behind ``minivit train`` and ``minivit eval``.
 
 One epoch: shuffled batches -> forward -> cross-entropy -> backward -> clip -> AdamW step -> schedule step; then
-an evaluation on the test split, a line in metrics.jsonl, the curves in curves.png and a checkpoint, each
-written atomically. A run resumed from its checkpoint ends with exactly the weights of an uninterrupted run.
+an evaluation on the test split, a checkpoint, a line in metrics.jsonl and the curves in curves.png, each written
+atomically (the checkpoint first, so the metrics never run ahead of it). A run resumed from its checkpoint ends
+with exactly the weights of an uninterrupted run.
+
+Settings are checked before anything starts (``validate``: each against its range, then against each other), and
+a run owns its folder while it works (``minivit.rundir``).
 """
 
 import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +24,7 @@ from minivit import backend, checkpoint, data, optim, viz
 from minivit import functional as F
 from minivit.function import detect_anomaly
 from minivit.nn import Dropout, VisionTransformer
+from minivit.rundir import RunFolder
 from minivit.tensor import no_grad
 
 
@@ -49,6 +55,7 @@ class TrainSettings:
     limit: int = 0            # use only the first `limit` train and test images (0: all)
     device: str = "cpu"
     anomaly: bool = False
+    verify: bool = True       # check data files against the published SHA-256 (False: your own files)
 
 
 PRESETS = {
@@ -70,48 +77,141 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf."""
 
 
+class StopRequest:
+    """A stop asked for by a signal (Ctrl-C, ``kill``), honoured at the next step boundary.
+
+    Python raises KeyboardInterrupt wherever the signal lands: inside an import (which then fails as an
+    ImportError), a file write or a wait on the worker threads. While a training loop watches (``watching``), the
+    command's handler only notes the request and the loop raises KeyboardInterrupt itself, between steps. A second
+    signal, or one that comes while nothing watches, raises at once.
+    """
+
+    def __init__(self):
+        self.watching = False
+        self.asked = False
+
+    def handler(self, signum, frame):
+        if self.watching and not self.asked:
+            self.asked = True
+            return
+        raise KeyboardInterrupt
+
+    def check(self):
+        """Raise KeyboardInterrupt if a stop was asked for."""
+        if self.asked:
+            self.asked = False
+            raise KeyboardInterrupt
+
+
+STOP = StopRequest()
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; the message says what its folder holds."""
+
+
+class SettingsError(ValueError):
+    """Settings that cannot make a sound run; the message names each flag, its value and what it needs."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric setting: ``low`` to ``high``, each end included or not."""
+    low: float
+    high: float = math.inf
+    low_included: bool = True
+    high_included: bool = False
+
+    def __contains__(self, value):  # written so that NaN is in no range
+        above = value >= self.low if self.low_included else value > self.low
+        below = value <= self.high if self.high_included else value < self.high
+        return above and below
+
+    def __str__(self):
+        if self.high == math.inf:
+            return f"{'>=' if self.low_included else '>'} {self.low}"
+        return f"{'[' if self.low_included else '('}{self.low}, {self.high}{']' if self.high_included else ')'}"
+
+
+# field -> the values it may take; a float range without an upper end still excludes Inf.
+RANGES = {
+    "epochs": Range(1), "batch_size": Range(1), "patch_size": Range(1), "embed_dim": Range(1), "depth": Range(1),
+    "num_heads": Range(1), "limit": Range(0), "seed": Range(0, 2**32 - 1, high_included=True),
+    "lr": Range(0, low_included=False), "min_lr": Range(0), "weight_decay": Range(0), "warmup_epochs": Range(0),
+    "label_smoothing": Range(0, 1), "clip_grad": Range(0), "mlp_ratio": Range(0, low_included=False),
+    "drop_rate": Range(0, 1),
+}
+CHOICES = {"global_pool": ("token", "avg"), "pos_embed": ("learn", "sincos")}
+
+
+def flag(field):
+    """The command-line flag of a TrainSettings field: ``min_lr`` -> ``--min-lr``."""
+    return "--" + {"global_pool": "pool"}.get(field, field).replace("_", "-")
+
+
 def settings_for(preset, **overrides):
-    """The settings of a preset with some fields replaced (None values are ignored)."""
+    """The settings of a preset with some fields replaced (None values are ignored).
+
+    A preset's warmup is a share of its run: when only ``epochs`` is changed, ``warmup_epochs`` is scaled with it
+    (the cifar10 preset warms up for 5 of 50 epochs, so ``epochs=1`` warms up for 0.1 epoch).
+    """
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+        raise SettingsError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
     fields = {f.name for f in dataclasses.fields(TrainSettings)}
     unknown = set(overrides) - fields
     if unknown:
-        raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
-    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}, "preset": preset}
+        raise SettingsError(f"unknown settings: {', '.join(sorted(unknown))}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values = {**PRESETS[preset], **given, "preset": preset}
+    base = {**dataclasses.asdict(TrainSettings()), **PRESETS[preset]}
+    if "epochs" in given and "warmup_epochs" not in given:
+        values["warmup_epochs"] = base["warmup_epochs"] * given["epochs"] / base["epochs"]
     return validate(TrainSettings(**values))
 
 
 def validate(s):
-    """Check settings before any work starts; errors name the flag and what it needs."""
-    info = data.dataset_info(s.dataset)
-    H = info.shape[1]
+    """Check settings before any work starts; raise SettingsError naming every flag that is wrong and why."""
     problems = []
-    for name in ("epochs", "batch_size", "patch_size", "embed_dim", "depth", "num_heads"):
-        if getattr(s, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
-    if s.lr <= 0:
-        problems.append(f"--lr must be positive, got {s.lr}")
-    if s.weight_decay < 0:
-        problems.append(f"--weight-decay must be >= 0, got {s.weight_decay}")
-    if s.warmup_epochs < 0 or s.warmup_epochs > s.epochs:
-        problems.append(f"--warmup-epochs must be between 0 and --epochs ({s.epochs}), got {s.warmup_epochs}")
-    if not 0 <= s.label_smoothing < 1:
-        problems.append(f"--label-smoothing must be in [0, 1), got {s.label_smoothing}")
-    if s.patch_size >= 1 and H % s.patch_size:
-        problems.append(f"--patch-size {s.patch_size} does not divide the {H}x{H} images of {s.dataset}")
-    if s.num_heads >= 1 and s.embed_dim % s.num_heads:
-        problems.append(f"--embed-dim {s.embed_dim} is not divisible by --num-heads {s.num_heads}")
-    if s.global_pool not in ("token", "avg"):
-        problems.append(f"--pool must be 'token' or 'avg', got {s.global_pool!r}")
-    if s.pos_embed not in ("learn", "sincos"):
-        problems.append(f"--pos-embed must be 'learn' or 'sincos', got {s.pos_embed!r}")
-    if s.limit < 0:
-        problems.append(f"--limit must be >= 0, got {s.limit}")
-    backend.normalize_device(s.device)
+    kinds = {f.name: numbers.Integral if f.type is int else numbers.Real for f in dataclasses.fields(s)}
+    for name, allowed in RANGES.items():
+        value = getattr(s, name)
+        if isinstance(value, bool) or not isinstance(value, kinds[name]):
+            kind = "a whole number" if kinds[name] is numbers.Integral else "a number"
+            problems.append(f"{flag(name)} must be {kind}, got {value!r}")
+        elif value not in allowed:
+            problems.append(f"{flag(name)} {value} is out of range: expected {allowed}")
+    for name, allowed in CHOICES.items():
+        if getattr(s, name) not in allowed:
+            problems.append(f"{flag(name)} must be one of {', '.join(map(repr, allowed))}, got {getattr(s, name)!r}")
+    if not problems:
+        problems += _relations(s)
+    try:
+        if backend.normalize_device(s.device) == "cuda" and not backend.cuda_available():
+            problems.append("--device cuda needs CuPy and a CUDA device, and none is usable here "
+                            "(pip install 'minivit[gpu]' on a machine with an NVIDIA GPU)")
+    except ValueError as e:
+        problems.append(f"--device: {e}")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise SettingsError("; ".join(problems))
     return s
+
+
+def _relations(s):
+    """What one flag needs of another (and of the data set)."""
+    try:
+        H = data.dataset_info(s.dataset).shape[1]
+    except ValueError as e:
+        return [f"--dataset: {e}"]
+    problems = []
+    if s.min_lr > s.lr:
+        problems.append(f"--min-lr {s.min_lr} is above --lr {s.lr}: the decay must end at or below the peak")
+    if s.warmup_epochs > s.epochs:
+        problems.append(f"--warmup-epochs {s.warmup_epochs} is longer than the run (--epochs {s.epochs})")
+    if H % s.patch_size:
+        problems.append(f"--patch-size {s.patch_size} does not divide the {H}x{H} images of {s.dataset}")
+    if s.embed_dim % s.num_heads:
+        problems.append(f"--embed-dim {s.embed_dim} is not divisible by --num-heads {s.num_heads}")
+    return problems
 
 
 def build_model(s, info):
@@ -123,7 +223,7 @@ def build_model(s, info):
 
 
 def load_data(s, progress=True):
-    ds = data.load_dataset(s.dataset, s.data_dir, progress=progress)
+    ds = data.load_dataset(s.dataset, s.data_dir, progress=progress, verify=s.verify)
     if s.limit:
         ds.train_images, ds.train_labels = ds.train_images[:s.limit], ds.train_labels[:s.limit]
         ds.test_images, ds.test_labels = ds.test_images[:s.limit], ds.test_labels[:s.limit]
@@ -157,117 +257,204 @@ def evaluate(model, images, labels, mean, std, batch_size=256, device="cpu"):
             probs = backend.asnumpy(F.softmax(logits, axis=1).data)
             predictions.append(probs.argmax(1))
             confidences.append(probs.max(1))
+            STOP.check()
     model.train()
     predictions = np.concatenate(predictions)
     return {"loss": total_loss / len(labels), "acc": float((predictions == labels).mean()),
             "predictions": predictions, "confidences": np.concatenate(confidences)}
 
 
-def _write_json_lines(path, rows):
-    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+def _write_reports(paths, history):
+    """metrics.jsonl and curves.png from the history so far, each written atomically."""
+    text = "".join(json.dumps(row) + "\n" for row in history)
+    checkpoint.atomic_write(paths["metrics"], lambda tmp: Path(tmp).write_text(text))
+    checkpoint.atomic_write(paths["curves"], lambda tmp: viz.plot_history(history).savefig(tmp, format="png"))
 
 
-def train(s, out_dir, resume=None, progress=True, log=print):
+def plural(count, word):
+    """``plural(1, "epoch")`` is "1 epoch", ``plural(3, "epoch")`` is "3 epochs"."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _saved_state(path, epoch, total, out_dir):
+    """What an interrupted run leaves, for the message that ends it."""
+    if epoch == total:
+        return f"{path} holds all {plural(total, 'epoch')}: the run is complete"
+    if epoch is not None:
+        return f"{path} holds epoch {epoch} of {total}: continue with  minivit train --resume {out_dir}"
+    if path.exists():
+        return f"nothing of this run was saved; {path} still holds the earlier run"
+    return "nothing was saved: a run writes its first checkpoint when its first epoch ends"
+
+
+def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, log=print):
     """Train a ViT as ``s`` says, writing metrics, curves and checkpoints into ``out_dir``.
 
+    ``out_dir`` is locked while the run works in it (see ``minivit.rundir``): a second run on the same folder stops
+    at once with RunLocked. Each epoch ends by writing the checkpoint, then metrics.jsonl and curves.png.
+
     Args:
-        s: TrainSettings (ignored when resuming: the checkpoint's own settings are used).
+        s: TrainSettings. When resuming, only ``device``, ``data_dir``, ``anomaly`` and ``verify`` are taken from
+            it; everything else comes from the checkpoint.
         out_dir: folder for checkpoint.safetensors, metrics.jsonl and curves.png.
         resume: a checkpoint to continue from.
+        epochs: with ``resume``, the run's new length. More epochs than the checkpoint holds extend a finished run:
+            the warmup is kept and the cosine decay is stretched to the new end, so the learning rate continues
+            from where an ``epochs``-long schedule is at this step.
+        overwrite: let this run replace another run that ``out_dir`` holds (SettingsError otherwise).
 
     Returns:
         dict with the history (one dict per epoch), the final test accuracy and the output paths.
+
+    Raises:
+        TrainingInterrupted (a KeyboardInterrupt) on Ctrl-C, saying which epoch the checkpoint holds, if any.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = None
-    if resume is not None:
-        ckpt = checkpoint.load_checkpoint(resume)
-        saved = ckpt.train_settings
-        s = validate(TrainSettings(**{**saved, "device": s.device, "data_dir": s.data_dir or saved.get("data_dir")}))
-    ds = load_data(s, progress)
-    info = ds.info
-    train_loader = data.DataLoader(ds.train_images, ds.train_labels, s.batch_size, info.mean, info.std,
-                                   shuffle=True, seed=s.seed, augment=s.augment, pad=info.shape[1] // 8)
-    steps_per_epoch = len(train_loader)
-
-    model = build_model(s, info).to(device=s.device)
-    opt = optim.AdamW(optim.param_groups_weight_decay(model, s.weight_decay), lr=s.lr)
-    sched = optim.WarmupCosine(opt, round(s.warmup_epochs * steps_per_epoch), s.epochs * steps_per_epoch, s.min_lr)
-    history, start_epoch = [], 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt.model_state)
-        opt.load_state_dict(ckpt.optimizer_state)
-        sched.load_state_dict(ckpt.schedule_state)
-        _restore_rng_state(model, ckpt.rng_state)
-        history, start_epoch = list(ckpt.history), ckpt.epoch
-        log(f"resuming {resume} after epoch {start_epoch} of {s.epochs}")
-    else:
-        backend.manual_seed(s.seed)
-    log(f"{s.preset}: {s.dataset} from {ds.folder} ({len(ds.train_labels)} train / {len(ds.test_labels)} test images), "
-        f"ViT patch {s.patch_size} width {s.embed_dim} depth {s.depth} heads {s.num_heads} "
-        f"({model.num_parameters():,} parameters), {s.epochs} epochs of {steps_per_epoch} steps on {s.device}")
-
-    paths = {"checkpoint": out_dir / "checkpoint.safetensors", "metrics": out_dir / "metrics.jsonl",
+    paths = {"checkpoint": out_dir / checkpoint.CHECKPOINT_NAME, "metrics": out_dir / "metrics.jsonl",
              "curves": out_dir / "curves.png"}
-    anomaly = detect_anomaly() if s.anomaly else contextlib.nullcontext()
-    from tqdm import tqdm
-    with anomaly:
-        for epoch in range(start_epoch, s.epochs):
-            t0 = time.perf_counter()
-            seen = correct = 0
-            loss_sum = 0.0
-            bar = tqdm(train_loader.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{s.epochs}",
-                       disable=not progress, leave=False, unit="batch")
-            for i, (x, y) in enumerate(bar):
-                x, y_dev = backend.to_device(x, s.device), backend.to_device(y, s.device)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y_dev, label_smoothing=s.label_smoothing)
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise TrainingDiverged(
-                        f"the loss became {value} at step {epoch * steps_per_epoch + i + 1} (epoch {epoch + 1}, "
-                        f"batch {i + 1}); lower --lr, or add --anomaly to name the first op that went non-finite")
-                opt.zero_grad()
-                loss.backward()
-                if s.clip_grad:
-                    optim.clip_grad_norm_(model.parameters(), s.clip_grad)
-                opt.step()
-                sched.step()
-                seen += len(y)
-                loss_sum += value * len(y)
-                correct += int((backend.asnumpy(logits.data.argmax(1)) == y).sum())
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}",
-                                img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-            bar.close()
-            train_time = time.perf_counter() - t0
-            result = evaluate(model, ds.test_images, ds.test_labels, info.mean, info.std, device=s.device)
-            history.append({"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
-                            "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                            "test_loss": result["loss"], "test_acc": result["acc"],
-                            "lr": opt.param_groups[0]["lr"], "epoch_time_s": train_time,
-                            "images_per_s": seen / train_time})
-            h = history[-1]
-            log(f"epoch {epoch + 1:3d}/{s.epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.2%}  "
-                f"test loss {h['test_loss']:.4f} acc {h['test_acc']:.2%}  {train_time:.1f}s "
-                f"({h['images_per_s']:.0f} img/s)")
-            _write_json_lines(paths["metrics"], history)
-            checkpoint.atomic_write(paths["curves"], lambda tmp: viz.plot_history(history).savefig(tmp, format="png"))
-            checkpoint.save_checkpoint(paths["checkpoint"], model, opt, sched, rng_state=_rng_state(model),
-                                       train_settings=dataclasses.asdict(s), epoch=epoch + 1, history=history)
+    with RunFolder(out_dir, log):
+        log(f"run folder: {out_dir}")
+        continues_here = resume is not None and Path(resume).resolve() == paths["checkpoint"].resolve()
+        if not overwrite and not continues_here and paths["checkpoint"].exists():
+            raise SettingsError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, "
+                                "or pass --overwrite")
+        ckpt = None
+        if resume is not None:
+            ckpt = checkpoint.load_checkpoint(resume)
+            s = _resumed_settings(ckpt, s, epochs, resume)
+        saved_epoch = ckpt.epoch if continues_here else None
+        try:
+            run = _prepare(s, ckpt, progress)
+            if ckpt is not None:
+                log(f"resuming {resume} after epoch {ckpt.epoch} of {s.epochs}")
+            log(f"{s.preset}: {s.dataset} from {run.data.folder} ({len(run.data.train_labels)} train / "
+                f"{len(run.data.test_labels)} test images), ViT patch {s.patch_size} width {s.embed_dim} depth "
+                f"{s.depth} heads {s.num_heads} ({run.model.num_parameters():,} parameters), "
+                f"{plural(s.epochs, 'epoch')} of {plural(len(run.loader), 'step')} on {s.device}")
+            ds, info, model, history = run.data, run.data.info, run.model, run.history
+            anomaly = detect_anomaly() if s.anomaly else contextlib.nullcontext()
+            STOP.watching = True
+            with anomaly:
+                for epoch in range(len(history), s.epochs):
+                    history.append(_train_epoch(model, run.opt, run.sched, run.loader, epoch, s, progress))
+                    result = evaluate(model, ds.test_images, ds.test_labels, info.mean, info.std, device=s.device)
+                    history[-1].update(test_loss=result["loss"], test_acc=result["acc"])
+                    STOP.check()
+                    h = history[-1]
+                    log(f"epoch {epoch + 1:3d}/{s.epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.2%}  "
+                        f"test loss {h['test_loss']:.4f} acc {h['test_acc']:.2%}  {h['epoch_time_s']:.1f}s "
+                        f"({h['images_per_s']:.0f} img/s)")
+                    checkpoint.save_checkpoint(paths["checkpoint"], model, run.opt, run.sched,
+                                               rng_state=_rng_state(model), train_settings=dataclasses.asdict(s),
+                                               epoch=epoch + 1, history=history)
+                    saved_epoch = epoch + 1
+                    _write_reports(paths, history)
+                    STOP.check()
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(_saved_state(paths["checkpoint"], saved_epoch, s.epochs, out_dir)) from None
+        finally:
+            STOP.watching = STOP.asked = False
     final = history[-1]
     total = sum(h["epoch_time_s"] for h in history)
-    log(f"test accuracy {final['test_acc']:.2%} after {final['epoch']} epochs ({total:.0f}s of training); "
+    log(f"test accuracy {final['test_acc']:.2%} after {plural(final['epoch'], 'epoch')} ({total:.0f}s of training); "
         f"checkpoint {paths['checkpoint']}, metrics {paths['metrics']}, curves {paths['curves']}")
     return {"history": history, "test_acc": final["test_acc"], "model": model, "paths": paths, "settings": s}
 
 
-def evaluate_checkpoint(path, out_dir=None, data_dir=None, device="cpu", log=print, progress=True):
-    """Accuracy, per-class accuracy, a confusion matrix and the most confident mistakes of a checkpoint."""
+@dataclass
+class _Run:
+    """What a training run works with."""
+    data: data.Dataset
+    loader: data.DataLoader
+    model: VisionTransformer
+    opt: optim.AdamW
+    sched: optim.WarmupCosine
+    history: list             # one row of metrics per finished epoch
+
+
+def _prepare(s, ckpt, progress):
+    """Data, model, optimizer and schedule as ``s`` says, in the state of checkpoint ``ckpt`` if there is one."""
+    ds = load_data(s, progress)
+    info = ds.info
+    loader = data.DataLoader(ds.train_images, ds.train_labels, s.batch_size, info.mean, info.std, shuffle=True,
+                             seed=s.seed, augment=s.augment, pad=info.shape[1] // 8)
+    model = build_model(s, info).to(device=s.device)
+    opt = optim.AdamW(optim.param_groups_weight_decay(model, s.weight_decay), lr=s.lr)
+    total_steps = s.epochs * len(loader)
+    sched = optim.WarmupCosine(opt, round(s.warmup_epochs * len(loader)), total_steps, s.min_lr)
+    if ckpt is None:
+        backend.manual_seed(s.seed)
+        return _Run(ds, loader, model, opt, sched, [])
+    model.load_state_dict(ckpt.model_state)
+    opt.load_state_dict(ckpt.optimizer_state)
+    sched.load_state_dict({**ckpt.schedule_state, "total_steps": total_steps})  # stretched when the run is extended
+    _restore_rng_state(model, ckpt.rng_state)
+    return _Run(ds, loader, model, opt, sched, list(ckpt.history))
+
+
+def _resumed_settings(ckpt, s, epochs, resume):
+    """The checkpoint's settings with what a resumed run may change; SettingsError if there is nothing to do."""
+    saved = ckpt.train_settings
+    if epochs is not None and epochs <= ckpt.epoch:
+        raise SettingsError(f"--epochs {epochs}: {resume} already holds {plural(ckpt.epoch, 'epoch')}; "
+                            f"to extend the run, ask for more than {ckpt.epoch}")
+    total = epochs or saved["epochs"]
+    if ckpt.epoch >= total:
+        raise SettingsError(f"{resume} has finished all {plural(total, 'epoch')}; extend it with --epochs N "
+                            f"(N > {total})")
+    return validate(TrainSettings(**{**saved, "device": s.device, "data_dir": s.data_dir or saved.get("data_dir"),
+                                     "anomaly": s.anomaly, "verify": s.verify and saved.get("verify", True),
+                                     "epochs": total}))
+
+
+def _train_epoch(model, opt, sched, loader, epoch, s, progress):
+    """One pass over the training set; returns the epoch's row of metrics (without the test set's)."""
+    from tqdm import tqdm
+    t0 = time.perf_counter()
+    seen = correct = 0
+    loss_sum = 0.0
+    steps = len(loader)
+    bar = tqdm(loader.epoch(epoch), total=steps, desc=f"epoch {epoch + 1}/{s.epochs}", disable=not progress,
+               leave=False, unit="batch")
+    for i, (x, y) in enumerate(bar):
+        x, y_dev = backend.to_device(x, s.device), backend.to_device(y, s.device)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y_dev, label_smoothing=s.label_smoothing)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"the loss became {value} at step {epoch * steps + i + 1} (epoch {epoch + 1}, "
+                f"batch {i + 1}); lower --lr, or add --anomaly to name the first op that went non-finite")
+        opt.zero_grad()
+        loss.backward()
+        if s.clip_grad:
+            optim.clip_grad_norm_(model.parameters(), s.clip_grad)
+        opt.step()
+        sched.step()
+        seen += len(y)
+        loss_sum += value * len(y)
+        correct += int((backend.asnumpy(logits.data.argmax(1)) == y).sum())
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}",
+                        img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        STOP.check()
+    bar.close()
+    train_time = time.perf_counter() - t0
+    return {"epoch": epoch + 1, "step": (epoch + 1) * steps, "train_loss": loss_sum / seen,
+            "train_acc": correct / seen, "test_loss": None, "test_acc": None, "lr": opt.param_groups[0]["lr"],
+            "epoch_time_s": train_time, "images_per_s": seen / train_time}
+
+
+def evaluate_checkpoint(path, out_dir=None, data_dir=None, device="cpu", log=print, progress=True, verify=True):
+    """Accuracy, per-class accuracy, a confusion matrix and the most confident mistakes of a checkpoint (or of a
+    .safetensors export, which records the model's config and the data set)."""
     model, ckpt = checkpoint.model_from_checkpoint(path)
-    model.to(device=device)
     s = ckpt.train_settings
-    settings = TrainSettings(**{**s, "data_dir": data_dir or s.get("data_dir"), "device": device})
+    if "dataset" not in s:
+        raise checkpoint.CheckpointError(f"{path}: does not record the data set it was trained on, so it cannot be "
+                                         "evaluated here")
+    settings = validate(TrainSettings(**{**s, "data_dir": data_dir or s.get("data_dir"), "device": device,
+                                         "verify": verify and s.get("verify", True)}))
+    model.to(device=device)
     ds = load_data(settings, progress)
     info = ds.info
     result = evaluate(model, ds.test_images, ds.test_labels, info.mean, info.std, device=device)

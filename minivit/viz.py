@@ -41,6 +41,13 @@ def figure(width, height):
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
+def integer_ticks(ax):
+    """Ticks only at whole numbers on both axes: rows and columns of a heat map are tokens, not fractions."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _save(fig, path):
     if path is not None:
         fig.savefig(path)
@@ -49,6 +56,7 @@ def _save(fig, path):
 
 def plot_history(history, path=None):
     """Loss and accuracy per epoch, train and test, from a list of metric dicts (as in metrics.jsonl)."""
+    from matplotlib.ticker import MaxNLocator
     fig = figure(10, 4)
     loss_ax, acc_ax = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in history]
@@ -59,6 +67,8 @@ def plot_history(history, path=None):
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even for one epoch
+        ax.set_xlim(min(epochs, default=1) - 0.5, max(epochs, default=1) + 0.5)
         ax.grid(alpha=0.3)
         ax.legend()
     return _save(fig, path)
@@ -72,20 +82,22 @@ def confusion_matrix(labels, predictions, num_classes):
 
 
 def plot_confusion(counts, classes, path=None):
-    """A confusion matrix as a heat map, each row normalised to the share of its class."""
+    """A confusion matrix as a heat map: cell (i, j) shows, in colour and in figures, the percentage of the images
+    of true class i that were predicted as class j (each row sums to 100)."""
+    from matplotlib.ticker import PercentFormatter
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     fig = figure(7, 6)
     ax = fig.subplots()
     im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (share of each true class)")
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (% of each true class)")
     for i in range(len(classes)):
         for j in range(len(classes)):
             if counts[i, j]:
-                ax.text(j, i, counts[i, j], ha="center", va="center", fontsize=7,
+                ax.text(j, i, f"{100 * shares[i, j]:.0f}", ha="center", va="center", fontsize=7,
                         color="white" if shares[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, format=PercentFormatter(xmax=1))
     return _save(fig, path)
 
 
@@ -168,11 +180,14 @@ def plot_attention(probs, path=None, title="attention", labels=None):
     fig = figure(3 * len(probs), 3.2)
     axes = np.atleast_1d(fig.subplots(1, len(probs)))
     for h, ax in enumerate(axes):
-        ax.imshow(probs[h], cmap="viridis", vmin=0)
+        im = ax.imshow(probs[h], cmap="viridis", vmin=0)
         ax.set(title=f"head {h}", xlabel="key", ylabel="query")
         if labels is not None:
             ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
             ax.set_yticks(range(len(labels)), labels, fontsize=6)
+        else:
+            integer_ticks(ax)
+        fig.colorbar(im, ax=ax, fraction=0.046, label="probability")
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -189,8 +204,9 @@ def plot_attention_on_image(image, attention, grid, path=None, title="class toke
     fig = figure(6, 3)
     left, right = fig.subplots(1, 2)
     _show_image(left, image)
-    right.imshow(attention.reshape(grid), cmap="inferno")
+    im = right.imshow(attention.reshape(grid), cmap="inferno")
     right.set_xticks([])
     right.set_yticks([])
     right.set_title(title)
+    fig.colorbar(im, ax=right, fraction=0.046, label="attention weight")
     return _save(fig, path)

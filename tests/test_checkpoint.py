@@ -1,5 +1,6 @@
 """Checkpoints and state dicts: round trips, atomic writes, clear errors, and timm's layout in and out."""
 
+import json
 import os
 
 import numpy as np
@@ -112,8 +113,12 @@ def test_corrupt_and_foreign_files_get_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="cut.safetensors: not a readable safetensors file"):
         checkpoint.load_checkpoint(tmp_path / "cut.safetensors")
     checkpoint.export_state_dict(model, tmp_path / "plain.safetensors")
-    with pytest.raises(CheckpointError, match="not a minivit checkpoint"):
+    with pytest.raises(CheckpointError, match="exported weights, not a training checkpoint"):
         checkpoint.load_checkpoint(tmp_path / "plain.safetensors")
+    from safetensors.numpy import save_file
+    save_file(model.state_dict(), str(tmp_path / "timm.safetensors"))
+    with pytest.raises(CheckpointError, match="not a minivit checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "timm.safetensors")
     with pytest.raises(CheckpointError, match="no such file"):
         checkpoint.load_checkpoint(tmp_path / "missing.safetensors")
 
@@ -125,3 +130,58 @@ def test_files_get_the_permissions_of_any_new_file(tmp_path):
         assert os.stat(path).st_mode & 0o777 == 0o644
     finally:
         os.umask(umask)
+
+
+def flip(path, start, count=1):
+    """Invert ``count`` bytes of a file from offset ``start`` (negative: from the end)."""
+    raw = bytearray(path.read_bytes())
+    start %= len(raw)
+    for i in range(start, start + count):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_a_checksum_guards_the_tensors_and_the_metadata(tmp_path):
+    model = nn.VisionTransformer(**CONFIG)
+    path = checkpoint.save_checkpoint(tmp_path / "c.safetensors", model, epoch=2, history=[{"test_acc": 0.75}])
+    tensors, meta = checkpoint.load_tensors(path)
+    assert meta["minivit.sha256"] == checkpoint.checksum(tensors, meta) and len(meta["minivit.sha256"]) == 64
+    good = path.read_bytes()
+    flip(path, -5)  # one byte of the last tensor's data
+    with pytest.raises(CheckpointError, match="c.safetensors: damaged: its contents no longer match the SHA-256"):
+        checkpoint.load_checkpoint(path)
+    assert good.count(b"0.75") == 1
+    path.write_bytes(good.replace(b"0.75", b"0.95"))  # a changed metadata value: the header still parses
+    with pytest.raises(CheckpointError, match="damaged"):
+        checkpoint.load_checkpoint(path)
+    path.write_bytes(good)
+    assert checkpoint.load_checkpoint(path).history == [{"test_acc": 0.75}]
+
+
+def test_files_without_a_checksum_are_read_unchecked(tmp_path):
+    from safetensors.numpy import save_file
+    state = timm_layout()
+    save_file(state, str(tmp_path / "timm.safetensors"))
+    assert set(checkpoint.read_state_dict(tmp_path / "timm.safetensors")) == set(state)
+
+
+def test_an_export_records_the_config_and_is_checked(tmp_path):
+    model = nn.VisionTransformer(**CONFIG)
+    path = checkpoint.export_state_dict(model, tmp_path / "vit.safetensors", train_settings={"dataset": "x"})
+    rebuilt, ckpt = checkpoint.model_from_checkpoint(path)
+    assert ckpt.config == model.config and ckpt.train_settings == {"dataset": "x"} and ckpt.optimizer_state is None
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(rebuilt.state_dict()[k], v)
+    flip(path, -3)
+    with pytest.raises(CheckpointError, match="damaged"):
+        checkpoint.read_state_dict(path)
+
+
+def test_a_config_that_does_not_fit_the_tensors_is_a_checkpoint_error(tmp_path):
+    model = nn.VisionTransformer(**CONFIG)
+    path = checkpoint.save_checkpoint(tmp_path / "c.safetensors", model)
+    tensors, meta = checkpoint.load_tensors(path)
+    for config in ({**CONFIG, "depth": 3}, {**CONFIG, "colour": True}):
+        checkpoint.save_tensors(path, tensors, {**meta, "config": json.dumps(config)})
+        with pytest.raises(CheckpointError, match="c.safetensors: its config does not fit its tensors"):
+            checkpoint.model_from_checkpoint(path)

@@ -33,8 +33,22 @@ PAIRS = {
                       [R.standard_normal((6, 4)), R.integers(0, 4, 6)]),
     "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), lambda x: composed.gelu_tanh(x),
                   [R.standard_normal((4, 5)) * 2]),
+    "gelu": (lambda x: F.gelu(x), lambda x: composed.gelu(x), [R.standard_normal((4, 5)) * 2]),
+    "patchify": (lambda x: F.patchify(x, 2), lambda x: composed.patchify(x, 2), [R.standard_normal((2, 3, 4, 6))]),
+    "unpatchify": (lambda x: F.unpatchify(x, 2, grid=(2, 3)), lambda x: composed.unpatchify(x, 2, grid=(2, 3)),
+                   [R.standard_normal((2, 6, 12))]),
     "linear": (lambda x, w, b: F.linear(x, w, b), lambda x, w, b: composed.linear(x, w, b),
                [R.standard_normal((2, 3, 4)), R.standard_normal((5, 4)), R.standard_normal(5)]),
+    "sigmoid": (F.sigmoid, composed.sigmoid, [R.standard_normal((3, 4)) * 3]),
+    "softplus": (F.softplus, composed.softplus, [R.standard_normal((3, 4)) * 3]),
+    "logsigmoid": (F.logsigmoid, composed.logsigmoid, [R.standard_normal((3, 4)) * 3]),
+    "binary_cross_entropy_with_logits": (
+        lambda x, t, w: F.binary_cross_entropy_with_logits(x, t, pos_weight=w, reduction="sum"),
+        lambda x, t, w: composed.binary_cross_entropy_with_logits(x, t, pos_weight=w, reduction="sum"),
+        [R.standard_normal((4, 3)) * 2, R.uniform(0, 1, (4, 3)), R.uniform(0.5, 2, 3)]),
+    "l2_distance_attention": (F.l2_distance_attention, composed.l2_distance_attention,
+                              [R.standard_normal((2, 5, 4)), R.standard_normal((2, 6, 4)),
+                               R.standard_normal((2, 6, 3))]),
 }
 
 

@@ -28,6 +28,11 @@ def test_idx_round_trip_and_raw_files(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
     data.write_idx(tmp_path / "x.gz", images)
     np.testing.assert_array_equal(data.read_idx(tmp_path / "x.gz"), images)
+    values = images.astype(np.int16) // 2 - 64  # -64..63: fits every IDX type
+    for dtype in (np.int8, np.int16, np.int32, np.float32, np.float64):
+        data.write_idx(tmp_path / "t.gz", values, dtype)
+        back = data.read_idx(tmp_path / "t.gz")
+        assert back.dtype == dtype and np.array_equal(back, values)
     (tmp_path / "x.raw").write_bytes(gzip.decompress((tmp_path / "x.gz").read_bytes()))
     np.testing.assert_array_equal(data.read_idx(tmp_path / "x.raw"), images)
 
@@ -59,26 +64,27 @@ def test_label_count_must_match_images(tmp_path):
     folder = write_idx_pair(tmp_path / "fashion-mnist")
     data.write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(7))
     with pytest.raises(data.DataError, match="7 labels for 20 images"):
-        data.load_dataset("fashion-mnist", tmp_path, allow_download=False)
+        data.load_dataset("fashion-mnist", tmp_path, allow_download=False, verify=False)
 
 
 def test_load_from_an_explicit_folder_and_from_the_environment(tmp_path, monkeypatch):
     write_idx_pair(tmp_path / "a" / "mnist", n=12)
-    ds = data.load_dataset("mnist", tmp_path / "a", allow_download=False)
+    ds = data.load_dataset("mnist", tmp_path / "a", allow_download=False, verify=False)
     assert ds.train_images.shape == (12, 1, 28, 28) and ds.train_labels.dtype == np.int64
     assert ds.folder == tmp_path / "a" / "mnist"
     write_idx_pair(tmp_path / "env", n=8)  # files directly in the folder also count
     monkeypatch.setenv("MINIVIT_DATA", str(tmp_path / "env"))
-    assert data.load_dataset("mnist", allow_download=False).train_images.shape[0] == 8
-    assert data.load_dataset("mnist", tmp_path / "a", allow_download=False).train_images.shape[0] == 12
+    assert data.load_dataset("mnist", allow_download=False, verify=False).train_images.shape[0] == 8
+    assert data.load_dataset("mnist", tmp_path / "a", allow_download=False, verify=False).train_images.shape[0] == 12
 
 
 def test_missing_files_say_where_to_put_them(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("MINIVIT_DATA", raising=False)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match=r"mnist not found; put train-images-idx3-ubyte.gz, .* in one of: "
-                                             f".*{tmp_path / 'nowhere'}"):
-        data.load_dataset("mnist", tmp_path / "nowhere", allow_download=False)
+                                             f".*{tmp_path / 'empty'}"):
+        data.load_dataset("mnist", tmp_path / "empty", allow_download=False)
     with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
         data.load_dataset("svhn")
 
@@ -120,7 +126,7 @@ def test_cifar10_reads_from_the_archive(tmp_path):
     folder = tmp_path / "cifar10"
     folder.mkdir()
     cifar_archive(folder / "cifar-10-python.tar.gz")
-    ds = data.load_dataset("cifar10", tmp_path, allow_download=False)
+    ds = data.load_dataset("cifar10", tmp_path, allow_download=False, verify=False)
     assert ds.train_images.shape == (20, 3, 32, 32) and ds.test_images.shape == (4, 3, 32, 32)
     assert ds.train_images.dtype == np.uint8 and ds.train_labels.max() <= 9
 
@@ -188,6 +194,7 @@ def test_missing_dataset_is_downloaded_into_the_data_dir(tmp_path, server, monke
         "mnist", info.classes, info.shape, info.mean, info.std, info.files, hashes, ("http://127.0.0.1:9/", url)))
     monkeypatch.delenv("MINIVIT_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "data").mkdir()
     ds = data.load_dataset("mnist", tmp_path / "data", progress=False)
     assert ds.folder == tmp_path / "data" / "mnist" and ds.train_images.shape == (10, 1, 28, 28)
     hashes["t10k-images-idx3-ubyte.gz"] = "0" * 64
@@ -232,3 +239,80 @@ def test_augmentation_crops_with_padding_and_flips():
 def test_loader_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match=r"expected images \(N, C, H, W\) and labels \(N,\)"):
         data.DataLoader(np.zeros((3, 28, 28)), np.zeros(3), 2, (0,), (1,))
+
+
+# ------------------------------------------------------------------------------------------------ what is checked
+@pytest.mark.parametrize("labels, dtype, message", [
+    ([0, 1, -3, 2] * 5, np.int8, r"labels must be 0..9 for 10 classes, got -3..2"),
+    ([0.5, 1.7] * 10, np.float32, r"labels must be integers, got float32"),
+    ([0, 10] * 10, np.uint8, r"labels must be 0..9 for 10 classes, got 0..10"),
+])
+def test_labels_are_checked_when_read(tmp_path, labels, dtype, message):
+    folder = write_idx_pair(tmp_path / "mnist")
+    data.write_idx(folder / "t10k-labels-idx1-ubyte.gz", labels, dtype)
+    with pytest.raises(data.DataError, match=f"t10k-labels-idx1-ubyte.gz: {message}"):
+        data.load_dataset("mnist", tmp_path, allow_download=False, verify=False)
+
+
+def test_cifar_labels_are_checked_too():
+    raw = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1.5, 2.0]}, protocol=2)
+    with pytest.raises(data.DataError, match="labels must be integers, got float64"):
+        data.read_cifar_batch(raw)
+
+
+def test_local_files_must_be_the_published_ones(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINIVIT_DATA", raising=False)
+    write_idx_pair(tmp_path / "mnist")  # MNIST's file names, other contents (as Fashion-MNIST's would be)
+    with pytest.raises(data.DataError, match=r"mnist/train-images-idx3-ubyte.gz: not the published mnist file "
+                                             r"\(its SHA-256 differs\); .* pass --no-verify"):
+        data.load_dataset("mnist", tmp_path, allow_download=False)
+    assert data.load_dataset("mnist", tmp_path, allow_download=False, verify=False).train_images.shape[0] == 20
+
+
+def test_a_named_data_dir_must_exist(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIVIT_DATA", str(write_idx_pair(tmp_path / "env")))  # would be found next
+    with pytest.raises(data.DataError, match=f"the data folder {tmp_path / 'typo'} does not exist"):
+        data.load_dataset("mnist", tmp_path / "typo", allow_download=False, verify=False)
+
+
+def test_a_partial_data_set_lists_only_the_missing_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINIVIT_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = write_idx_pair(tmp_path / "mnist")
+    (folder / "t10k-images-idx3-ubyte.gz").unlink()
+    (folder / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(data.DataError) as info:
+        data.load_dataset("mnist", tmp_path, allow_download=False)
+    assert str(info.value).endswith(f"{folder} holds 2 of its 4 files; missing: train-labels-idx1-ubyte.gz, "
+                                    "t10k-images-idx3-ubyte.gz")
+
+
+def test_a_failed_download_leaves_no_empty_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINIVIT_DATA", raising=False)
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "none")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    info = data.DATASETS["mnist"]
+    monkeypatch.setitem(data.DATASETS, "mnist", data.DatasetInfo(
+        "mnist", info.classes, info.shape, info.mean, info.std, info.files, info.sha256, ("http://127.0.0.1:9/",)))
+    (tmp_path / "data").mkdir()
+    for data_dir in (tmp_path / "data", None):
+        with pytest.raises(data.DataError, match="could not be downloaded"):
+            data.load_dataset("mnist", data_dir, progress=False)
+    assert list((tmp_path / "data").iterdir()) == [] and not (tmp_path / "cache").exists()
+
+
+def test_known_good_copies_are_accepted_and_nothing_else():
+    info = data.DATASETS["fashion-mnist"]
+    name = "train-labels-idx1-ubyte.gz"
+    assert info.is_known(name, info.sha256[name]) and info.is_known(name, info.repacked_sha256[name])
+    assert not info.is_known(name, data.DATASETS["mnist"].sha256[name]) and not info.is_known(name, None)
+
+
+@pytest.mark.skipif(not (data.DEBIAN_DIR / "fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_debians_fashion_mnist_is_accepted_and_is_not_mnist(monkeypatch):
+    monkeypatch.delenv("MINIVIT_DATA", raising=False)
+    ds = data.load_dataset("fashion-mnist", allow_download=False)
+    assert ds.folder == data.DEBIAN_DIR / "fashion-mnist" and np.bincount(ds.train_labels).tolist() == [6000] * 10
+    monkeypatch.setenv("MINIVIT_DATA", str(data.DEBIAN_DIR / "fashion-mnist"))  # issue 18, item 6
+    with pytest.raises(data.DataError, match="not the published mnist file"):
+        data.load_dataset("mnist", allow_download=False)

@@ -113,6 +113,52 @@ def tokens_back(dy):
     return dy[:, :1].sum(0, keepdims=True), dy[:, 1:], dy.sum(0, keepdims=True)
 
 
+def rms_backward(x, w, dy, eps):
+    r = 1 / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps)
+    xhat, g = x * r, dy * w
+    return r * (g - xhat * (g * xhat).mean(-1, keepdims=True)), (dy * xhat).sum(tuple(range(x.ndim - 1)))
+
+
+def log_softmax_back(logp, dy):
+    return dy - np.exp(logp) * dy.sum(-1, keepdims=True)
+
+
+def smoothed_ce(x, t, smoothing):
+    K = x.shape[1]
+    return (_softmax(x) - ((1 - smoothing) * np.eye(K)[t] + smoothing / K)) / len(t)
+
+
+C = math.sqrt(2 / math.pi)
+
+
+def gelu_tanh_back(x, dy, inner=True, product=True):
+    t = np.tanh(C * (x + 0.044715 * x ** 3))
+    du = C * (1 + 3 * 0.044715 * x ** 2) if inner else C
+    return dy * (0.5 * (1 + t) + (0.5 * x * (1 - t * t) * du if product else 0))
+
+
+def causal_attn_backward(q, k, v, dy, mask=True, rowsum=True, scale_fix=True):
+    d = q.shape[-1]
+    s = q @ k.swapaxes(-1, -2) / math.sqrt(d)
+    if mask:
+        s = np.where(np.tril(np.ones(s.shape[-2:], dtype=bool)), s, -np.inf)
+    p = _softmax(s)
+    dv = p.swapaxes(-1, -2) @ dy
+    dp = dy @ v.swapaxes(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) if rowsum else p * dp
+    ds = ds / math.sqrt(d) if scale_fix else ds
+    return ds @ k, ds.swapaxes(-1, -2) @ q, dv
+
+
+def engine_block(changes=None, drop=()):
+    """The engine's block gradients with some of them replaced (changes: {key: fn(grads) -> array}) or dropped."""
+    def backward(x, params, dy, nh):
+        grads = ex.block_gradients(x, params, dy, nh)
+        grads.update({key: change(grads) for key, change in (changes or {}).items()})
+        return {k: v for k, v in grads.items() if k not in drop}
+    return backward
+
+
 EXERCISES = {
     # name: (check, right answer, [wrong answers])
     "accuracy": (ex.check_accuracy, lambda lo, la: (lo.argmax(1) == la).mean(),
@@ -175,6 +221,42 @@ EXERCISES = {
     "attention_rollout": (ex.check_attention_rollout, rollout,
                           [lambda layers: rollout(layers, residual=False), lambda layers: rollout(layers[::-1])]),
     "get_array_module": (ex.check_get_array_module, lambda x: np, [lambda x: math, lambda x: type(x)]),
+    "layer_scale_backward": (ex.check_layer_scale_backward, lambda x, g, dy: (dy * g, (dy * x).sum((0, 1))),
+                             [lambda x, g, dy: (dy * g, (dy * x).sum(0)), lambda x, g, dy: (dy, (dy * x).sum((0, 1)))]),
+    "log_softmax_backward": (ex.check_log_softmax_backward, log_softmax_back,
+                             [lambda lp, dy: dy, lambda lp, dy: dy - np.exp(lp) * dy.sum()]),
+    "smoothed_cross_entropy_backward": (ex.check_smoothed_cross_entropy_backward, smoothed_ce,
+                                        [lambda x, t, s: smoothed_ce(x, t, 0.0), lambda x, t, s: smoothed_ce(x, t, s) * len(t)]),
+    "rms_norm_backward": (ex.check_rms_norm_backward, rms_backward,
+                          [lambda x, w, dy, eps: (dy * w / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps),
+                                                  rms_backward(x, w, dy, eps)[1]),
+                           lambda x, w, dy, eps: ln_backward(x, w, dy, eps)[:2]]),
+    "gelu_tanh_backward": (ex.check_gelu_tanh_backward, gelu_tanh_back,
+                           [lambda x, dy: gelu_tanh_back(x, dy, inner=False),
+                            lambda x, dy: gelu_tanh_back(x, dy, product=False)]),
+    "momentum_update": (ex.check_momentum_update, lambda p, g, b, lr, mu: (p - lr * (mu * b + g), mu * b + g),
+                        [lambda p, g, b, lr, mu: (p - lr * g, mu * b + g),
+                         lambda p, g, b, lr, mu: (p - lr * (mu * b + (1 - mu) * g), mu * b + (1 - mu) * g)]),
+    "rmsprop_update": (ex.check_rmsprop_update,
+                       lambda p, g, s, lr, a, eps: (p - lr * g / (np.sqrt(a * s + (1 - a) * g * g) + eps),
+                                                    a * s + (1 - a) * g * g),
+                       [lambda p, g, s, lr, a, eps: (p - lr * g / (a * s + (1 - a) * g * g + eps), a * s + (1 - a) * g * g),
+                        lambda p, g, s, lr, a, eps: (p - lr * g / (np.sqrt(s) + eps), a * s + (1 - a) * g * g)]),
+    "adam_update": (ex.check_adam_update, lambda p, g, m, v, t, lr, b, eps: adamw(p, g, m, v, t, lr, b, eps, 0.0),
+                    [lambda p, g, m, v, t, lr, b, eps: adamw(p, g, m, v, t, lr, b, eps, 0.0, correct=False),
+                     lambda p, g, m, v, t, lr, b, eps: adamw(p, g, m, v, t, lr, b, eps, 0.1)]),
+    "integrated_gradients": (ex.check_integrated_gradients, ex.reference_integrated_gradients,
+                             [lambda gf, x, b, n: sum(gf(b + (k + 0.5) / n * (x - b)) for k in range(n)) / n,
+                              lambda gf, x, b, n: (x - b) * sum(gf(b + k / n * (x - b)) for k in range(n)) / n,
+                              lambda gf, x, b, n: (x - b) * gf(x)]),
+    "update_ratio": (ex.check_update_ratio, lambda b, a: np.log10(np.std(a - b) / np.std(b)),
+                     [lambda b, a: np.std(a - b) / np.std(b), lambda b, a: np.log10(np.std(b) / np.std(a - b)),
+                      lambda b, a: np.log10(np.std(a - b) / np.std(a))]),
+    "block_backward": (ex.check_block_backward, engine_block(),
+                       [engine_block({"dx1": lambda g: g["dx1"] - g["dm"]}), engine_block(drop=("dx",))]),
+    "causal_attention_backward": (ex.check_causal_attention_backward, causal_attn_backward,
+                                  [lambda q, k, v, dy: causal_attn_backward(q, k, v, dy, mask=False),
+                                   lambda q, k, v, dy: causal_attn_backward(q, k, v, dy, scale_fix=False)]),
 }
 
 
@@ -213,7 +295,8 @@ def test_every_check_is_exercised_here():
 
 def test_gradient_feedback_names_the_input_and_the_worst_element():
     text = str(ex.check_linear_backward(EXERCISES["linear_backward"][2][1]))
-    assert "db (4,): worst at (" in text and "your gradient" in text and "finite differences" in text
+    assert "case 1, db (4,): 4 of 4 elements wrong; worst at (" in text
+    assert "your gradient" in text and "finite differences" in text
 
 
 def test_a_gradient_of_the_wrong_shape_is_explained():
@@ -224,3 +307,301 @@ def test_a_gradient_of_the_wrong_shape_is_explained():
 def test_a_forward_difference_gets_its_own_hint():
     text = str(ex.check_central_difference(lambda f, x, h: (f(x + h) - f(x)) / h))
     assert "forward difference" in text
+
+
+# The typical mistakes of each backward, planted: (what was done wrong, the wrong answer, words the feedback must use)
+def _ce(x, t):
+    return (_softmax(x) - np.eye(x.shape[1])[t]) / len(t)
+
+
+def _gelu_grad(x):
+    return 0.5 * (1 + erf(x / math.sqrt(2))) + x * np.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+
+
+def _softmax_grad(y, dy):
+    return y * (dy - (dy * y).sum(-1, keepdims=True))
+
+
+PLANTED = {
+    "sigmoid_backward": [
+        ("sign", lambda y, dy: -dy * y * (1 - y), "opposite sign: a sign flip"),
+        ("factor", lambda y, dy: 2 * dy * y * (1 - y), "2.00x the expected everywhere"),
+        ("missing term", lambda y, dy: dy * y, "elements wrong")],
+    "linear_backward": [
+        ("transpose", lambda x, w, dy: (dy @ w, x.T @ dy, dy.sum(0)), "dw has shape (3, 4), expected (4, 3): it is "
+                                                                       "the expected gradient transposed"),
+        ("sign", lambda x, w, dy: (-(dy @ w), dy.T @ x, dy.sum(0)), "dx has the right size everywhere but the "
+                                                                     "opposite sign"),
+        ("factor", lambda x, w, dy: (dy @ w, dy.T @ x, dy.mean(0)), "0.20x the expected everywhere: an extra 1/B"),
+        ("order", lambda x, w, dy: (dy.T @ x, dy @ w, dy.sum(0)), "what you return as dx is dw")],
+    "softmax_backward": [
+        ("missing term", lambda y, dy: y * dy, "sums to zero along each row"),
+        ("sign", lambda y, dy: -_softmax_grad(y, dy), "opposite sign"),
+        ("factor", lambda y, dy: 0.5 * _softmax_grad(y, dy), "0.50x the expected everywhere")],
+    "cross_entropy_backward": [
+        ("factor", lambda x, t: _ce(x, t) * len(t), "4.00x the expected everywhere: a missing 1/B?"),
+        ("sign", lambda x, t: -_ce(x, t), "a sign flip"),
+        ("missing term", lambda x, t: _softmax(x) / len(t), "each row of the gradient sums to zero")],
+    "layer_norm_backward": [
+        ("missing term", lambda x, w, dy, eps: (dy * w * _ln_parts(x, eps)[1],) + ln_backward(x, w, dy, eps)[1:],
+         "dx sums to zero along each row"),
+        ("missing term", lambda x, w, dy, eps: (_ln_parts(x, eps)[1] * (dy * w - (dy * w).mean(-1, keepdims=True)),)
+         + ln_backward(x, w, dy, eps)[1:], "dx is orthogonal to x_hat along each row"),
+        ("factor", lambda x, w, dy, eps: ln_backward(x, w, dy, eps)[:2] + (dy.mean(tuple(range(x.ndim - 1))),),
+         "0.25x the expected everywhere"),
+        ("sign", lambda x, w, dy, eps: (ln_backward(x, w, dy, eps)[0], -ln_backward(x, w, dy, eps)[1],
+                                        ln_backward(x, w, dy, eps)[2]), "dw has the right size everywhere but the "
+                                                                        "opposite sign"),
+        ("missing factor w", lambda x, w, dy, eps: ln_backward(x, np.ones_like(w), dy, eps)[:1]
+         + ln_backward(x, w, dy, eps)[1:], "if w were all ones")],
+    "gelu_backward": [
+        ("missing term", lambda x, dy: dy * 0.5 * (1 + erf(x / math.sqrt(2))), "second term, x phi(x), is missing"),
+        ("sign", lambda x, dy: -dy * _gelu_grad(x), "a sign flip"),
+        ("factor", lambda x, dy: 3 * dy * _gelu_grad(x), "3.00x the expected everywhere")],
+    "patchify_backward": [
+        ("transpose", lambda dy, shape, P: patchify_back(dy, shape, P).swapaxes(-1, -2),
+         "right numbers in the wrong places: it is the expected gradient transposed"),
+        ("axis order", lambda dy, shape, P: dy.reshape(shape), "right numbers in the wrong places"),
+        ("sign", lambda dy, shape, P: -patchify_back(dy, shape, P), "a sign flip"),
+        ("factor", lambda dy, shape, P: patchify_back(dy, shape, P) * P * P, "4.00x the expected everywhere")],
+    "attention_backward": [
+        ("factor", lambda q, k, v, dy: attn_backward(q, k, v, dy, scale_fix=False), "2.00x the expected "
+                                                                                  "everywhere: a missing 1/sqrt(d)?"),
+        ("missing term", lambda q, k, v, dy: attn_backward(q, k, v, dy, mean_fix=False), "dk sums to zero over the "
+                                                                                       "keys"),
+        ("missing term", lambda q, k, v, dy: attn_backward(q, k, v, dy, mean_fix=False), "lacks its second term"),
+        ("transpose", lambda q, k, v, dy: attn_backward(q, k, v, dy)[:2] + (
+            attn_backward(q, k, v, dy)[2].swapaxes(-1, -2),), "dv has shape (2, 5), expected (5, 2): it is the "
+                                                               "expected gradient transposed"),
+        ("sign", lambda q, k, v, dy: (-attn_backward(q, k, v, dy)[0],) + attn_backward(q, k, v, dy)[1:],
+         "dq has the right size everywhere but the opposite sign"),
+        ("order", lambda q, k, v, dy: attn_backward(q, k, v, dy)[::-1], "return the gradients in the order dq, dk, "
+                                                                        "dv")],
+    "split_heads_backward": [
+        ("axis order", lambda dq, dk, dv: np.stack([dq, dk, dv]).reshape(dq.shape[0], dq.shape[2], -1),
+         "right numbers in the wrong places"),
+        ("sign", lambda dq, dk, dv: -merge(dq, dk, dv), "a sign flip"),
+        ("factor", lambda dq, dk, dv: merge(dq, dk, dv) / 3, "0.33x the expected everywhere")],
+    "tokens_backward": [
+        ("factor", lambda dy: (dy[:, :1].mean(0, keepdims=True), dy[:, 1:], dy.sum(0, keepdims=True)),
+         "dcls is 0.33x the expected everywhere: an extra 1/B"),
+        ("missing terms", lambda dy: (dy[:1, :1], dy[:, 1:], dy.sum(0, keepdims=True)),
+         "gradient of the first image only"),
+        ("sign", lambda dy: (dy[:, :1].sum(0, keepdims=True), -dy[:, 1:], dy.sum(0, keepdims=True)),
+         "dpatches has the right size everywhere but the opposite sign"),
+        ("missing terms", lambda dy: tokens_back(dy)[:2] + (dy[:1],), "dpos is the gradient of the first image")],
+    "layer_scale_backward": [
+        ("missing sum", lambda x, g, dy: (dy * g, (dy * x).sum(0)), "the gradient for gamma has shape (3, 4), "
+                                                                     "expected (4,)"),
+        ("factor", lambda x, g, dy: (dy * g, (dy * x).mean((0, 1))), "an extra 1/(B N)"),
+        ("sign", lambda x, g, dy: (-dy * g, (dy * x).sum((0, 1))), "dx has the right size everywhere but the "
+                                                                    "opposite sign"),
+        ("missing factor", lambda x, g, dy: (dy, (dy * x).sum((0, 1))), "dx (2, 3, 4): 24 of 24 elements wrong")],
+    "log_softmax_backward": [
+        ("missing term", lambda lp, dy: dy, "sums to zero along each row"),
+        ("wrong op", lambda lp, dy: _softmax_grad(np.exp(lp), dy), "softmax's backward applied to dy"),
+        ("sign", lambda lp, dy: -log_softmax_back(lp, dy), "a sign flip"),
+        ("factor", lambda lp, dy: 2 * log_softmax_back(lp, dy), "2.00x the expected everywhere")],
+    "smoothed_cross_entropy_backward": [
+        ("missing smoothing", lambda x, t, s: smoothed_ce(x, t, 0.0), "the gradient without smoothing"),
+        ("factor", lambda x, t, s: smoothed_ce(x, t, s) * len(t), "4.00x the expected everywhere: a missing 1/B?"),
+        ("sign", lambda x, t, s: -smoothed_ce(x, t, s), "a sign flip"),
+        ("missing term", lambda x, t, s: _softmax(x) / len(t), "each row of the gradient sums to zero")],
+    "rms_norm_backward": [
+        ("missing term", lambda x, w, dy, eps: (dy * w / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps),
+                                                rms_backward(x, w, dy, eps)[1]), "orthogonal to x along each row"),
+        ("missing factor w", lambda x, w, dy, eps: (rms_backward(x, np.ones_like(w), dy, eps)[0],
+                                                    rms_backward(x, w, dy, eps)[1]), "if w were all ones"),
+        ("factor", lambda x, w, dy, eps: (rms_backward(x, w, dy, eps)[0], rms_backward(x, w, dy, eps)[1] / 4),
+         "0.25x the expected everywhere"),
+        ("sign", lambda x, w, dy, eps: (-rms_backward(x, w, dy, eps)[0], rms_backward(x, w, dy, eps)[1]),
+         "a sign flip")],
+    "gelu_tanh_backward": [
+        ("missing term", lambda x, dy: gelu_tanh_back(x, dy, product=False), "product rule's second term"),
+        ("missing factor", lambda x, dy: gelu_tanh_back(x, dy, inner=False), "misses its polynomial part"),
+        ("sign", lambda x, dy: -gelu_tanh_back(x, dy), "a sign flip"),
+        ("factor", lambda x, dy: 0.5 * gelu_tanh_back(x, dy), "0.50x the expected everywhere")],
+    "causal_attention_backward": [
+        ("missing mask", lambda q, k, v, dy: causal_attn_backward(q, k, v, dy, mask=False), "without the mask"),
+        ("factor", lambda q, k, v, dy: causal_attn_backward(q, k, v, dy, scale_fix=False),
+         "x the expected everywhere: a missing 1/sqrt(d)?"),
+        ("missing term", lambda q, k, v, dy: causal_attn_backward(q, k, v, dy, rowsum=False), "dk sums to zero "
+                                                                                               "over the keys"),
+        ("sign", lambda q, k, v, dy: causal_attn_backward(q, k, v, dy)[:2] + (-causal_attn_backward(q, k, v, dy)[2],),
+         "dv has the right size everywhere but the opposite sign"),
+        ("order", lambda q, k, v, dy: causal_attn_backward(q, k, v, dy)[::-1], "return the gradients in the order")],
+    "block_backward": [
+        ("missing term", engine_block({"dx1": lambda g: g["dx1"] - g["dm"]}),
+         "the first wrong gradient is dx1; dh2 is right, so the mistake is in the backward of: h2 = norm2(x1) (and "
+         "x1 also receives dy directly)"),
+        ("sign", engine_block({"df1": lambda g: -g["df1"]}), "df1                    WRONG: df1 has the right size "
+                                                             "everywhere but the opposite sign"),
+        ("factor", engine_block({"dqkv": lambda g: 2 * g["dqkv"]}), "dqkv is 2.00x the expected everywhere"),
+        ("transpose", engine_block({"dattn.proj.weight": lambda g: g["dattn.proj.weight"].T}),
+         "the intermediate gradients are right but dattn.proj.weight is not"),
+        ("missing factor", engine_block({"dmlp.fc1.bias": lambda g: g["dmlp.fc1.bias"] / 10}),
+         "an extra 1/(B N)"),
+        ("missing gradient", engine_block(drop=("dnorm2.weight",)), "missing from your dict: dnorm2.weight")],
+}
+
+
+@pytest.mark.parametrize("name", PLANTED)
+def test_each_planted_mistake_gets_its_diagnosis(name):
+    check = EXERCISES[name][0]
+    for what, wrong, words in PLANTED[name]:
+        text = str(check(wrong))
+        assert "your function raised" not in text, f"{name}: the planted mistake ({what}) raised:\n{text}"
+        assert "[FAILED]" in text, f"{name}: the planted mistake ({what}) passed"
+        assert words in text, f"{name}: the planted mistake ({what}) was not named {words!r}:\n{text}"
+
+
+def test_every_backward_exercise_has_planted_mistakes():
+    # the double backward of lesson 15 has its own planted slips (test_softmax_double_backward_names_the_slip)
+    backward = {name for name in EXERCISES if name.endswith("_backward") and name != "softmax_double_backward"}
+    assert backward == set(PLANTED)
+    for name, planted in PLANTED.items():
+        kinds = {what for what, _, _ in planted}
+        assert "sign" in kinds and kinds & {"factor", "missing factor w"}, name
+
+
+def test_the_diagnosis_of_a_ratio_names_the_forgotten_constant():
+    grad = np.random.default_rng(0).standard_normal((3, 4))
+    assert "4.00x the expected everywhere: a missing 1/B?" in ex.diagnose("x", 4 * grad, grad, [(4, "B")])
+    assert "an extra 1/B" in ex.diagnose("x", grad / 4, grad, [(4, "B")])
+    assert ex.diagnose("x", grad + 0.1 * grad ** 2, grad) is None      # no pattern: nothing is claimed
+
+
+def test_a_reversed_topological_order_is_named():
+    text = str(ex.check_topological_order(lambda root: topo(root)[::-1]))
+    assert "your order is reversed" in text
+
+
+def test_when_the_learner_code_raises_the_feedback_shows_their_line_and_what_passed():
+    def backward(x, w, dy):
+        if x.shape[0] == 2:                                   # the second case only
+            return dy @ w, dy.T @ x, dy.sum(axis=1)[None]     # a deliberate mistake in the shape arithmetic
+        return dy @ w, dy.T @ x, dy.sum(0)
+
+    text = str(ex.check_linear_backward(backward))
+    assert "case 2, db (2,): the gradient for b has shape (1, 2), expected (2,)" in text
+    assert "case 2: dx, dw right" in text and "cases passed: 1" in text
+    calls = []
+
+    def raising(x, w, dy):
+        calls.append(1)
+        if len(calls) > 1:
+            dw = dy @ x.T                                      # raises: (B, out) @ (in, B)
+        return dy @ w, dy.T @ x, dy.sum(0)
+
+    text = str(ex.check_linear_backward(raising))
+    assert "your function raised ValueError" in text
+    assert "dw = dy @ x.T" in text and "of your code (raising)" in text
+    assert "cases passed before it: 1" in text
+
+
+def test_hints_come_in_steps():
+    feedback = ex.check_softmax_backward(lambda y, dy: y * dy)
+    text = str(feedback)
+    nudge, formula = ex.HINTS["softmax_backward"]
+    assert f"hint: {nudge}" in text and formula not in text and ".hint(2)" in text
+    assert formula in feedback.hint(2) and formula in ex.hint("softmax_backward", 2)
+    assert nudge in ex.hint("softmax_backward", 1) and formula not in ex.hint("softmax_backward", 1)
+    with pytest.raises(ValueError, match="no exercise named"):
+        ex.hint("no_such_exercise")
+
+
+def test_the_update_rule_references_agree_with_minivit_optim():
+    from minivit import optim
+    from minivit.nn import Parameter
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(4)
+    for make, reference, state in (
+            (lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9), lambda p, g, s, t: ex.reference_rule("momentum_update")(
+                p, g, s[0], 0.1, 0.9), [np.zeros(4)]),
+            (lambda ps: optim.AdamW(ps, lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+             lambda p, g, s, t: ex.reference_rule("adam_update")(p, g, s[0], s[1], t, 0.01, (0.9, 0.999), 1e-8),
+             [np.zeros(4), np.zeros(4)])):
+        param = Parameter(p0.copy())
+        opt, p = make([param]), p0.copy()
+        for t in range(1, 4):
+            g = rng.standard_normal(4)
+            param.grad = g.copy()
+            opt.step()
+            p, *state = reference(p, g, state, t)
+            assert np.allclose(p, param.data, rtol=1e-12, atol=1e-14)
+
+
+def test_an_update_rule_mistake_is_named():
+    def damped(p, g, buf, lr, momentum):
+        buf = momentum * buf + (1 - momentum) * g
+        return p - lr * buf, buf
+
+    assert "an average of the gradients" in str(ex.check_momentum_update(damped))
+
+    def uncorrected(p, g, m, v, t, lr, betas, eps):
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        return p - lr * m / (np.sqrt(v) + eps), m, v
+
+    assert "not bias-corrected" in str(ex.check_adam_update(uncorrected))
+
+
+def test_integrated_gradients_mistakes_are_named():
+    text = str(ex.check_integrated_gradients(lambda gf, x, b, n: sum(gf(b + (k + 0.5) / n * (x - b))
+                                                                     for k in range(n)) / n))
+    assert "the mean gradient alone: multiply by (x - baseline)" in text
+    text = str(ex.check_integrated_gradients(lambda gf, x, b, n: (x - b) * sum(gf(b + k / n * (x - b))
+                                                                               for k in range(n)) / n))
+    assert "the left ends of the intervals" in text
+
+
+def test_update_ratio_mistakes_are_named():
+    assert "take its log10" in str(ex.check_update_ratio(lambda b, a: np.std(a - b) / np.std(b)))
+    assert "upside down" in str(ex.check_update_ratio(lambda b, a: np.log10(np.std(b) / np.std(a - b))))
+    assert "divide by std(after)" in str(ex.check_update_ratio(lambda b, a: np.log10(np.std(a - b) / np.std(a))))
+
+
+# ------------------------------------------------------------------------------------------------ lesson 15
+def softmax_double_backward(y, dy, v, slip=None):
+    """(dx, ddy) of sum(v * y * (dy - sum(dy * y))), y = softmax(x); ``slip`` plants one typical mistake."""
+    s, r = (dy * y).sum(-1, keepdims=True), (v * y).sum(-1, keepdims=True)
+    gy = {"missing s term": v * (dy - s), "sign": v * (dy - s) + dy * r,
+          "missing front term": v * dy - dy * r}.get(slip, v * (dy - s) - dy * r)
+    dx = y * (gy - (gy * y).sum(-1, keepdims=True))
+    if slip == "constant y":
+        dx = np.zeros_like(y)
+    if slip == "no chain":
+        dx = gy
+    ddy = v * y if slip == "ddy without sum" else y * (v - r)
+    return dx, ddy
+
+
+SOFTMAX_DOUBLE_BACKWARD_SLIPS = {               # planted slip: words its feedback must contain
+    "missing s term": "misses the term from s = sum(dy * y)",
+    "sign": "sign error",
+    "missing front term": "misses the term from the y in front",
+    "constant y": "y was treated as a constant",
+    "no chain": "pass it back through softmax's backward",
+    "ddy without sum": "ddy misses the sum",
+}
+
+# Added to the table after the parametrized tests above: they read EXERCISES when pytest collects them.
+EXERCISES["softmax_double_backward"] = (
+    ex.check_softmax_double_backward, softmax_double_backward,
+    [lambda y, dy, v, slip=slip: softmax_double_backward(y, dy, v, slip) for slip in SOFTMAX_DOUBLE_BACKWARD_SLIPS])
+
+
+@pytest.mark.parametrize("slip", SOFTMAX_DOUBLE_BACKWARD_SLIPS)
+def test_softmax_double_backward_names_the_slip(slip):
+    feedback = ex.check_softmax_double_backward(lambda y, dy, v: softmax_double_backward(y, dy, v, slip))
+    text = str(feedback)
+    assert feedback.status == "failed" and SOFTMAX_DOUBLE_BACKWARD_SLIPS[slip] in text, text
+    assert "against the engine's double backward" in text and "finite differences" in text
+
+
+def test_softmax_double_backward_passes_tensors_and_explains_a_missing_gradient():
+    from minivit import Tensor
+    assert ex.check_softmax_double_backward(
+        lambda y, dy, v: tuple(Tensor(g) for g in softmax_double_backward(y, dy, v))).passed
+    text = str(ex.check_softmax_double_backward(lambda y, dy, v: softmax_double_backward(y, dy, v)[0]))
+    assert "return 2 gradients (dx, ddy), got 1" in text

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from minivit import ops
+from minivit import Tensor, ops
 from minivit.gradcheck import gradcheck, gradgradcheck
 from tests.conftest import to_xp
 
@@ -131,6 +131,24 @@ CASES = {
                    (lambda x: ops.PatchifyFn.apply(x, patch_size=2), [randn(1, 3, 4, 6)])],
     "UnpatchifyFn": [(lambda x: ops.UnpatchifyFn.apply(x, patch_size=2, grid=(2, 2)), [randn(2, 4, 4)]),
                      (lambda x: ops.UnpatchifyFn.apply(x, patch_size=2, grid=(2, 3)), [randn(1, 6, 12)])],
+    "SigmoidFn": [(lambda x: ops.SigmoidFn.apply(x), [randn(3, 4) * 3]),
+                  (lambda x: ops.SigmoidFn.apply(x), [randn(7)])],
+    "SoftplusFn": [(lambda x: ops.SoftplusFn.apply(x), [randn(3, 4) * 3]),
+                   (lambda x: ops.SoftplusFn.apply(x), [randn(2, 3, 2)])],
+    "LogSigmoidFn": [(lambda x: ops.LogSigmoidFn.apply(x), [randn(3, 4) * 3]),
+                     (lambda x: ops.LogSigmoidFn.apply(x), [randn(5)])],
+    "BinaryCrossEntropyWithLogitsFn": [
+        (lambda x, t: ops.BinaryCrossEntropyWithLogitsFn.apply(x, t), [randn(4, 3) * 2, R.uniform(0, 1, (4, 3))]),
+        (lambda x, t: ops.BinaryCrossEntropyWithLogitsFn.apply(x, t, reduction="sum"), [randn(5), R.uniform(0, 1, 5)]),
+        (lambda x, t, w: ops.BinaryCrossEntropyWithLogitsFn.apply(x, t, w, reduction="none"),
+         [randn(2, 3, 4), R.uniform(0, 1, (2, 3, 4)), positive(4)]),
+        (lambda x, t, w: ops.BinaryCrossEntropyWithLogitsFn.apply(x, t, w), [randn(6, 2), R.uniform(0, 1, (6, 2)),
+                                                                           positive(6, 2)])],
+    "L2AttentionFn": [
+        (lambda q, k, v: ops.L2AttentionFn.apply(q, k, v), [randn(3, 4), randn(5, 4), randn(5, 2)]),
+        (lambda x, v: ops.L2AttentionFn.apply(x, x, v), [randn(2, 4, 3), randn(2, 4, 5)]),          # tied q = k
+        (lambda q, k, v: ops.L2AttentionFn.apply(q, k, v, scale=0.7), [randn(2, 2, 3, 4), randn(2, 2, 6, 4),
+                                                                        randn(2, 2, 6, 3)])],
 }
 
 
@@ -557,3 +575,53 @@ def test_multi_head_attention_probabilities_keep_small_values():
     normal = exact > np.finfo(np.float32).tiny
     assert (exact[normal] < 1e-20).any()
     np.testing.assert_allclose(fn.p[normal], exact[normal], rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_logistic_ops_are_finite_and_right_on_huge_logits(dtype):
+    x = np.array([1e4, -1e4, 0.0, 30.0, -30.0], dtype=dtype)
+    tiny = math.exp(-30.0)
+    np.testing.assert_allclose(ops.SigmoidFn.apply(x).data, [1, 0, 0.5, 1 - tiny, tiny], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(ops.SoftplusFn.apply(x).data, [1e4, 0, math.log(2), 30 + tiny, tiny], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(ops.LogSigmoidFn.apply(x).data, [-0.0, -1e4, -math.log(2), -tiny, -30 - tiny],
+                               rtol=1e-6, atol=0)
+    t = np.array([0.0, 1.0, 1.0, 1.0, 0.0], dtype=dtype)     # the first two wrong by 1e4, the last two right
+    loss = ops.BinaryCrossEntropyWithLogitsFn.apply(x, t, reduction="none").data
+    np.testing.assert_allclose(loss, [1e4, 1e4, math.log(2), tiny, tiny], rtol=1e-6, atol=0)
+    for fn in (ops.SigmoidFn, ops.SoftplusFn, ops.LogSigmoidFn):
+        x_t = Tensor(x, requires_grad=True)
+        fn.apply(x_t).sum().backward()
+        assert np.isfinite(x_t.grad).all() and x_t.grad.dtype == dtype, fn.__name__
+    x_t = Tensor(x, requires_grad=True)
+    ops.BinaryCrossEntropyWithLogitsFn.apply(x_t, t, reduction="sum").backward()
+    np.testing.assert_allclose(x_t.grad, [1, -1, -0.5, -tiny, tiny], rtol=1e-6, atol=0)   # sigmoid(x) - t
+
+
+def test_binary_cross_entropy_with_logits_matches_its_probability_form():
+    x, t, w = randn(4, 3), R.uniform(0, 1, (4, 3)), positive(3)
+    p = 1 / (1 + np.exp(-x))
+    loss = -(w * t * np.log(p) + (1 - t) * np.log(1 - p))
+    np.testing.assert_allclose(ops.BinaryCrossEntropyWithLogitsFn.apply(x, t, w, reduction="none").data, loss,
+                               rtol=1e-12)
+    np.testing.assert_allclose(ops.BinaryCrossEntropyWithLogitsFn.apply(x, t, w).data, loss.mean(), rtol=1e-12)
+
+
+def test_l2_attention_forward_matches_a_loop_over_distances():
+    q, k, v = randn(3, 4), randn(5, 4), randn(5, 2)
+    out = np.zeros((3, 2))
+    for i in range(3):
+        scores = [-sum((q[i, d] - k[j, d]) ** 2 for d in range(4)) / 2.0 for j in range(5)]
+        weights = _loop_softmax(np.array(scores))
+        out[i] = sum(weights[j] * v[j] for j in range(5))
+    np.testing.assert_allclose(ops.L2AttentionFn.apply(q, k, v).data, out, rtol=1e-12)
+
+
+def test_tied_l2_attention_of_far_apart_tokens_attends_each_token_to_itself():
+    rng = np.random.default_rng(2)   # its own draws (two rows whose largest dot product is with another row)
+    x = rng.standard_normal((4, 3)) * 1e3                # distances of order 1e6: the softmax is one-hot
+    v = rng.standard_normal((4, 2))
+    y = ops.L2AttentionFn.apply(x, x, v).data
+    np.testing.assert_allclose(y, v, rtol=1e-12)         # each token is nearest to itself
+    longest = np.argmax((x * x).sum(axis=1))             # dot-product scores favour the longest key instead
+    np.testing.assert_allclose(ops.ScaledDotProductAttentionFn.apply(x, x, v).data[longest], v[longest], rtol=1e-12)
+    assert not np.allclose(ops.ScaledDotProductAttentionFn.apply(x, x, v).data, v)

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 TF = torch.nn.functional
 
 from minivit import Tensor, functional as F, nn, optim  # noqa: E402
-from minivit.torch_reference import torch_vit_like  # noqa: E402
+from minivit.testing.torch_reference import torch_vit_like  # noqa: E402
 
 pytestmark = pytest.mark.torch
 R = np.random.default_rng(21)

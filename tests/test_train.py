@@ -2,12 +2,14 @@
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
 
 from minivit import checkpoint, cli, data
-from minivit.train import TrainingDiverged
+from minivit.train import SettingsError, TrainingDiverged, TrainSettings, settings_for, validate
+from tests.test_cli import assert_one_line_error, run_cli
 
 SMALL = ["--limit", "300", "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--batch-size", "50",
          "--no-progress"]
@@ -68,30 +70,69 @@ def test_resume_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path, 
 @pytest.mark.parametrize("flags, message", [
     (["--patch-size", "5"], "--patch-size 5 does not divide the 28x28 images"),
     (["--embed-dim", "30", "--num-heads", "4"], "--embed-dim 30 is not divisible by --num-heads 4"),
-    (["--lr", "-1"], "--lr must be positive"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--pool", "max"], "--pool must be 'token' or 'avg'"),
+    (["--lr", "-1"], "--lr -1.0 is out of range: expected > 0"),
+    (["--lr", "nan"], "--lr nan is out of range: expected > 0"),
+    (["--epochs", "0"], "--epochs 0 is out of range: expected >= 1"),
+    (["--pool", "max"], "--pool must be one of 'token', 'avg', got 'max'"),
     (["--preset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--dataset", "svhn"], "unknown dataset 'svhn'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
-    (["--epochs", "many"], "invalid int value: 'many'"),
+    (["--epochs", "many"], "argument --epochs: invalid int value: 'many'"),
+    # issue 18, item 1: values that trained silently wrong
+    (["--clip-grad", "-1"], "--clip-grad -1.0 is out of range: expected >= 0"),
+    (["--min-lr", "-0.01"], "--min-lr -0.01 is out of range: expected >= 0"),
+    (["--min-lr", "0.1", "--lr", "0.01"], "--min-lr 0.1 is above --lr 0.01"),
+    (["--warmup-epochs", "3", "--epochs", "2"], "--warmup-epochs 3.0 is longer than the run (--epochs 2)"),
+    # issue 18, item 10: values that ended in tracebacks
+    (["--mlp-ratio", "0"], "--mlp-ratio 0.0 is out of range: expected > 0"),
+    (["--drop-rate", "1.5"], "--drop-rate 1.5 is out of range: expected [0, 1)"),
+    (["--seed", "-1"], "--seed -1 is out of range: expected [0, 4294967295]"),
+    (["--label-smoothing", "1"], "--label-smoothing 1.0 is out of range: expected [0, 1)"),
+    (["--limit", "-5"], "--limit -5 is out of range: expected >= 0"),
 ])
-def test_bad_flags_are_rejected_with_a_clear_message(flags, message, capsys, tmp_path):
-    with pytest.raises((SystemExit, ValueError)) as info:
-        cli.main(["train", "--out", str(tmp_path / "x")] + flags)
-    text = capsys.readouterr().err + str(info.value)
-    assert message in text
+def test_bad_flags_are_one_line_errors_with_exit_code_2(flags, message, capsys, tmp_path):
+    code, out, err = run_cli(capsys, "train", "--out", tmp_path / "x", *flags)
+    assert code == 2
+    assert_one_line_error(err, message)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_preset_scales_its_warmup_to_the_run_instead_of_refusing():
+    one = settings_for("cifar10", epochs=1)
+    assert one.epochs == 1 and one.warmup_epochs == pytest.approx(0.1)  # 5 of 50 epochs -> 0.1 of 1
+    assert settings_for("cifar10").warmup_epochs == 5.0
+    assert settings_for("cifar10", epochs=1, warmup_epochs=0.5).warmup_epochs == 0.5  # the user's own value stays
+    with pytest.raises(SettingsError, match=r"--warmup-epochs 3 is longer than the run \(--epochs 1\)"):
+        settings_for("cifar10", epochs=1, warmup_epochs=3)
+
+
+def test_settings_of_the_wrong_type_are_named():
+    for values, message in (({"epochs": 2.5}, "--epochs must be a whole number, got 2.5"),
+                            ({"lr": "0.1"}, "--lr must be a number, got '0.1'"),
+                            ({"drop_rate": float("inf")}, "--drop-rate inf is out of range: expected [0, 1)")):
+        with pytest.raises(SettingsError, match=re.escape(message)):
+            validate(TrainSettings(**values))
+    assert validate(TrainSettings(epochs=np.int64(3), lr=np.float64(1e-3))).epochs == 3
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--epochs", 10), ("--batch-size", 64), ("--lr", 0.002), ("--clip-grad", 1.0),
+                          ("--device", "cpu")):
+        assert re.search(rf"{flag} \S+ .*?\(default: {default}\)", text), flag
 
 
 def test_resume_refuses_new_settings_and_out_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["train", "--epochs", "1", "--out", str(out)] + SMALL) == 0
-    with pytest.raises(SystemExit):
-        cli.main(["train", "--resume", str(out), "--lr", "0.1"])
-    assert "drop lr" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["train", "--epochs", "1", "--out", str(out)] + SMALL)
-    assert "already holds a run" in capsys.readouterr().err
+    code, _, err = run_cli(capsys, "train", "--resume", out, "--lr", "0.1")
+    assert code == 2
+    assert_one_line_error(err, "drop --lr")
+    code, _, err = run_cli(capsys, "train", "--epochs", "1", "--out", out, *SMALL)
+    assert code == 2
+    assert_one_line_error(err, "already holds a run")
 
 
 def test_a_diverging_run_stops_and_names_the_step(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Solutions to lesson 4."""
 
 
-def linear_backward(x, w, dy):
-    """x (B, in), w (out, in), dy (B, out) -> dx (B, in), dw (out, in), db (out,)"""
-    return dy @ w, dy.T @ x, dy.sum(axis=0)
+def layer_scale_backward(x, gamma, dy):
+    """x (B, N, D), gamma (D,), dy (B, N, D) -> dx (B, N, D), dgamma (D,)"""
+    # y[b, n, d] = x[b, n, d] * gamma[d]: gamma was copied to every (b, n), so its gradient sums over them
+    return dy * gamma, (dy * x).sum(axis=(0, 1))

@@ -3,14 +3,17 @@
 import numpy as np
 
 
-def softmax_backward(y, dy):
-    """y = softmax(x) along the last axis; returns dL/dx."""
-    return y * (dy - (dy * y).sum(axis=-1, keepdims=True))
+def log_softmax_backward(logp, dy):
+    """logp = log_softmax(x) along the last axis, dy = dL/dlogp -> dL/dx"""
+    # d log p_k / d x_j = [k = j] - p_j, so dx_j = dy_j - p_j * sum_k dy_k
+    return dy - np.exp(logp) * dy.sum(axis=-1, keepdims=True)
 
 
-def cross_entropy_backward(logits, labels):
-    """logits (B, K), labels (B,) -> dL/dlogits of L = mean cross-entropy."""
+def smoothed_cross_entropy_backward(logits, labels, smoothing):
+    """logits (B, K), labels (B,), smoothing in [0, 1) -> dL/dlogits of the mean smoothed cross-entropy"""
+    B, K = logits.shape
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     p = e / e.sum(axis=1, keepdims=True)
-    p[np.arange(len(labels)), labels] -= 1.0
-    return p / len(labels)
+    q = np.full((B, K), smoothing / K)
+    q[np.arange(B), labels] += 1.0 - smoothing
+    return (p - q) / B              # for one row, -sum_k q_k log p_k has gradient p - q because q sums to 1

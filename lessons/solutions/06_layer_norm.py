@@ -3,12 +3,11 @@
 import numpy as np
 
 
-def layer_norm_backward(x, w, dy, eps):
-    """x (..., D), w (D,), dy (..., D) -> dx (..., D), dw (D,), db (D,)"""
-    xc = x - x.mean(-1, keepdims=True)
-    r = 1 / np.sqrt((xc ** 2).mean(-1, keepdims=True) + eps)
-    xhat = xc * r
+def rms_norm_backward(x, w, dy, eps):
+    """x (..., D), w (D,), dy (..., D) -> dx (..., D), dw (D,)"""
+    r = 1 / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps)
+    xhat = x * r
     g = dy * w
-    dx = r * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
-    lead = tuple(range(x.ndim - 1))
-    return dx, (dy * xhat).sum(axis=lead), dy.sum(axis=lead)
+    # two paths from x: directly, and through r (no mean to subtract, unlike LayerNorm)
+    dx = r * (g - xhat * (g * xhat).mean(-1, keepdims=True))
+    return dx, (dy * xhat).sum(axis=tuple(range(x.ndim - 1)))

@@ -24,17 +24,30 @@ class Module:
     Assigning a Parameter or a Module to an attribute registers it under that name, in order, so that
     ``named_parameters()`` yields dotted names such as ``blocks.0.attn.qkv.weight``.
     Subclasses call ``super().__init__()`` first and define ``forward``.
+
+    Buffers (``register_buffer``) are Tensors that the module keeps and saves in its state dict but that no
+    optimizer updates, such as spectral norm's power-iteration vectors. Forward pre-hooks
+    (``register_forward_pre_hook``) run before every forward, as ``hook(module, args)``.
     """
 
     def __init__(self):
         object.__setattr__(self, "_parameters", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_forward_pre_hooks", [])
         object.__setattr__(self, "training", True)
 
     def __setattr__(self, name, value):
         if "_parameters" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() before setting "
                                f"attribute {name!r}")
+        if name in self._buffers:
+            if not isinstance(value, Tensor) or isinstance(value, Parameter):
+                raise TypeError(f"{type(self).__name__}.{name} is a buffer: assign a Tensor (not a Parameter), "
+                                f"got {type(value).__name__}")
+            self._buffers[name] = value
+            object.__setattr__(self, name, value)
+            return
         self._parameters.pop(name, None)
         self._modules.pop(name, None)
         if isinstance(value, Parameter):
@@ -43,10 +56,35 @@ class Module:
             self._modules[name] = value
         object.__setattr__(self, name, value)
 
+    def __delattr__(self, name):
+        self._parameters.pop(name, None)
+        self._modules.pop(name, None)
+        self._buffers.pop(name, None)
+        object.__delattr__(self, name)
+
+    def register_buffer(self, name, tensor):
+        """Keep ``tensor`` as ``self.<name>``: saved in the state dict and moved by ``to()``, never optimised."""
+        if not isinstance(tensor, Tensor) or isinstance(tensor, Parameter):
+            raise TypeError(f"register_buffer({name!r}): expected a Tensor (not a Parameter), got "
+                            f"{type(tensor).__name__}")
+        if name in self._parameters or name in self._modules:
+            raise KeyError(f"register_buffer({name!r}): {type(self).__name__} already has a parameter or module "
+                           "of that name")
+        self._buffers[name] = tensor
+        object.__setattr__(self, name, tensor)
+
+    def register_forward_pre_hook(self, hook):
+        """Call ``hook(module, args)`` before every forward; returns the hook (remove it from
+        ``_forward_pre_hooks`` to stop it)."""
+        self._forward_pre_hooks.append(hook)
+        return hook
+
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} has no forward()")
 
     def __call__(self, *args, **kwargs):
+        for hook in self._forward_pre_hooks:
+            hook(self, args)
         return self.forward(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------ traversal
@@ -68,6 +106,21 @@ class Module:
     def parameters(self):
         return [p for _, p in self.named_parameters()]
 
+    def named_buffers(self):
+        """(dotted name, Tensor) for every buffer, in registration order."""
+        for prefix, module in self.named_modules():
+            for name, b in module._buffers.items():
+                yield (f"{prefix}.{name}" if prefix else name), b
+
+    def buffers(self):
+        return [b for _, b in self.named_buffers()]
+
+    def _named_state(self):
+        """(dotted name, Tensor) for the parameters and then the buffers of each module, as PyTorch orders them."""
+        for prefix, module in self.named_modules():
+            for name, t in list(module._parameters.items()) + list(module._buffers.items()):
+                yield (f"{prefix}.{name}" if prefix else name), t
+
     def children(self):
         return list(self._modules.values())
 
@@ -76,16 +129,16 @@ class Module:
 
     # ------------------------------------------------------------------------------------ state
     def state_dict(self):
-        """Parameter name -> NumPy array (a copy, on the host), readable by any tool."""
-        return OrderedDict((name, backend.asnumpy(p.data).copy()) for name, p in self.named_parameters())
+        """Parameter and buffer name -> NumPy array (a copy, on the host), readable by any tool."""
+        return OrderedDict((name, backend.asnumpy(p.data).copy()) for name, p in self._named_state())
 
     def load_state_dict(self, state_dict, strict=True):
-        """Copy values into the parameters by name, converting to each parameter's dtype and device.
+        """Copy values into the parameters and buffers by name, converting to each parameter's dtype and device.
 
         With ``strict``, every missing, unexpected and mis-shaped key is listed in one ValueError and nothing
         is loaded. Without it, matching keys are loaded and the lists are returned.
         """
-        own = OrderedDict(self.named_parameters())
+        own = OrderedDict(self._named_state())
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
         mismatched = [f"{k}: checkpoint {tuple(np.shape(v))}, model {own[k].shape}"
@@ -131,11 +184,12 @@ class Module:
         return params[0].device if params else "cpu"
 
     def to(self, device=None, dtype=None):
-        """Move every parameter to ``device`` and/or convert it to ``dtype``, in place; returns self."""
-        for p in self.parameters():
+        """Move every parameter and buffer to ``device`` and/or convert it to ``dtype`` (floating ones only: an
+        integer buffer such as a step count keeps its dtype), in place; returns self."""
+        for p in self.parameters() + self.buffers():
             if device is not None:
                 p.data = backend.to_device(p.data, device)
-            if dtype is not None:
+            if dtype is not None and p.dtype.kind == "f":
                 p.data = p.data.astype(dtype, copy=False)
             if p.grad is not None:
                 grad = p.grad if device is None else backend.to_device(p.grad, device)

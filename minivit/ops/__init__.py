@@ -19,6 +19,8 @@ from minivit.ops.norm import LayerNormFn
 from minivit.ops.attention import MultiHeadSelfAttentionFn, ScaledDotProductAttentionFn
 from minivit.ops.loss import CrossEntropyFn
 from minivit.ops.patch import PatchifyFn, UnpatchifyFn
+from minivit.ops.logistic import BinaryCrossEntropyWithLogitsFn, LogSigmoidFn, SigmoidFn, SoftplusFn
+from minivit.ops.l2attention import L2AttentionFn
 
 __all__ = [
     "AddFn", "SubFn", "CastFn", "MulFn", "DivFn", "NegFn", "PowFn", "RPowFn", "ExpFn", "LogFn", "TanhFn", "ErfFn", "MatMulFn",
@@ -26,6 +28,7 @@ __all__ = [
     "SumFn", "MeanFn", "MaxFn", "BroadcastToFn",
     "LinearFn", "GELUFn", "DropoutFn", "SoftmaxFn", "LogSoftmaxFn", "LayerNormFn",
     "ScaledDotProductAttentionFn", "MultiHeadSelfAttentionFn", "CrossEntropyFn", "PatchifyFn", "UnpatchifyFn",
+    "SigmoidFn", "SoftplusFn", "LogSigmoidFn", "BinaryCrossEntropyWithLogitsFn", "L2AttentionFn",
     "all_ops",
 ]
 

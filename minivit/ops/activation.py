@@ -1,4 +1,17 @@
-"""GELU and dropout."""
+"""GELU and dropout.
+
+The math.
+
+    GELU(x) = x Phi(x),  Phi(x) = (1 + erf(x / sqrt 2)) / 2      (exact, as timm)
+    dx = dy (Phi(x) + x phi(x)),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+
+    tanh form: x/2 (1 + tanh u),  u = sqrt(2/pi) (x + 0.044715 x^3)
+    dx = dy ((1 + tanh u)/2 + x/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2))
+
+    dropout: y = x m / (1 - p), m ~ Bernoulli(1 - p) ;  dx = dy m / (1 - p)
+
+The composed versions build GELU from primitives; the op evaluates it and its derivative in cache-sized blocks.
+"""
 
 import math
 
@@ -10,6 +23,20 @@ from minivit.tensor import Tensor, is_grad_enabled
 _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+# ------------------------------------------------------------------------------------------ readable version
+def gelu_composed(x):
+    """x Phi(x) with Phi(x) = (1 + erf(x / sqrt 2)) / 2, from primitives.  Shapes: x -> same"""
+    return x * (0.5 * (1.0 + ErfFn.apply(x * _SQRT_HALF)))
+
+
+def gelu_tanh_composed(x):
+    """x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), from primitives.  Shapes: x -> same"""
+    return 0.5 * x * (1.0 + (_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)).tanh())
+
+
+# ---------------------------------------------------------------------------------------- fast kernels
 
 
 def gelu_exact(x, y, cdf):
@@ -37,6 +64,7 @@ def gelu_exact_backward(x, cdf, dy, dx):
     dx *= dy
 
 
+# --------------------------------------------------------------------------------------------------- the ops
 class GELUFn(Function):
     """y = x * Phi(x), Phi the standard normal CDF: Phi(x) = (1 + erf(x / sqrt 2)) / 2 (exact, as timm).
 

@@ -1,12 +1,64 @@
-"""Scaled dot-product attention as one op, and multi-head self-attention on a packed qkv projection."""
+"""Scaled dot-product attention as one op, and multi-head self-attention on a packed qkv projection.
+
+The math. With scores s = q k^T * scale (scale = 1/sqrt(d)), probabilities p = softmax(s) over the keys and
+y = p v:
+
+    dv = p^T dy
+    dp = dy v^T
+    ds = p * (dp - rowsum(dp * p))        (softmax's backward, row by row; rowsum(dp * p) = rowsum(dy * y))
+    dq = scale * ds k ;  dk = scale * ds^T q
+
+Multi-head attention splits the packed projection qkv (B, N, 3D) into q, k, v of shape (B, nh, N, hd) each
+(``split_heads``), attends in every head, and puts the heads side by side again (``merge_heads``).
+
+The composed versions build both from primitives; the ops compute the derivative by the formulas above, write
+into their final layouts, and keep the probabilities for backward and for pictures.
+"""
 
 import math
 
 from minivit.backend import get_array_module, parallel_rows, sum_last
 from minivit.function import Function, unbroadcast
 from minivit.ops.shape import StackFn
-from minivit.ops.softmax import SoftmaxFn
+from minivit.ops.softmax import SoftmaxFn, softmax_composed
 from minivit.tensor import Tensor
+
+
+# ------------------------------------------------------------------------------------------ readable version
+def split_heads(qkv, num_heads):
+    """The packed projection [q | k | v] as three head-major tensors (arrays or Tensors, views where possible).
+
+    Shapes: qkv (B, N, 3D) -> q, k, v each (B, nh, N, hd), hd = D / nh
+    """
+    B, N, three_d = qkv.shape
+    heads = qkv.reshape(B, N, 3, num_heads, three_d // (3 * num_heads))
+    heads = heads.permute(2, 0, 3, 1, 4) if hasattr(heads, "permute") else heads.transpose(2, 0, 3, 1, 4)
+    return heads[0], heads[1], heads[2]
+
+
+def merge_heads(y):
+    """The heads side by side again (arrays or Tensors).  Shapes: y (B, nh, N, hd) -> (B, N, nh*hd)"""
+    B, nh, N, hd = y.shape
+    y = y.permute(0, 2, 1, 3) if hasattr(y, "permute") else y.transpose(0, 2, 1, 3)
+    return y.reshape(B, N, nh * hd)
+
+
+def scaled_dot_product_attention_composed(q, k, v, scale=None):
+    """softmax(q k^T * scale) v, from primitives.  Shapes: q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv)"""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale   # (..., Nq, Nk)
+    return softmax_composed(scores, axis=-1) @ v
+
+
+def multi_head_self_attention_composed(qkv, num_heads):
+    """Split a packed qkv into heads, attend in each, put the heads side by side again, from primitives.
+
+    Shapes: qkv (B, N, 3D) -> (B, N, D)
+    """
+    return merge_heads(scaled_dot_product_attention_composed(*split_heads(qkv, num_heads)))
+
+
+# ---------------------------------------------------------------------------------------------- fast kernels
 
 
 def transposed_copy(a, scale):
@@ -93,6 +145,7 @@ def attention_backward_graph(dy, q, k, v, scale, bias=None):
     return (ds @ k) * scale, (ds.transpose(-1, -2) @ q) * scale, dv
 
 
+# --------------------------------------------------------------------------------------------------- the ops
 class ScaledDotProductAttentionFn(Function):
     """y = softmax(q k^T * scale + bias) v, the softmax over keys; scale = 1/sqrt(d) unless given; ``bias`` an
     optional constant additive mask (-inf where a query may not look), broadcastable to (..., Nq, Nk).
@@ -140,8 +193,7 @@ class MultiHeadSelfAttentionFn(Function):
         xp = get_array_module(qkv)
         B, N, three_d = qkv.shape
         nh, hd = num_heads, three_d // (3 * num_heads)
-        heads = qkv.reshape(B, N, 3, nh, hd).transpose(2, 0, 3, 1, 4)   # (3, B, nh, N, hd), a view
-        self.q, self.k, self.v = heads[0], heads[1], heads[2]
+        self.q, self.k, self.v = split_heads(qkv, nh)                    # (B, nh, N, hd) views each
         self.scale = 1.0 / math.sqrt(hd)
         y = xp.empty((B, N, nh, hd), dtype=qkv.dtype)                    # the output's layout: heads side by side
         self.y = y.transpose(0, 2, 1, 3)                                 # (B, nh, N, hd), a view of it
@@ -169,8 +221,7 @@ class MultiHeadSelfAttentionFn(Function):
     def backward_graph(self, dy):
         (qkv,) = self.parents
         B, nh, N, hd = self.y.shape
-        heads = qkv.reshape(B, N, 3, nh, hd).permute(2, 0, 3, 1, 4)                  # (3, B, nh, N, hd)
         dy_heads = dy.reshape(B, N, nh, hd).permute(0, 2, 1, 3)                      # (B, nh, N, hd)
-        grads = attention_backward_graph(dy_heads, heads[0], heads[1], heads[2], self.scale)
+        grads = attention_backward_graph(dy_heads, *split_heads(qkv, nh), self.scale)
         dheads = StackFn.apply(*grads, axis=0)                                       # (3, B, nh, N, hd)
         return (dheads.permute(1, 3, 0, 2, 4).reshape(B, N, 3 * nh * hd),)

@@ -1,7 +1,25 @@
-"""The linear (fully connected) layer as one op."""
+"""The linear (fully connected) layer as one op.
+
+The math. With the rows of x (all leading axes flattened to M rows) and W stored (out, in):
+
+    y = x W^T + b
+    dx = dy W ;  dW = dy^T x  (a sum over the M rows) ;  db = sum over the M rows of dy
+
+The composed version is the same line with autograd's matmul; the op runs one large 2-D product per call.
+"""
 
 from minivit.backend import get_array_module, parallel_rows, sum_rows
 from minivit.function import Function
+
+
+# ------------------------------------------------------------------------------------------ readable version
+def linear_composed(x, weight, bias=None):
+    """x W^T + b, from primitives.  Shapes: x (..., in), W (out, in), b (out,) -> (..., out)"""
+    y = x @ weight.T
+    return y if bias is None else y + bias
+
+
+# ------------------------------------------------------------------------------------------------- the op
 
 
 class LinearFn(Function):

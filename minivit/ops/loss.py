@@ -1,9 +1,36 @@
-"""Cross-entropy fused with log-softmax."""
+"""Cross-entropy fused with log-softmax.
+
+The math. For logits x_i (K classes) and the (label-smoothed) target distribution q_i:
+
+    loss_i = -sum_k q_ik log softmax(x_i)_k
+    dx_i = (softmax(x_i) - q_i) * dloss_i                 (log-softmax's backward with sum_k q_ik = 1)
+
+With class weights w and ignored rows the coefficients become c_ik = w_k q_ik (0 on ignored rows), and
+dx_i = (sum_k c_ik softmax(x_i) - c_i) * dloss_i.
+
+The composed version builds the loss from log_softmax and a one-hot table; the op never forms the table.
+"""
 
 from minivit.backend import get_array_module
 from minivit.function import Function
-from minivit.ops.softmax import LogSoftmaxFn, SoftmaxFn
+from minivit.ops.softmax import LogSoftmaxFn, SoftmaxFn, log_softmax_composed
 from minivit.tensor import Tensor
+
+
+# ------------------------------------------------------------------------------------------ readable version
+def cross_entropy_composed(logits, target, label_smoothing=0.0):
+    """mean over the batch of -sum_k q_k log softmax(logits)_k, q the (smoothed) one-hot target.
+
+    Shapes: logits (B, K), target (B,) integers -> ()
+    """
+    target = target.data if isinstance(target, Tensor) else target
+    xp = get_array_module(logits.data)
+    K = logits.shape[1]
+    q = xp.eye(K, dtype=logits.dtype)[target] * (1.0 - label_smoothing) + label_smoothing / K   # (B, K)
+    return -(log_softmax_composed(logits, axis=1) * q).sum(axis=1).mean()
+
+
+# ------------------------------------------------------------------------------------------------- the op
 
 
 class CrossEntropyFn(Function):

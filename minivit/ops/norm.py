@@ -1,8 +1,33 @@
-"""Layer normalisation over the last axis."""
+"""Layer normalisation over the last axis.
+
+The math. For a row x of D features, with mean mu and biased variance var over the row:
+
+    xhat = (x - mu) * rstd,   rstd = 1 / sqrt(var + eps),   y = xhat * w + b
+    g = dy * w                                            (the gradient that reaches xhat)
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat))     (mu and var depend on every x of the row: the two means)
+    dw = sum over rows of dy * xhat ;  db = sum over rows of dy
+
+The composed version builds the same function from primitives; the op computes its derivative by the formulas
+above, and the row kernels after it do so in place, a block of rows per thread.
+"""
 
 from minivit.backend import get_array_module, parallel_rows, sum_last, sum_rows
 from minivit.function import Function
 from minivit.tensor import Tensor
+
+
+# ------------------------------------------------------------------------------------------ readable version
+def layer_norm_composed(x, weight, bias, eps=1e-6):
+    """(x - mean) / sqrt(var + eps) * w + b over the last axis, from primitives.
+
+    Shapes: x (..., D), w, b (D,) -> (..., D)
+    """
+    xc = x - x.mean(axis=-1, keepdims=True)
+    var = (xc * xc).mean(axis=-1, keepdims=True)
+    return xc / (var + eps) ** 0.5 * weight + bias
+
+
+# ------------------------------------------------------------------------------------ fast kernels (in place)
 
 
 def layer_norm_rows(x, w, b, eps, y, xhat, rstd):
@@ -58,6 +83,7 @@ def layer_norm_rows_backward(dy, xhat, rstd, w, dx):
     return dw, db
 
 
+# ---------------------------------------------------------------------------------------------------- the op
 class LayerNormFn(Function):
     """y = (x - mean) / sqrt(var + eps) * w + b, mean and (biased) var over the last axis.
 

@@ -1,0 +1,76 @@
+"""The package is a stack: each module imports only from its own layer or the layers below it.
+
+    0  backend                                   arrays and devices
+    1  tensor, function, autograd, ops           the engine: tensors, ops with their backwards, the graph walk
+    2  functional, composed, gradcheck, profile, what users call on the engine (gan: GAN losses and penalties)
+       gan
+    3  nn, optim                                 layers, models and optimizers
+    4  checkpoint, data, viz, trace, testing     tools around models (testing: the PyTorch twin for tests)
+    5  train, cli, __main__                      the application
+    6  exercises                                 the lessons' checks
+
+The package root (``minivit/__init__.py``) gathers the public names and is exempt.
+"""
+
+import ast
+import pathlib
+
+import pytest
+
+import minivit
+
+LAYERS = [
+    ["backend"],
+    ["tensor", "function", "autograd", "ops"],
+    ["functional", "composed", "gradcheck", "profile", "gan"],
+    ["nn", "optim"],
+    ["checkpoint", "data", "viz", "trace", "testing"],
+    ["train", "cli", "__main__"],
+    ["exercises"],
+]
+LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
+ROOT = pathlib.Path(minivit.__file__).parent
+
+
+def _top(module_name):
+    """'minivit.ops.norm' -> 'ops'."""
+    return module_name.split(".")[1]
+
+
+def _imports(path):
+    """The minivit modules a file imports, anywhere in it (also inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("minivit"):
+            names = [f"minivit.{a.name}" for a in node.names] if node.module == "minivit" else [node.module]
+            found |= {n for n in names if n.count(".") >= 1}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("minivit.")}
+    return {_top(n) for n in found}
+
+
+MODULES = sorted(p for p in ROOT.rglob("*.py") if p != ROOT / "__init__.py")
+
+
+def _own_layer(path):
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return parts[0]
+
+
+def test_every_module_has_a_layer():
+    missing = sorted({_own_layer(p) for p in MODULES} - set(LEVEL))
+    assert not missing, f"modules with no layer in tests/test_layers.py: {missing}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_module_imports_from_a_higher_layer(path):
+    own = _own_layer(path)
+    upward = sorted(name for name in _imports(path) if LEVEL.get(name, -1) > LEVEL[own])
+    assert not upward, (f"{path.relative_to(ROOT)} (layer {LEVEL[own]}: {own}) imports from higher layers: "
+                        + ", ".join(f"{n} (layer {LEVEL[n]})" for n in upward))
+
+
+def test_the_check_itself_catches_an_upward_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from minivit.nn import Module\n    from minivit import train\n")
+    assert _imports(bad) == {"nn", "train"}
