@@ -5,8 +5,9 @@
     2  functional, composed, gradcheck, profile, what users call on the engine (gan: GAN losses and penalties)
        gan
     3  nn, optim                                 layers, models and optimizers
-    4  checkpoint, data, viz, trace, testing     tools around models (testing: the PyTorch twin for tests)
-    5  train, cli, __main__                      the application
+    4  checkpoint, rundir, data, viz, trace,     tools around models (testing: the PyTorch twin for tests;
+       testing, gan_metrics                      gan_metrics: sample quality from a classifier's features)
+    5  train, gan_train, cli, __main__           the application
     6  exercises                                 the lessons' checks
 
 The package root (``minivit/__init__.py``) gathers the public names and is exempt.
@@ -24,8 +25,8 @@ LAYERS = [
     ["tensor", "function", "autograd", "ops"],
     ["functional", "composed", "gradcheck", "profile", "gan"],
     ["nn", "optim"],
-    ["checkpoint", "data", "viz", "trace", "testing"],
-    ["train", "cli", "__main__"],
+    ["checkpoint", "rundir", "data", "viz", "trace", "testing", "gan_metrics"],
+    ["train", "gan_train", "cli", "__main__"],
     ["exercises"],
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
