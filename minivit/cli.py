@@ -1,4 +1,5 @@
-"""The command line: ``minivit train``, ``minivit eval`` and ``minivit export`` (also ``python -m minivit``).
+"""The command line: ``minivit train``, ``minivit eval``, ``minivit export``, ``minivit gan`` and ``minivit sample``
+(also ``python -m minivit``).
 
 Every failure ends in one line on stderr, ``minivit: error: ...``, and an exit code: 2 for a bad command line
 (a flag out of range, flags that contradict each other, a file that must not be overwritten), 1 for a fault at run
@@ -12,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from minivit import backend, checkpoint, data
+from minivit import backend, checkpoint, data, gan_train
 from minivit.rundir import RunLocked
 from minivit.train import (PRESETS, STOP, SettingsError, TrainingDiverged, TrainSettings, evaluate_checkpoint,
                            flag, settings_for, train)
@@ -97,6 +98,7 @@ def _parser():
     x.add_argument("checkpoint", type=Path)
     x.add_argument("output", type=Path)
     x.add_argument("--force", action="store_true", help="write over an existing file (never the checkpoint read)")
+    _add_gan_parsers(sub, common)
     return parser
 
 
@@ -135,6 +137,94 @@ def run_export(args):
     print(f"wrote {len(model.state_dict())} tensors with timm's names to {path}")
 
 
+# ------------------------------------------------------------------------------------------------ minivit gan, sample
+# flag -> (GanSettings field, type, help)
+GAN_FLAGS = {
+    "--dataset": ("dataset", str, f"one of {', '.join(data.DATASETS)}"),
+    "--data-dir": ("data_dir", str, "folder with the dataset files (looked up first; it must exist)"),
+    "--epochs": ("epochs", int, "passes over the training set"),
+    "--batch-size": ("batch_size", int, "real (and as many generated) images per step"),
+    "--loss": ("loss", str, f"one of {', '.join(gan_train.LOSS_NAMES)}"),
+    "--n-critic": ("n_critic", int, "discriminator steps per generator step"),
+    "--lr-g": ("lr_g", float, "Adam learning rate of the generator"),
+    "--lr-d": ("lr_d", float, "Adam learning rate of the discriminator"),
+    "--beta1": ("beta1", float, "Adam's beta1 for both networks"),
+    "--beta2": ("beta2", float, "Adam's beta2 for both networks"),
+    "--gp-weight": ("gp_weight", float, "lambda of the gradient penalty (--loss wgan-gp)"),
+    "--spectral-norm": ("spectral_norm", str, "on the discriminator's layers: 'none', 'plain' or 'improved'"),
+    "--ema": ("ema", float, "decay of the generator's moving average, which draws the samples (0: off)"),
+    "--latent-dim": ("latent_dim", int, "size of the noise z"),
+    "--patch-size": ("patch_size", int, "patch side in pixels (both networks)"),
+    "--embed-dim": ("embed_dim", int, "token width (both networks)"),
+    "--depth": ("depth", int, "transformer blocks (both networks)"),
+    "--num-heads": ("num_heads", int, "attention heads"),
+    "--mlp-ratio": ("mlp_ratio", float, "MLP width as a multiple of the token width"),
+    "--grid": ("grid", int, "images in each epoch's sample grid"),
+    "--classifier": ("classifier", str, "a minivit train checkpoint: measure Frechet distance, precision, recall, "
+                     "classifier score and class shares each epoch"),
+    "--eval-samples": ("eval_samples", int, "generated and real images for those measurements"),
+    "--seed": ("seed", int, "seeds weights, noise and shuffling (0 to 2**32 - 1)"),
+    "--limit": ("limit", int, "use only the first N train and test images (0: all)"),
+    "--device": ("device", str, "'cpu' or 'cuda'"),
+}
+
+
+def _add_gan_parsers(sub, common):
+    tiny = gan_train.settings_for("tiny")
+    g = sub.add_parser("gan", parents=[common], help="train a ViT-GAN", description="Train a ViT generator against "
+                       "a ViT discriminator. Presets: " + "; ".join(f"{name} ({p['dataset']}, {p['epochs']} epochs)"
+                                                                     for name, p in gan_train.PRESETS.items())
+                       + ". The defaults shown are the tiny preset's.")
+    g.add_argument("--preset", default="tiny", choices=list(gan_train.PRESETS),
+                   help="starting settings (default: tiny, the embedded Fashion-MNIST subset)")
+    for name, (field, kind, text) in GAN_FLAGS.items():
+        default = getattr(tiny, field)
+        g.add_argument(name, type=kind, default=None, help=text if default is None else f"{text} (default: {default})")
+    g.add_argument("--l2-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"L2-distance attention with tied queries and keys in the discriminator (default: "
+                   f"{'on' if tiny.l2_attention else 'off'})")
+    g.add_argument("--anomaly", action="store_true", help="check every op for NaN/Inf and name the first one")
+    g.add_argument("--no-verify", dest="verify", action="store_false", default=None,
+                   help="use data files that differ from the published ones (your own data)")
+    g.add_argument("--out", type=Path, default=None, help="output folder (default: runs/gan-<preset>-<time>)")
+    g.add_argument("--resume", type=Path, default=None, help="continue from a GAN checkpoint (or its run folder); "
+                   "with --epochs N, extend it to N epochs")
+    g.add_argument("--overwrite", action="store_true", help="allow --out to hold an earlier run")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    s = sub.add_parser("sample", parents=[common], help="write a grid of images from a GAN run's generator")
+    s.add_argument("run", type=Path, help="a GAN run folder or its checkpoint")
+    s.add_argument("--n", type=int, default=64, help="images in the grid (default: 64)")
+    s.add_argument("--seed", type=int, default=0, help="seeds the noise (default: 0)")
+    s.add_argument("--out", type=Path, default=None, help="the PNG to write (default: beside the checkpoint)")
+
+
+def run_gan(args):
+    overrides = {field: getattr(args, name[2:].replace("-", "_")) for name, (field, _, _) in GAN_FLAGS.items()}
+    overrides.update(l2_attention=args.l2_attention, anomaly=args.anomaly or None, verify=args.verify)
+    if args.resume is not None:
+        extra = sorted(flag(k) for k, v in overrides.items() if v is not None and k not in gan_train.RESUME_FIELDS)
+        if extra:
+            raise UsageError(f"--resume continues the saved run with its own settings; drop {', '.join(extra)} "
+                             "(only --epochs, --device, --data-dir, --no-verify and --anomaly may change)")
+        ckpt = _checkpoint_path(args.resume)
+        settings = gan_train.GanSettings(**{k: overrides[k] for k in gan_train.RESUME_FIELDS
+                                            if overrides[k] is not None})
+        return gan_train.train_gan(settings, args.out or ckpt.parent, resume=ckpt, epochs=overrides["epochs"],
+                                   overwrite=args.overwrite, progress=not args.no_progress)
+    settings = gan_train.settings_for(args.preset, **overrides)
+    out = args.out or Path("runs") / f"gan-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return gan_train.train_gan(settings, out, overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def run_sample(args):
+    if args.n < 1:
+        raise UsageError(f"--n must be at least 1, got {args.n}")
+    if args.out is not None and args.out.suffix != ".png":
+        raise UsageError(f"--out {args.out}: the grid is written as a .png file")
+    return gan_train.sample(_checkpoint_path(args.run), n=args.n, seed=args.seed, out=args.out)
+
+
 def main(argv=None):
     args = None
     try:
@@ -151,6 +241,10 @@ def main(argv=None):
                                 verify=args.verify)
         elif args.command == "export":
             run_export(args)
+        elif args.command == "gan":
+            run_gan(args)
+        elif args.command == "sample":
+            run_sample(args)
     except KeyboardInterrupt as err:
         print(f"\nminivit: interrupted; {err or 'the command did not finish'}", file=sys.stderr)
         return 130

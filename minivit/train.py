@@ -169,22 +169,27 @@ def settings_for(preset, **overrides):
     return validate(TrainSettings(**values))
 
 
-def validate(s):
-    """Check settings before any work starts; raise SettingsError naming every flag that is wrong and why."""
+def validate(s, ranges=None, choices=None, relations=None):
+    """Check settings before any work starts; raise SettingsError naming every flag that is wrong and why.
+
+    ``ranges``, ``choices`` and ``relations`` default to those of TrainSettings; other settings (``minivit gan``'s)
+    pass their own.
+    """
+    ranges, choices = ranges or RANGES, choices or CHOICES
     problems = []
     kinds = {f.name: numbers.Integral if f.type is int else numbers.Real for f in dataclasses.fields(s)}
-    for name, allowed in RANGES.items():
+    for name, allowed in ranges.items():
         value = getattr(s, name)
         if isinstance(value, bool) or not isinstance(value, kinds[name]):
             kind = "a whole number" if kinds[name] is numbers.Integral else "a number"
             problems.append(f"{flag(name)} must be {kind}, got {value!r}")
         elif value not in allowed:
             problems.append(f"{flag(name)} {value} is out of range: expected {allowed}")
-    for name, allowed in CHOICES.items():
+    for name, allowed in choices.items():
         if getattr(s, name) not in allowed:
             problems.append(f"{flag(name)} must be one of {', '.join(map(repr, allowed))}, got {getattr(s, name)!r}")
     if not problems:
-        problems += _relations(s)
+        problems += (relations or _relations)(s)
     try:
         if backend.normalize_device(s.device) == "cuda" and not backend.cuda_available():
             problems.append("--device cuda needs CuPy and a CUDA device, and none is usable here "
@@ -276,12 +281,12 @@ def plural(count, word):
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-def _saved_state(path, epoch, total, out_dir):
-    """What an interrupted run leaves, for the message that ends it."""
+def _saved_state(path, epoch, total, out_dir, command="train"):
+    """What an interrupted run of ``minivit <command>`` leaves, for the message that ends it."""
     if epoch == total:
         return f"{path} holds all {plural(total, 'epoch')}: the run is complete"
     if epoch is not None:
-        return f"{path} holds epoch {epoch} of {total}: continue with  minivit train --resume {out_dir}"
+        return f"{path} holds epoch {epoch} of {total}: continue with  minivit {command} --resume {out_dir}"
     if path.exists():
         return f"nothing of this run was saved; {path} still holds the earlier run"
     return "nothing was saved: a run writes its first checkpoint when its first epoch ends"
