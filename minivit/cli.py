@@ -69,20 +69,10 @@ def _parser():
         + ". The defaults shown are the tiny preset's; another preset sets its own.")
     t.add_argument("--preset", default="tiny", choices=list(PRESETS), help="starting settings (default: tiny, "
                    "the embedded Fashion-MNIST subset)")
-    for name, (field, kind, text) in TRAIN_FLAGS.items():
-        default = getattr(tiny, field)
-        t.add_argument(name, type=kind, default=None,
-                       help=text if default is None else f"{text} (default: {default})")
+    _add_settings_flags(t, TRAIN_FLAGS, tiny)
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crops and flips (default: off; on in the cifar10 preset)")
-    t.add_argument("--anomaly", action="store_true", help="check every op for NaN/Inf and name the first one")
-    t.add_argument("--no-verify", dest="verify", action="store_false", default=None,
-                   help="use data files that differ from the published ones (your own data)")
-    t.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<preset>-<time>)")
-    t.add_argument("--resume", type=Path, default=None, help="continue from a checkpoint (or a run folder) with its "
-                   "own settings; with --epochs N, extend it to N epochs")
-    t.add_argument("--overwrite", action="store_true", help="allow --out to hold an earlier run")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_flags(t, out="runs/<preset>-<time>", resume="a checkpoint (or a run folder)")
 
     e = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint or an exported .safetensors file: "
                        "accuracy, per class, confusion matrix, mistakes")
@@ -102,6 +92,37 @@ def _parser():
     return parser
 
 
+def _add_settings_flags(parser, flags, defaults):
+    """One option per entry of ``flags`` (flag -> (settings field, type, help)), its default shown from
+    ``defaults``; each option's value is None unless given."""
+    for name, (field, kind, text) in flags.items():
+        default = getattr(defaults, field)
+        parser.add_argument(name, type=kind, default=None,
+                            help=text if default is None else f"{text} (default: {default})")
+
+
+def _add_run_flags(parser, out, resume):
+    """The options of a command that trains in a run folder: --anomaly, --no-verify, --out, --resume,
+    --overwrite and --no-progress."""
+    parser.add_argument("--anomaly", action="store_true", help="check every op for NaN/Inf and name the first one")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", default=None,
+                        help="use data files that differ from the published ones (your own data)")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {out})")
+    parser.add_argument("--resume", type=Path, default=None, help=f"continue from {resume} with its own settings; "
+                        "with --epochs N, extend it to N epochs")
+    parser.add_argument("--overwrite", action="store_true", help="allow --out to hold an earlier run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _resume_settings(overrides, allowed):
+    """The flags a resumed run takes (UsageError naming any other flag given)."""
+    extra = sorted(flag(k) for k, v in overrides.items() if v is not None and k not in allowed)
+    if extra:
+        raise UsageError(f"--resume continues the saved run with its own settings; drop {', '.join(extra)} "
+                         "(only --epochs, --device, --data-dir, --no-verify and --anomaly may change)")
+    return {k: overrides[k] for k in allowed if overrides[k] is not None}
+
+
 def _checkpoint_path(path):
     path = Path(path)
     return path / checkpoint.CHECKPOINT_NAME if path.is_dir() else path
@@ -111,12 +132,8 @@ def run_train(args):
     overrides = {field: getattr(args, name[2:].replace("-", "_")) for name, (field, _, _) in TRAIN_FLAGS.items()}
     overrides.update(augment=args.augment, anomaly=args.anomaly or None, verify=args.verify)
     if args.resume is not None:
-        extra = sorted(flag(k) for k, v in overrides.items() if v is not None and k not in RESUME_FLAGS)
-        if extra:
-            raise UsageError(f"--resume continues the saved run with its own settings; drop {', '.join(extra)} "
-                             "(only --epochs, --device, --data-dir, --no-verify and --anomaly may change)")
+        settings = TrainSettings(**_resume_settings(overrides, RESUME_FLAGS))
         ckpt = _checkpoint_path(args.resume)
-        settings = TrainSettings(**{k: overrides[k] for k in RESUME_FLAGS if overrides[k] is not None})
         return train(settings, args.out or ckpt.parent, resume=ckpt, epochs=overrides["epochs"],
                      overwrite=args.overwrite, progress=not args.no_progress)
     settings = settings_for(args.preset, **overrides)
@@ -177,20 +194,11 @@ def _add_gan_parsers(sub, common):
                        + ". The defaults shown are the tiny preset's.")
     g.add_argument("--preset", default="tiny", choices=list(gan_train.PRESETS),
                    help="starting settings (default: tiny, the embedded Fashion-MNIST subset)")
-    for name, (field, kind, text) in GAN_FLAGS.items():
-        default = getattr(tiny, field)
-        g.add_argument(name, type=kind, default=None, help=text if default is None else f"{text} (default: {default})")
+    _add_settings_flags(g, GAN_FLAGS, tiny)
     g.add_argument("--l2-attention", action=argparse.BooleanOptionalAction, default=None,
                    help=f"L2-distance attention with tied queries and keys in the discriminator (default: "
                    f"{'on' if tiny.l2_attention else 'off'})")
-    g.add_argument("--anomaly", action="store_true", help="check every op for NaN/Inf and name the first one")
-    g.add_argument("--no-verify", dest="verify", action="store_false", default=None,
-                   help="use data files that differ from the published ones (your own data)")
-    g.add_argument("--out", type=Path, default=None, help="output folder (default: runs/gan-<preset>-<time>)")
-    g.add_argument("--resume", type=Path, default=None, help="continue from a GAN checkpoint (or its run folder); "
-                   "with --epochs N, extend it to N epochs")
-    g.add_argument("--overwrite", action="store_true", help="allow --out to hold an earlier run")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_flags(g, out="runs/gan-<preset>-<time>", resume="a GAN checkpoint (or its run folder)")
 
     s = sub.add_parser("sample", parents=[common], help="write a grid of images from a GAN run's generator")
     s.add_argument("run", type=Path, help="a GAN run folder or its checkpoint")
@@ -203,13 +211,8 @@ def run_gan(args):
     overrides = {field: getattr(args, name[2:].replace("-", "_")) for name, (field, _, _) in GAN_FLAGS.items()}
     overrides.update(l2_attention=args.l2_attention, anomaly=args.anomaly or None, verify=args.verify)
     if args.resume is not None:
-        extra = sorted(flag(k) for k, v in overrides.items() if v is not None and k not in gan_train.RESUME_FIELDS)
-        if extra:
-            raise UsageError(f"--resume continues the saved run with its own settings; drop {', '.join(extra)} "
-                             "(only --epochs, --device, --data-dir, --no-verify and --anomaly may change)")
+        settings = gan_train.GanSettings(**_resume_settings(overrides, gan_train.RESUME_FIELDS))
         ckpt = _checkpoint_path(args.resume)
-        settings = gan_train.GanSettings(**{k: overrides[k] for k in gan_train.RESUME_FIELDS
-                                            if overrides[k] is not None})
         return gan_train.train_gan(settings, args.out or ckpt.parent, resume=ckpt, epochs=overrides["epochs"],
                                    overwrite=args.overwrite, progress=not args.no_progress)
     settings = gan_train.settings_for(args.preset, **overrides)
