@@ -250,7 +250,7 @@ def _stop_if_not_finite(loss, network, model, step, epoch, batch):
     if not math.isfinite(value):
         raise TrainingDiverged(f"the {network}'s loss became {value} {where}; {hint}")
     for name, p in model.named_parameters():
-        if p.grad is not None and not bool(np.isfinite(backend.asnumpy(p.grad)).all()):
+        if p.grad is not None and not bool(backend.get_array_module(p.grad).isfinite(p.grad).all()):
             raise TrainingDiverged(f"the {network}'s gradient of {name} holds NaN or Inf {where}; {hint}")
     return value
 
