@@ -22,7 +22,6 @@ therefore comparable with each other (same classifier, same data), never with pu
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 
 from minivit import backend, checkpoint
 from minivit import functional as F
@@ -53,6 +52,7 @@ def frechet_distance_from_statistics(mu1, sigma1, mu2, sigma2):
     small multiple of the identity is added first, as in the reference FID code; its tiny imaginary part from
     rounding is dropped.
     """
+    import scipy.linalg  # here, not at the top: it takes a noticeable part of a second to import
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]

@@ -5,8 +5,7 @@ Shapes: B batch, C channels, H x W image, P patch, Np = (H/P)(W/P) patches, D = 
 The generator turns noise into an image through Transformer blocks:
 
     z (B, L) -> mapping MLP -> w (B, L)
-    tokens: pos_embed (1, Np, D) + latent_proj(w) (B, 1, D)   one learned token per patch (starting as the 2-D
-                                                               sine-cosine position table), plus the sample's w
+    tokens: pos_embed (1, Np, D) + latent_proj(w) (B, 1, D)   one learned token per patch, plus the sample's w
       -> depth x GeneratorBlock: x = x + attn(norm1(x, w)); x = x + mlp(norm2(x, w))   (norms: SLN driven by w)
       -> norm(x, w) -> head: each token to the C*P*P pixels of its patch (B, Np, C*P*P)
       -> unpatchify (B, C, H, W) -> tanh: pixels in (-1, 1)
@@ -43,9 +42,6 @@ def _check_grid(name, img_size, patch_size, embed_dim, num_heads):
         raise ValueError(f"{name}: image {H}x{W} is not divisible by patch_size {patch_size}")
     if embed_dim % num_heads:
         raise ValueError(f"{name}: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-    if name == "ViTGenerator" and embed_dim % 4:
-        raise ValueError(f"{name}: embed_dim must be divisible by 4 (for the sine-cosine start of its tokens), "
-                         f"got {embed_dim}")
     return H // patch_size, W // patch_size
 
 
@@ -122,8 +118,9 @@ class ViTGenerator(Module):
                                  for _ in range(depth))
         self.norm = SelfModulatedLayerNorm(embed_dim, latent_dim, rng=rng)
         self.head = Linear(embed_dim, in_chans * patch_size * patch_size, rng=rng)
-        # distinct tokens from the start: a 2-D sine-cosine table (values in [-1, 1]), learned from there
-        self.pos_embed.data = init.sincos_2d(embed_dim, self.grid_size)[None].astype(np.float32)
+        # distinct tokens from the start: N(0, 1), as large as the latent's part, so that patches differ (a
+        # sine-cosine table barely varies over a grid of 4 x 4 patches)
+        init.normal_(self.pos_embed, 1.0, rng)
         # timm's small init in the blocks and the head (the SLNs keep their identity start); the mapping and
         # latent_proj keep PyTorch's default, so that w moves the tokens as much as their positions differ
         for name in ("blocks", "head"):
