@@ -5,8 +5,9 @@
     2  functional, composed, gradcheck, profile, what users call on the engine (gan: GAN losses and penalties)
        gan
     3  nn, optim                                 layers, models and optimizers
-    4  checkpoint, rundir, data, viz, trace,     tools around models (testing: the PyTorch twin for tests;
-       testing, gan_metrics                      gan_metrics: sample quality from a classifier's features)
+    4  checkpoint, rundir, data, viz, trace,     tools around models (rundir: a run folder held by one process;
+       testing, gan_metrics                      testing: the PyTorch twin for tests; gan_metrics: sample quality
+                                                 from a classifier's features)
     5  train, gan_train, cli, __main__           the application
     6  exercises                                 the lessons' checks
 
