@@ -1,5 +1,5 @@
-"""The command line: ``minivit train``, ``minivit eval``, ``minivit export``, ``minivit vae``, ``minivit
-stylize`` and ``minivit painters`` (also ``python -m minivit``).
+"""The command line: ``minivit train``, ``minivit eval``, ``minivit export``, ``minivit gan``, ``minivit sample``,
+``minivit vae``, ``minivit stylize`` and ``minivit painters`` (also ``python -m minivit``).
 
 Every failure ends in one line on stderr, ``minivit: error: ...``, and an exit code: 2 for a bad command line
 (a flag out of range, flags that contradict each other, a file that must not be overwritten), 1 for a fault at run
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from minivit import art, backend, checkpoint, data, painters, vae_train
+from minivit import art, backend, checkpoint, data, gan_train, painters, vae_train
 from minivit.rundir import RunLocked
 from minivit.train import (PRESETS, STOP, SettingsError, TrainingDiverged, TrainSettings, evaluate_checkpoint,
                            flag, settings_for, train)
@@ -81,20 +81,10 @@ def _parser():
         + ". The defaults shown are the tiny preset's; another preset sets its own.")
     t.add_argument("--preset", default="tiny", choices=list(PRESETS), help="starting settings (default: tiny, "
                    "the embedded Fashion-MNIST subset)")
-    for name, (field, kind, text) in TRAIN_FLAGS.items():
-        default = getattr(tiny, field)
-        t.add_argument(name, type=kind, default=None,
-                       help=text if default is None else f"{text} (default: {default})")
+    _add_settings_flags(t, TRAIN_FLAGS, tiny)
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crops and flips (default: off; on in the cifar10 preset)")
-    t.add_argument("--anomaly", action="store_true", help="check every op for NaN/Inf and name the first one")
-    t.add_argument("--no-verify", dest="verify", action="store_false", default=None,
-                   help="use data files that differ from the published ones (your own data)")
-    t.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<preset>-<time>)")
-    t.add_argument("--resume", type=Path, default=None, help="continue from a checkpoint (or a run folder) with its "
-                   "own settings; with --epochs N, extend it to N epochs")
-    t.add_argument("--overwrite", action="store_true", help="allow --out to hold an earlier run")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_flags(t, out="runs/<preset>-<time>", resume="a checkpoint (or a run folder)")
 
     e = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint or an exported .safetensors file: "
                        "accuracy, per class, confusion matrix, mistakes")
@@ -118,6 +108,7 @@ def _parser():
     x.add_argument("checkpoint", type=Path)
     x.add_argument("output", type=Path)
     x.add_argument("--force", action="store_true", help="write over an existing file (never the checkpoint read)")
+    _add_gan_parsers(sub, common)
     return parser
 
 
@@ -221,6 +212,37 @@ def run_stylize(args):
     return art.stylize_files(args.content, args.style, args.out, model=model, settings=settings)
 
 
+def _add_settings_flags(parser, flags, defaults):
+    """One option per entry of ``flags`` (flag -> (settings field, type, help)), its default shown from
+    ``defaults``; each option's value is None unless given."""
+    for name, (field, kind, text) in flags.items():
+        default = getattr(defaults, field)
+        parser.add_argument(name, type=kind, default=None,
+                            help=text if default is None else f"{text} (default: {default})")
+
+
+def _add_run_flags(parser, out, resume):
+    """The options of a command that trains in a run folder: --anomaly, --no-verify, --out, --resume,
+    --overwrite and --no-progress."""
+    parser.add_argument("--anomaly", action="store_true", help="check every op for NaN/Inf and name the first one")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", default=None,
+                        help="use data files that differ from the published ones (your own data)")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {out})")
+    parser.add_argument("--resume", type=Path, default=None, help=f"continue from {resume} with its own settings; "
+                        "with --epochs N, extend it to N epochs")
+    parser.add_argument("--overwrite", action="store_true", help="allow --out to hold an earlier run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _resume_settings(overrides, allowed):
+    """The flags a resumed run takes (UsageError naming any other flag given)."""
+    extra = sorted(flag(k) for k, v in overrides.items() if v is not None and k not in allowed)
+    if extra:
+        raise UsageError(f"--resume continues the saved run with its own settings; drop {', '.join(extra)} "
+                         "(only --epochs, --device, --data-dir, --no-verify and --anomaly may change)")
+    return {k: overrides[k] for k in allowed if overrides[k] is not None}
+
+
 def _checkpoint_path(path):
     path = Path(path)
     return path / checkpoint.CHECKPOINT_NAME if path.is_dir() else path
@@ -230,12 +252,8 @@ def run_train(args):
     overrides = {field: getattr(args, name[2:].replace("-", "_")) for name, (field, _, _) in TRAIN_FLAGS.items()}
     overrides.update(augment=args.augment, anomaly=args.anomaly or None, verify=args.verify)
     if args.resume is not None:
-        extra = sorted(flag(k) for k, v in overrides.items() if v is not None and k not in RESUME_FLAGS)
-        if extra:
-            raise UsageError(f"--resume continues the saved run with its own settings; drop {', '.join(extra)} "
-                             "(only --epochs, --device, --data-dir, --no-verify and --anomaly may change)")
+        settings = TrainSettings(**_resume_settings(overrides, RESUME_FLAGS))
         ckpt = _checkpoint_path(args.resume)
-        settings = TrainSettings(**{k: overrides[k] for k in RESUME_FLAGS if overrides[k] is not None})
         return train(settings, args.out or ckpt.parent, resume=ckpt, epochs=overrides["epochs"],
                      overwrite=args.overwrite, progress=not args.no_progress)
     settings = settings_for(args.preset, **overrides)
@@ -254,6 +272,80 @@ def run_export(args):
     model, ckpt = checkpoint.model_from_checkpoint(source)
     path = checkpoint.export_state_dict(model, target, train_settings=ckpt.train_settings)
     print(f"wrote {len(model.state_dict())} tensors with timm's names to {path}")
+
+
+# ------------------------------------------------------------------------------------------------ minivit gan, sample
+# flag -> (GanSettings field, type, help)
+GAN_FLAGS = {
+    "--dataset": ("dataset", str, f"one of {', '.join(data.DATASETS)}"),
+    "--data-dir": ("data_dir", str, "folder with the dataset files (looked up first; it must exist)"),
+    "--epochs": ("epochs", int, "passes over the training set"),
+    "--batch-size": ("batch_size", int, "real (and as many generated) images per step"),
+    "--loss": ("loss", str, f"one of {', '.join(gan_train.LOSS_NAMES)}"),
+    "--n-critic": ("n_critic", int, "discriminator steps per generator step"),
+    "--lr-g": ("lr_g", float, "Adam learning rate of the generator"),
+    "--lr-d": ("lr_d", float, "Adam learning rate of the discriminator"),
+    "--beta1": ("beta1", float, "Adam's beta1 for both networks"),
+    "--beta2": ("beta2", float, "Adam's beta2 for both networks"),
+    "--gp-weight": ("gp_weight", float, "lambda of the gradient penalty (--loss wgan-gp)"),
+    "--spectral-norm": ("spectral_norm", str, "on the discriminator's layers: 'none', 'plain' or 'improved'"),
+    "--ema": ("ema", float, "decay of the generator's moving average, which draws the samples (0: off)"),
+    "--latent-dim": ("latent_dim", int, "size of the noise z"),
+    "--patch-size": ("patch_size", int, "patch side in pixels (both networks)"),
+    "--embed-dim": ("embed_dim", int, "token width (both networks)"),
+    "--depth": ("depth", int, "transformer blocks (both networks)"),
+    "--num-heads": ("num_heads", int, "attention heads"),
+    "--mlp-ratio": ("mlp_ratio", float, "MLP width as a multiple of the token width"),
+    "--grid": ("grid", int, "images in each epoch's sample grid"),
+    "--classifier": ("classifier", str, "a minivit train checkpoint: measure Frechet distance, precision, recall, "
+                     "classifier score and class shares each epoch"),
+    "--eval-samples": ("eval_samples", int, "generated and real images for those measurements"),
+    "--seed": ("seed", int, "seeds weights, noise and shuffling (0 to 2**32 - 1)"),
+    "--limit": ("limit", int, "use only the first N train and test images (0: all)"),
+    "--device": ("device", str, "'cpu' or 'cuda'"),
+}
+
+
+def _add_gan_parsers(sub, common):
+    tiny = gan_train.settings_for("tiny")
+    g = sub.add_parser("gan", parents=[common], help="train a ViT-GAN", description="Train a ViT generator against "
+                       "a ViT discriminator. Presets: " + "; ".join(f"{name} ({p['dataset']}, {p['epochs']} epochs)"
+                                                                     for name, p in gan_train.PRESETS.items())
+                       + ". The defaults shown are the tiny preset's.")
+    g.add_argument("--preset", default="tiny", choices=list(gan_train.PRESETS),
+                   help="starting settings (default: tiny, the embedded Fashion-MNIST subset)")
+    _add_settings_flags(g, GAN_FLAGS, tiny)
+    g.add_argument("--l2-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"L2-distance attention with tied queries and keys in the discriminator (default: "
+                   f"{'on' if tiny.l2_attention else 'off'})")
+    _add_run_flags(g, out="runs/gan-<preset>-<time>", resume="a GAN checkpoint (or its run folder)")
+
+    s = sub.add_parser("sample", parents=[common], help="write a grid of images from a GAN run's generator")
+    s.add_argument("run", type=Path, help="a GAN run folder or its checkpoint")
+    s.add_argument("--n", type=int, default=64, help="images in the grid (default: 64)")
+    s.add_argument("--seed", type=int, default=0, help="seeds the noise (default: 0)")
+    s.add_argument("--out", type=Path, default=None, help="the PNG to write (default: beside the checkpoint)")
+
+
+def run_gan(args):
+    overrides = {field: getattr(args, name[2:].replace("-", "_")) for name, (field, _, _) in GAN_FLAGS.items()}
+    overrides.update(l2_attention=args.l2_attention, anomaly=args.anomaly or None, verify=args.verify)
+    if args.resume is not None:
+        settings = gan_train.GanSettings(**_resume_settings(overrides, gan_train.RESUME_FIELDS))
+        ckpt = _checkpoint_path(args.resume)
+        return gan_train.train_gan(settings, args.out or ckpt.parent, resume=ckpt, epochs=overrides["epochs"],
+                                   overwrite=args.overwrite, progress=not args.no_progress)
+    settings = gan_train.settings_for(args.preset, **overrides)
+    out = args.out or Path("runs") / f"gan-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return gan_train.train_gan(settings, out, overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def run_sample(args):
+    if args.n < 1:
+        raise UsageError(f"--n must be at least 1, got {args.n}")
+    if args.out is not None and args.out.suffix != ".png":
+        raise UsageError(f"--out {args.out}: the grid is written as a .png file")
+    return gan_train.sample(_checkpoint_path(args.run), n=args.n, seed=args.seed, out=args.out)
 
 
 def main(argv=None):
@@ -280,6 +372,10 @@ def main(argv=None):
             if args.epochs < 1:
                 raise UsageError(f"--epochs {args.epochs}: at least 1")
             painters.train_classifier(args.out, epochs=args.epochs, seed=args.seed)
+        elif args.command == "gan":
+            run_gan(args)
+        elif args.command == "sample":
+            run_sample(args)
     except KeyboardInterrupt as err:
         print(f"\nminivit: interrupted; {err or 'the command did not finish'}", file=sys.stderr)
         return 130

@@ -270,3 +270,32 @@ def plot_latent_scatter(points, labels, classes, path=None, title="test set enco
     ax.legend(markerscale=3, fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------------ GAN
+def plot_gan_history(history, path=None):
+    """A GAN's losses per epoch (discriminator and generator) and, when measured, its sample quality: the
+    Frechet distance of features, precision, recall and the smallest class share."""
+    from matplotlib.ticker import MaxNLocator
+    quality = [key for key in ("frechet_distance", "precision", "recall", "smallest_class_share")
+               if history and history[0].get(key) is not None]
+    fig = figure(5 * (1 + bool(quality)), 4)
+    axes = np.atleast_1d(fig.subplots(1, 1 + bool(quality)))
+    epochs = [h["epoch"] for h in history]
+    for key, label in (("loss_d", "discriminator"), ("loss_g", "generator")):
+        axes[0].plot(epochs, [h[key] for h in history], marker="o", label=label)
+    axes[0].set(xlabel="epoch", ylabel="loss", title="losses")
+    if quality:
+        fd_ax, share_ax = axes[1], axes[1].twinx()
+        fd_ax.plot(epochs, [h["frechet_distance"] for h in history], marker="o", color="black",
+                   label="Frechet distance")
+        fd_ax.set(xlabel="epoch", ylabel="Frechet distance (minivit features)", title="sample quality")
+        for key in quality[1:]:
+            share_ax.plot(epochs, [h[key] for h in history], marker=".", linestyle="--", label=key.replace("_", " "))
+        share_ax.set_ylim(0, 1)
+        share_ax.legend(loc="upper right", fontsize=7)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    return _save(fig, path)

@@ -16,8 +16,8 @@ LAYERS = [
     ["tensor", "function", "autograd", "ops"],                       # the engine: tensors, ops, the graph walk
     ["functional", "composed", "gradcheck", "profile", "gan"],       # what users call on the engine
     ["nn", "optim"],                                                 # layers, models, optimizers
-    ["checkpoint", "rundir", "data", "viz", "trace", "testing", "art"],   # tools around models
-    ["train", "vae_train", "painters", "cli", "__main__"],           # the applications
+    ["checkpoint", "rundir", "data", "viz", "trace", "testing", "art", "gan_metrics"],   # tools around models
+    ["train", "vae_train", "gan_train", "painters", "cli", "__main__"],   # the applications
     ["exercises"],                                                   # the lessons' checks
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
