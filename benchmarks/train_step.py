@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from minivit import backend, nn, optim  # noqa: E402
+from minivit import allocator, devices, nn, optim, parallel  # noqa: E402
 from minivit import functional as F  # noqa: E402
 
 PRESETS = {
@@ -64,12 +64,12 @@ def gemm_peak(xp, n=2048, repeats=7, warmup_s=0.5):
     a = xp.asarray(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
     start = time.perf_counter()
     while time.perf_counter() - start < warmup_s:
-        backend.synchronize(a @ a)
+        devices.synchronize(a @ a)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         c = a @ a
-        backend.synchronize(c)
+        devices.synchronize(c)
         times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / np.median(times) / 1e9
 
@@ -84,14 +84,14 @@ class MinivitStep:
     def __init__(self, c, images, labels, device):
         self.model = nn.VisionTransformer(**c, seed=0).to(device=device)
         self.opt = optim.AdamW(optim.param_groups_weight_decay(self.model, 0.05), lr=1e-3)
-        self.images, self.labels = backend.to_device(images, device), backend.to_device(labels, device)
+        self.images, self.labels = devices.to_device(images, device), devices.to_device(labels, device)
 
     def __call__(self):
         loss = F.cross_entropy(self.model(self.images), self.labels)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
-        backend.synchronize(loss.data)
+        devices.synchronize(loss.data)
 
 
 class TorchStep:
@@ -138,8 +138,8 @@ def peak_rss_mb():
 
 
 def memory_probe(framework, preset, batch, device, steps):
-    backend.tune_malloc()
-    backend.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count())))
+    allocator.tune_malloc()
+    parallel.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count())))
     c = model_config(preset)
     images, labels = make_inputs(c, batch)
     base = peak_rss_mb()
@@ -151,7 +151,7 @@ def memory_probe(framework, preset, batch, device, steps):
         step = TorchStep(nn.VisionTransformer(**c, seed=0), images, labels, device)
     if device == "cuda":
         if framework == "minivit":
-            pool = backend._import_cupy().get_default_memory_pool()
+            pool = devices._import_cupy().get_default_memory_pool()
             for _ in range(steps):
                 step()
             peak = pool.total_bytes() / 2 ** 20
@@ -247,7 +247,7 @@ def main(argv=None):
     if args.memory_probe:
         memory_probe(args.memory_probe, args.preset[0], args.batch[0], args.device, args.steps)
         return 0
-    backend.tune_malloc()
+    allocator.tune_malloc()
     with_torch = not args.no_torch
     if with_torch:
         try:
@@ -256,10 +256,10 @@ def main(argv=None):
         except ImportError:
             print("PyTorch is not installed (pip install torch==2.13.0): timing minivit alone", file=sys.stderr)
             with_torch = False
-    xp = backend.get_array_module(backend.to_device(np.zeros(1), args.device))
+    xp = devices.get_array_module(devices.to_device(np.zeros(1), args.device))
     presets = args.preset or (["bench", "cifar"] if args.device == "cpu" else ["cifar", "vit-s16"])
     peak = gemm_peak(xp)  # with BLAS's own threads, before minivit takes it to one thread per worker
-    backend.set_num_threads(args.threads)
+    parallel.set_num_threads(args.threads)
     device_name = platform.processor() or platform.machine()
     if args.device == "cuda":
         device_name = xp.cuda.runtime.getDeviceProperties(0)["name"].decode()

@@ -1,6 +1,7 @@
 """minivit: a Vision Transformer engine in NumPy with a hand-written backward for every op."""
 
-from minivit.backend import manual_seed, set_num_threads
+from minivit.parallel import set_num_threads
+from minivit.rng import manual_seed
 from minivit.tensor import Tensor, concat, enable_grad, is_grad_enabled, no_grad, set_grad_enabled, stack
 from minivit.autograd import grad, hvp
 from minivit import functional, nn, optim

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minivit import backend, optim, viz
+from minivit import devices, optim, viz
 from minivit.nn import Parameter, VisionTransformer
 from minivit.tensor import Tensor, no_grad
 
@@ -206,14 +206,14 @@ def stylize(content, style, model=None, settings=None, log=print):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        picture.data = backend.get_array_module(picture.data).clip(picture.data, 0.0, 1.0)  # stay a picture
+        picture.data = devices.get_array_module(picture.data).clip(picture.data, 0.0, 1.0)  # stay a picture
         losses.append({"step": step + 1, "loss": loss.item(), "style": float(style_loss.item()),
                        "content": float(content_loss.item())})
         if log and (step + 1) % max(1, s.steps // 5) == 0:
             h = losses[-1]
             log(f"step {step + 1:4d}/{s.steps}  loss {h['loss']:.4f} (style {h['style']:.4f}, content "
                 f"{h['content']:.4f})")
-    return backend.asnumpy(picture.data[0]), losses
+    return devices.asnumpy(picture.data[0]), losses
 
 
 def stylize_files(content_source, style_source, out_path, model=None, settings=None, log=print):

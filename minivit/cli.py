@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from minivit import art, backend, checkpoint, data, gan_train, painters, vae_train
+from minivit import allocator, art, checkpoint, data, gan_train, painters, parallel, vae_train
 from minivit.rundir import RunLocked
 from minivit.train import (PRESETS, STOP, SettingsError, TrainingDiverged, TrainSettings, evaluate_checkpoint,
                            flag, settings_for, train)
@@ -352,8 +352,8 @@ def main(argv=None):
     args = None
     try:
         args = _parser().parse_args(argv)
-        backend.tune_malloc()
-        backend.set_num_threads()  # every core
+        allocator.tune_malloc()
+        parallel.set_num_threads()  # every core
         # `kill` stops a run as Ctrl-C does, at the next step: the lock is released, the message says what is saved
         signal.signal(signal.SIGTERM, STOP.handler)
         signal.signal(signal.SIGINT, STOP.handler)

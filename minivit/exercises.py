@@ -24,7 +24,7 @@ import traceback
 
 import numpy as np
 
-from minivit import backend
+from minivit import devices
 from minivit.gradcheck import verdict
 from minivit.nn import init as nn_init
 from minivit.tensor import Tensor
@@ -95,7 +95,7 @@ def _call(fn, *args):
 
 def _array(value):
     value = value.data if isinstance(value, Tensor) else value
-    return backend.asnumpy(value) if backend.is_cupy_array(value) else np.asarray(value)
+    return devices.asnumpy(value) if devices.is_cupy_array(value) else np.asarray(value)
 
 
 def _compare(label, got, expected, rtol=1e-6, atol=1e-8):
@@ -896,11 +896,11 @@ def check_get_array_module(fn):
         problems = []
         if _call(fn, np.zeros(2)) is not np:
             problems.append("a NumPy array should give the numpy module")
-        if backend.cuda_available():
+        if devices.cuda_available():
             import cupy
             if _call(fn, cupy.zeros(2)) is not cupy:
                 problems.append("a CuPy array should give the cupy module")
-        return problems, "numpy for NumPy arrays" + (", cupy for CuPy arrays" if backend.cuda_available() else "")
+        return problems, "numpy for NumPy arrays" + (", cupy for CuPy arrays" if devices.cuda_available() else "")
     return _run("get_array_module", ("an array knows which library made it",
                                       "look at type(x).__module__, or use cupy.get_array_module"), body)
 

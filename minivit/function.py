@@ -24,7 +24,7 @@ float32.
 
 import contextlib
 
-from minivit import backend
+from minivit import devices
 from minivit.tensor import Tensor, is_grad_enabled
 
 
@@ -42,7 +42,7 @@ class Function:
         if len(tensors) > 1:
             tensors = promote(tensors)
         arrays = tuple(t.data for t in tensors)
-        backend.check_same_device(arrays, type(self).__name__)
+        devices.check_same_device(arrays, type(self).__name__)
         self.needs_input_grad = tuple(t.requires_grad for t in tensors)
         track = is_grad_enabled() and any(self.needs_input_grad)
         y = run_with_hooks(self, "forward", lambda: self.forward(*arrays, **settings), arrays)
@@ -95,7 +95,7 @@ def first_non_finite(values):
     """Index of the first array (or Tensor) holding NaN or Inf, or None."""
     for i, a in enumerate(values):
         a = a.data if isinstance(a, Tensor) else a
-        if a is not None and a.dtype.kind == "f" and not bool(backend.get_array_module(a).isfinite(a).all()):
+        if a is not None and a.dtype.kind == "f" and not bool(devices.get_array_module(a).isfinite(a).all()):
             return i
     return None
 

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from minivit import backend
+from minivit import devices, rng
 from minivit.ops import (CrossEntropyFn, DropoutFn, GELUFn, LayerNormFn, LinearFn, LogSoftmaxFn,
                          MultiHeadSelfAttentionFn, PatchifyFn, ScaledDotProductAttentionFn, SoftmaxFn, UnpatchifyFn)
 from minivit.ops import BinaryCrossEntropyWithLogitsFn, L2AttentionFn, LogSigmoidFn, SigmoidFn, SoftplusFn
@@ -101,7 +101,7 @@ def layer_norm(x, *args, weight=None, bias=None, eps=1e-6):
         raise TypeError(f"layer_norm: too many positional arguments ({len(args)} after x and normalized_shape)")
     given = dict(zip(("weight", "bias", "eps"), args))
     weight, bias, eps = given.get("weight", weight), given.get("bias", bias), given.get("eps", eps)
-    xp = backend.get_array_module(x.data)
+    xp = devices.get_array_module(x.data)
     weight = Tensor(xp.ones(D, dtype=x.dtype)) if weight is None else _tensor(weight)
     bias = Tensor(xp.zeros(D, dtype=weight.dtype)) if bias is None else _tensor(bias)
     if weight.shape != (D,) or bias.shape != (D,):
@@ -144,7 +144,7 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_caus
     _floating("scaled_dot_product_attention", q, k, v)
     if dropout_p:
         raise ValueError(f"scaled_dot_product_attention: dropout_p={dropout_p} is not supported; pass 0")
-    xp = backend.get_array_module(q.data)
+    xp = devices.get_array_module(q.data)
     Nq, Nk = q.shape[-2], k.shape[-2]
     bias = None
     if is_causal:
@@ -268,7 +268,7 @@ def dropout(x, p=0.5, training=True, generator=None):
     if not training or p == 0.0:
         return x
     if generator is None:
-        generator = backend.default_generator(backend.get_array_module(x.data))
+        generator = rng.default_generator(devices.get_array_module(x.data))
     return DropoutFn.apply(x, p=float(p), generator=generator)
 
 
@@ -407,8 +407,8 @@ def reparameterize(mu, logvar, eps=None, generator=None, samples=None):
     if mu.shape != logvar.shape:
         raise ValueError(f"reparameterize: mu {mu.shape} and logvar {logvar.shape} must have the same shape")
     if eps is None:
-        xp = backend.get_array_module(mu.data)
-        generator = generator or backend.default_generator(xp)
+        xp = devices.get_array_module(mu.data)
+        generator = generator or rng.default_generator(xp)
         shape = ((samples,) if samples else ()) + tuple(mu.shape)
         eps = generator.standard_normal(shape).astype(mu.dtype)
     elif samples is not None:

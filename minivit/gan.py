@@ -18,7 +18,7 @@ norm): then the gradient of the summed outputs with respect to the batch holds e
 
 import numpy as np
 
-from minivit import backend
+from minivit import devices, rng
 from minivit import functional as F
 from minivit.autograd import grad
 from minivit.tensor import Tensor, stack
@@ -95,7 +95,7 @@ def interpolate(real, fake, generator=None):
     if real.shape != fake.shape:
         raise ValueError(f"interpolate: real {real.shape} and fake {fake.shape} must have the same shape")
     if generator is None:
-        generator = backend.default_generator(backend.get_array_module(real))
+        generator = rng.default_generator(devices.get_array_module(real))
     a = generator.random((real.shape[0],) + (1,) * (real.ndim - 1), dtype=real.dtype)
     return Tensor(a * real + (1 - a) * fake, requires_grad=True)
 
@@ -164,6 +164,6 @@ def ring_of_gaussians(n, rng, modes=8, radius=2.0, std=0.05, dtype=np.float32):
 
 def mode_counts(samples, centres, radius):
     """For each centre, how many of the samples (n, 2) lie within ``radius`` of it (3 std, say)."""
-    samples = backend.asnumpy(_tensor(samples).data).astype(np.float64)
+    samples = devices.asnumpy(_tensor(samples).data).astype(np.float64)
     distances = np.linalg.norm(samples[:, None, :] - centres[None, :, :], axis=2)
     return (distances < radius).sum(axis=0)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minivit import backend, checkpoint
+from minivit import checkpoint, devices
 from minivit import functional as F
 from minivit.tensor import no_grad
 
@@ -169,8 +169,8 @@ class Classifier:
             for start in range(0, len(images), batch_size):
                 x = images[start:start + batch_size] * scale - shift
                 pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)   # (B, D)
-                features.append(backend.asnumpy(pooled.data))
-                probs.append(backend.asnumpy(F.softmax(self.model.head(pooled), axis=1).data))
+                features.append(devices.asnumpy(pooled.data))
+                probs.append(devices.asnumpy(F.softmax(self.model.head(pooled), axis=1).data))
         return np.concatenate(features).astype(np.float64), np.concatenate(probs).astype(np.float64)
 
 

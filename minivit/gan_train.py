@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minivit import backend, checkpoint, data, gan, optim, viz
+from minivit import checkpoint, data, devices, gan, optim, viz
 from minivit.function import detect_anomaly
 from minivit.gan_metrics import Classifier, sample_quality
 from minivit.nn import ViTDiscriminator, ViTGenerator
@@ -163,14 +163,14 @@ def update_ema(ema, model, decay):
 
 def to_pixels(images):
     """Generator outputs in [-1, 1] -> uint8 pixels in [0, 255]."""
-    return np.clip(np.round((backend.asnumpy(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return np.clip(np.round((devices.asnumpy(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def generate(generator, z, batch_size=256):
     """Images (N, C, H, W) in [-1, 1] from noise (N, L), in eval mode and without a graph."""
     generator.eval()
     with no_grad():
-        out = [backend.asnumpy(generator(z[i:i + batch_size]).data) for i in range(0, len(z), batch_size)]
+        out = [devices.asnumpy(generator(z[i:i + batch_size]).data) for i in range(0, len(z), batch_size)]
     generator.train()
     return np.concatenate(out)
 
@@ -238,7 +238,7 @@ def _prepare(s, state, progress):
 
 
 def _noise(run, n, s):
-    return backend.to_device(run.rng.standard_normal((n, s.latent_dim)).astype(np.float32), s.device)
+    return devices.to_device(run.rng.standard_normal((n, s.latent_dim)).astype(np.float32), s.device)
 
 
 def _stop_if_not_finite(loss, network, model, step, epoch, batch):
@@ -250,7 +250,7 @@ def _stop_if_not_finite(loss, network, model, step, epoch, batch):
     if not math.isfinite(value):
         raise TrainingDiverged(f"the {network}'s loss became {value} {where}; {hint}")
     for name, p in model.named_parameters():
-        if p.grad is not None and not bool(backend.get_array_module(p.grad).isfinite(p.grad).all()):
+        if p.grad is not None and not bool(devices.get_array_module(p.grad).isfinite(p.grad).all()):
             raise TrainingDiverged(f"the {network}'s gradient of {name} holds NaN or Inf {where}; {hint}")
     return value
 
@@ -268,12 +268,12 @@ def _train_epoch(run, epoch, s, progress):
                leave=False, unit="batch")
     for i, (real, _) in enumerate(bar):
         step = epoch * steps + i + 1
-        real = backend.to_device(real, s.device)
+        real = devices.to_device(real, s.device)
         B = len(real)
         # the discriminator: real and fake in one batch (one power iteration of its spectral norms per step)
         with no_grad():
             fake = G(_noise(run, B, s)).data
-        xp = backend.get_array_module(real)
+        xp = devices.get_array_module(real)
         logits = D(xp.concatenate([real, fake]))
         loss_d = d_loss_fn(logits[:B], logits[B:])
         if s.loss == "wgan-gp":
@@ -307,7 +307,7 @@ def _measure(run, classifier, s):
     """The sample-quality metrics of ``s.eval_samples`` generated images against as many test images."""
     n = min(s.eval_samples, len(run.data.test_labels))
     z = np.random.default_rng([s.seed, 2]).standard_normal((n, s.latent_dim)).astype(np.float32)
-    fake = (generate(run.sampler(), backend.to_device(z, s.device)) + 1.0) / 2.0   # [0, 1], as the classifier reads
+    fake = (generate(run.sampler(), devices.to_device(z, s.device)) + 1.0) / 2.0   # [0, 1], as the classifier reads
     real = run.data.test_images[:n].astype(np.float32) / 255.0
     return sample_quality(classifier, real, fake)
 
@@ -388,7 +388,7 @@ def train_gan(s, out_dir, resume=None, epochs=None, overwrite=True, progress=Tru
                         metadata={"settings": dataclasses.asdict(s), "epoch": epoch + 1, "history": run.history,
                                   "rng": run.rng.bit_generator.state})
                     saved_epoch = epoch + 1
-                    write_grid(generate(run.sampler(), backend.to_device(run.fixed_noise, s.device)),
+                    write_grid(generate(run.sampler(), devices.to_device(run.fixed_noise, s.device)),
                                paths["samples"] / f"epoch-{epoch + 1:03d}.png")
                     _write_reports(paths, run.history)
                     STOP.check()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minivit import backend
+from minivit import devices
 from minivit.tensor import Tensor, concat, enable_grad, no_grad
 
 BANDS = ((1e-7, "good"), (1e-4, "fine"), (1e-2, "uneasy"))
@@ -106,7 +106,7 @@ def _variables(inputs, params, names):
     for i, x in enumerate(inputs):
         name = names[i] if names else f"input {i}"
         data = x.data if isinstance(x, Tensor) else x
-        if not isinstance(data, np.ndarray) and not backend.is_cupy_array(data):
+        if not isinstance(data, np.ndarray) and not devices.is_cupy_array(data):
             data = np.asarray(data)
         if data.dtype.kind == "f":
             t = Tensor(data.astype(np.float64), requires_grad=True)  # a fresh copy: perturbing it is safe
@@ -174,7 +174,7 @@ def gradgradcheck(fn, inputs=(), *, params=None, names=None, upstream=None, mode
             out_shape = fn(*args).shape
         U = rng.standard_normal(out_shape) if upstream is None else np.asarray(
             upstream.data if isinstance(upstream, Tensor) else upstream, dtype=np.float64)
-        xp = backend.get_array_module(args[0].data) if args else np
+        xp = devices.get_array_module(args[0].data) if args else np
         U = Tensor(xp.asarray(U), requires_grad=True)
         first_rows = _check(fn, args, checked, U.data, create_graph=True, **settings)
         variables = [t for _, t in checked]
@@ -231,7 +231,7 @@ def _check(fn, args, checked, upstream, mode, eps, rtol, floor, samples, rng, cr
     out = fn(*args)
     if not isinstance(out, Tensor):
         raise TypeError(f"gradcheck: fn must return a Tensor, got {type(out).__name__}")
-    xp = backend.get_array_module(out.data)
+    xp = devices.get_array_module(out.data)
     if upstream is None:
         U = xp.asarray(rng.standard_normal(out.shape))
     else:
@@ -243,7 +243,7 @@ def _check(fn, args, checked, upstream, mode, eps, rtol, floor, samples, rng, cr
         t.grad = None
     out.backward(U, create_graph=create_graph)
     analytic = {name: np.zeros(t.shape) if t.grad is None else
-                backend.asnumpy(t.grad.data if isinstance(t.grad, Tensor) else t.grad) for name, t in checked}
+                devices.asnumpy(t.grad.data if isinstance(t.grad, Tensor) else t.grad) for name, t in checked}
     for _, t in checked:
         t.grad = None
 

@@ -6,7 +6,7 @@ alike. Hyper-parameters stay Python floats, so float32 parameters stay float32.
 
 import math
 
-from minivit import backend
+from minivit import devices
 
 
 class Optimizer:
@@ -62,7 +62,7 @@ class Optimizer:
         """Hyper-parameters of each group and the per-parameter state, arrays as NumPy (host) copies."""
         groups = [{k: v for k, v in g.items() if k != "params"} | {"num_params": len(g["params"])}
                   for g in self.param_groups]
-        state = {i: {k: backend.asnumpy(v).copy() if hasattr(v, "shape") else v for k, v in s.items()}
+        state = {i: {k: devices.asnumpy(v).copy() if hasattr(v, "shape") else v for k, v in s.items()}
                  for i, s in self.state.items()}
         return {"param_groups": groups, "state": state}
 
@@ -78,7 +78,7 @@ class Optimizer:
         self.state = {}
         for i, s in state_dict["state"].items():
             p = params[int(i)]
-            self.state[int(i)] = {k: backend.to_device(v, p.device).astype(p.dtype) if hasattr(v, "shape") else v
+            self.state[int(i)] = {k: devices.to_device(v, p.device).astype(p.dtype) if hasattr(v, "shape") else v
                                   for k, v in s.items()}
 
 
@@ -133,7 +133,7 @@ class AdamW(Optimizer):
         group["betas"] = betas
 
     def update(self, p, g, group, state):
-        xp = backend.get_array_module(p.data)
+        xp = devices.get_array_module(p.data)
         b1, b2 = group["betas"]
         lr = group["lr"]
         if "exp_avg" not in state:
@@ -228,7 +228,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0):
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
-    xp = backend.get_array_module(grads[0])
+    xp = devices.get_array_module(grads[0])
     if math.isinf(norm_type):
         total = xp.max(xp.stack([xp.abs(g).max() for g in grads])).astype(xp.float64)
     elif norm_type == 2.0:

@@ -10,7 +10,7 @@ each timing waits for the device, so the numbers are real but the step is slower
 import time
 from collections import defaultdict
 
-from minivit import backend, function
+from minivit import allocator, devices, function
 from minivit import functional as F
 
 
@@ -40,7 +40,7 @@ class Profiler:
         t0 = time.perf_counter()
         result = compute()
         first = result[0] if isinstance(result, tuple) else result
-        backend.synchronize(getattr(first, "data", first))
+        devices.synchronize(getattr(first, "data", first))
         self.record(type(fn).__name__, phase, time.perf_counter() - t0)
         return result
 
@@ -94,8 +94,8 @@ def profile_step(model, images, labels, optimizer=None, steps=3, warmup=1, label
 
     A step is forward, cross-entropy, backward and (if given) ``optimizer.step()``.
     """
-    backend.tune_malloc()
-    xp = backend.get_array_module(model.parameters()[0].data)
+    allocator.tune_malloc()
+    xp = devices.get_array_module(model.parameters()[0].data)
 
     def step(profiler=None):
         loss = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)

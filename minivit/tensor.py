@@ -10,7 +10,7 @@ import contextlib
 
 import numpy as np
 
-from minivit import backend
+from minivit import devices
 
 
 class _GradMode:
@@ -45,7 +45,7 @@ def enable_grad():
 def _as_array(data, dtype):
     if isinstance(data, Tensor):
         data = data.data
-    if isinstance(data, np.ndarray) or backend.is_cupy_array(data):
+    if isinstance(data, np.ndarray) or devices.is_cupy_array(data):
         return data if dtype is None else data.astype(dtype, copy=False)
     if isinstance(data, np.generic):
         return np.asarray(data, dtype=dtype)
@@ -97,7 +97,7 @@ class Tensor:
 
     @property
     def device(self):
-        return backend.device_of(self.data)
+        return devices.device_of(self.data)
 
     @property
     def is_leaf(self):
@@ -108,11 +108,11 @@ class Tensor:
 
     def __repr__(self):
         grad = ", requires_grad=True" if self.requires_grad else ""
-        return f"Tensor({backend.asnumpy(self.data)!r}{grad}, device='{self.device}')".replace("\n", "\n       ")
+        return f"Tensor({devices.asnumpy(self.data)!r}{grad}, device='{self.device}')".replace("\n", "\n       ")
 
     def numpy(self):
         """The values as a NumPy array (a copy when the tensor lives on the GPU)."""
-        return backend.asnumpy(self.data)
+        return devices.asnumpy(self.data)
 
     def item(self):
         """The one value of a one-element tensor as a Python number."""
@@ -143,7 +143,7 @@ class Tensor:
 
     def to(self, device=None, dtype=None):
         """A tensor on ``device`` ('cpu' or 'cuda') and/or with ``dtype``; a new leaf (no graph is kept)."""
-        data = self.data if device is None else backend.to_device(self.data, device)
+        data = self.data if device is None else devices.to_device(self.data, device)
         if dtype is not None:
             data = data.astype(dtype, copy=False)
         return Tensor(data, requires_grad=self.requires_grad)
@@ -173,7 +173,7 @@ class Tensor:
         """Wrap a Python number or array as a constant tensor of this tensor's dtype and device."""
         if isinstance(other, Tensor):
             return other
-        xp = backend.get_array_module(self.data)
+        xp = devices.get_array_module(self.data)
         if isinstance(other, (int, float)):
             return Tensor(xp.asarray(other, dtype=self.dtype if self.dtype.kind == "f" else None))
         return Tensor(other)
@@ -307,7 +307,7 @@ class Tensor:
         axis = _normalize_axis(axis, self.ndim, "max")
         indices = self.data.argmax(axis=axis)
         if keepdims:
-            indices = backend.get_array_module(indices).expand_dims(indices, axis)
+            indices = devices.get_array_module(indices).expand_dims(indices, axis)
         return MaxResult(values, Tensor(indices))
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minivit.backend import asnumpy
+from minivit.devices import asnumpy
 
 
 @dataclass
@@ -108,9 +108,9 @@ def block_attention_trace(model, images, block=0):
     with no_grad():
         x = model.patch_embed(images)
         if model.num_prefix_tokens:
-            from minivit import backend
+            from minivit import devices
             from minivit.tensor import concat
-            xp = backend.get_array_module(x.data)
+            xp = devices.get_array_module(x.data)
             x = concat([model.cls_token * xp.ones((x.shape[0], 1, 1), dtype=x.dtype), x], axis=1)
         x = x + model.pos_embed
         for b in model.blocks[:block]:

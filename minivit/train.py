@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minivit import backend, checkpoint, data, optim, viz
+from minivit import checkpoint, data, devices, optim, rng, viz
 from minivit import functional as F
 from minivit.function import detect_anomaly
 from minivit.nn import Dropout, VisionTransformer
@@ -193,7 +193,7 @@ def check_settings(s, ranges, choices, relations):
     if not problems:
         problems += relations(s)
     try:
-        if backend.normalize_device(s.device) == "cuda" and not backend.cuda_available():
+        if devices.normalize_device(s.device) == "cuda" and not devices.cuda_available():
             problems.append("--device cuda needs CuPy and a CUDA device, and none is usable here "
                             "(pip install 'minivit[gpu]' on a machine with an NVIDIA GPU)")
     except ValueError as e:
@@ -241,7 +241,7 @@ def load_data(s, progress=True):
 def _rng_state(model):
     states = {name: m._generators["numpy"].bit_generator.state for name, m in model.named_modules()
               if isinstance(m, Dropout) and "numpy" in m._generators}
-    states["__default__"] = backend.default_generator(np).bit_generator.state
+    states["__default__"] = rng.default_generator(np).bit_generator.state
     return states
 
 
@@ -250,7 +250,7 @@ def _restore_rng_state(model, states):
         if isinstance(m, Dropout) and name in states:
             m.generator(np).bit_generator.state = states[name]
     if "__default__" in states:
-        backend.default_generator(np).bit_generator.state = states["__default__"]
+        rng.default_generator(np).bit_generator.state = states["__default__"]
 
 
 def evaluate(model, images, labels, mean, std, batch_size=256, device="cpu"):
@@ -260,9 +260,9 @@ def evaluate(model, images, labels, mean, std, batch_size=256, device="cpu"):
     total_loss, predictions, confidences = 0.0, [], []
     with no_grad():
         for x, y in loader:
-            logits = model(backend.to_device(x, device))
-            total_loss += F.cross_entropy(logits, backend.to_device(y, device), reduction="sum").item()
-            probs = backend.asnumpy(F.softmax(logits, axis=1).data)
+            logits = model(devices.to_device(x, device))
+            total_loss += F.cross_entropy(logits, devices.to_device(y, device), reduction="sum").item()
+            probs = devices.asnumpy(F.softmax(logits, axis=1).data)
             predictions.append(probs.argmax(1))
             confidences.append(probs.max(1))
             STOP.check()
@@ -386,7 +386,7 @@ def _prepare(s, ckpt, progress):
     total_steps = s.epochs * len(loader)
     sched = optim.WarmupCosine(opt, round(s.warmup_epochs * len(loader)), total_steps, s.min_lr)
     if ckpt is None:
-        backend.manual_seed(s.seed)
+        rng.manual_seed(s.seed)
         return _Run(ds, loader, model, opt, sched, [])
     model.load_state_dict(ckpt.model_state)
     opt.load_state_dict(ckpt.optimizer_state)
@@ -432,7 +432,7 @@ def train_epoch(model, opt, sched, loader, epoch, s, progress):
     bar = tqdm(loader.epoch(epoch), total=steps, desc=f"epoch {epoch + 1}/{s.epochs}", disable=not progress,
                leave=False, unit="batch")
     for i, (x, y) in enumerate(bar):
-        x, y_dev = backend.to_device(x, s.device), backend.to_device(y, s.device)
+        x, y_dev = devices.to_device(x, s.device), devices.to_device(y, s.device)
         logits = model(x)
         loss = F.cross_entropy(logits, y_dev, label_smoothing=s.label_smoothing)
         value = loss.item()
@@ -448,7 +448,7 @@ def train_epoch(model, opt, sched, loader, epoch, s, progress):
         sched.step()
         seen += len(y)
         loss_sum += value * len(y)
-        correct += int((backend.asnumpy(logits.data.argmax(1)) == y).sum())
+        correct += int((devices.asnumpy(logits.data.argmax(1)) == y).sum())
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}",
                         img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         STOP.check()

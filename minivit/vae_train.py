@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minivit import backend, checkpoint, data, optim, viz
+from minivit import checkpoint, data, devices, optim, rng, viz
 from minivit.nn import ViTVAE
 from minivit.nn.vae import LIKELIHOODS, binarize, bits_per_dim, kl_weight
 from minivit.rundir import RunFolder
@@ -125,10 +125,10 @@ def evaluate_elbo(model, test, batch_size=256, device="cpu"):
     totals = np.zeros(3)
     with no_grad():
         for start in range(0, len(test.images), batch_size):
-            x = backend.to_device(test.images[start:start + batch_size], device)
-            eps = backend.to_device(test.eps[start:start + batch_size], device)
+            x = devices.to_device(test.images[start:start + batch_size], device)
+            eps = devices.to_device(test.eps[start:start + batch_size], device)
             _, rec, kl = model(x, eps=eps)
-            rec, kl = backend.asnumpy(rec.data), backend.asnumpy(kl.data)
+            rec, kl = devices.asnumpy(rec.data), devices.asnumpy(kl.data)
             totals += [(kl - rec).sum(), -rec.sum(), kl.sum()]
             STOP.check()
     model.train()
@@ -142,7 +142,7 @@ def evaluate_iwae(model, test, k, batch_size=50, seed=0, device="cpu"):
     generator = np.random.default_rng([seed, 2])
     bounds = []
     for start in range(0, len(test.images), batch_size):
-        x = backend.to_device(test.images[start:start + batch_size], device)
+        x = devices.to_device(test.images[start:start + batch_size], device)
         bounds.append(model.iwae_bound(x, k=k, generator=generator))
         STOP.check()
     model.train()
@@ -151,7 +151,7 @@ def evaluate_iwae(model, test, k, batch_size=50, seed=0, device="cpu"):
 
 def _rng_state(generator):
     return {"vae": generator.bit_generator.state,
-            "__default__": backend.default_generator(np).bit_generator.state}
+            "__default__": rng.default_generator(np).bit_generator.state}
 
 
 def train_vae(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, log=print):
@@ -186,13 +186,13 @@ def train_vae(s, out_dir, resume=None, epochs=None, overwrite=True, progress=Tru
             generator = np.random.default_rng([s.seed, 0])        # binarisation and noise of the training steps
             history = []
             if ckpt is None:
-                backend.manual_seed(s.seed)
+                rng.manual_seed(s.seed)
             else:
                 model.load_state_dict(ckpt.model_state)
                 opt.load_state_dict(ckpt.optimizer_state)
                 sched.load_state_dict({**ckpt.schedule_state, "total_steps": total_steps})
                 generator.bit_generator.state = ckpt.rng_state["vae"]
-                backend.default_generator(np).bit_generator.state = ckpt.rng_state["__default__"]
+                rng.default_generator(np).bit_generator.state = ckpt.rng_state["__default__"]
                 history = list(ckpt.history)
                 log(f"resuming {resume} after epoch {ckpt.epoch} of {s.epochs}")
             test = TestSet(ds, s)
@@ -239,7 +239,7 @@ def _train_epoch(model, opt, sched, loader, generator, epoch, s, progress):
             x = binarize(x, generator)
         eps = generator.standard_normal((len(x), s.latent_dim)).astype(np.float32)
         beta = kl_weight(step, s.beta, round(s.kl_warmup_epochs * steps))
-        loss, rec, kl = model(backend.to_device(x, s.device), beta=beta, eps=backend.to_device(eps, s.device))
+        loss, rec, kl = model(devices.to_device(x, s.device), beta=beta, eps=devices.to_device(eps, s.device))
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDiverged(f"the loss became {value} at step {step + 1} (epoch {epoch + 1}, batch {i + 1}); "
@@ -250,7 +250,7 @@ def _train_epoch(model, opt, sched, loader, generator, epoch, s, progress):
             optim.clip_grad_norm_(model.parameters(), s.clip_grad)
         opt.step()
         sched.step()
-        rec, kl = backend.asnumpy(rec.data), backend.asnumpy(kl.data)
+        rec, kl = devices.asnumpy(rec.data), devices.asnumpy(kl.data)
         seen += len(x)
         nelbo_sum += float((kl - rec).sum())
         kl_sum += float(kl.sum())
@@ -290,7 +290,7 @@ def evaluate(model, ds, test, s, out_dir, log=print, count=8, steps=10, manifold
         report.update(iwae_k=s.iwae_k, test_iwae_nats=iwae, test_iwae_bits_per_dim=bits_per_dim(iwae, model.dims))
     files = {name: out_dir / f"{name}.png" for name in ("reconstructions", "samples", "interpolations")}
     originals = pixels(ds.test_images[:count])
-    shown = backend.to_device(originals, device)
+    shown = devices.to_device(originals, device)
     rec = model.reconstruct(shown)
     pairs = np.stack([originals, rec], axis=1).reshape((-1,) + originals.shape[1:])   # original, reconstruction, ...
     order = np.concatenate([np.arange(0, 2 * count, 2), np.arange(1, 2 * count, 2)])
@@ -298,10 +298,10 @@ def evaluate(model, ds, test, s, out_dir, log=print, count=8, steps=10, manifold
     viz.plot_images(_as_uint8(model.sample(4 * count, generator=np.random.default_rng([s.seed, 3]))), cols=count,
                     path=files["samples"])
     with no_grad():
-        mu = backend.asnumpy(model.encode(shown)[0].data)
+        mu = devices.asnumpy(model.encode(shown)[0].data)
         t = np.linspace(0, 1, steps, dtype=np.float32)[:, None]
         paths = np.concatenate([(1 - t) * mu[i] + t * mu[i + 1] for i in range(0, min(count, 8) - 1, 2)])
-        between = model.mean_image(model.decode(backend.to_device(paths, device)))
+        between = model.mean_image(model.decode(devices.to_device(paths, device)))
     viz.plot_images(_as_uint8(between), cols=steps, path=files["interpolations"])
     if s.latent_dim == 2:
         files.update(manifold=out_dir / "manifold.png", latent=out_dir / "latent.png")
@@ -309,10 +309,10 @@ def evaluate(model, ds, test, s, out_dir, log=print, count=8, steps=10, manifold
         z1, z2 = np.meshgrid(values, values[::-1])
         grid = np.stack([z1.ravel(), z2.ravel()], axis=1).astype(np.float32)
         with no_grad():
-            decoded = model.mean_image(model.decode(backend.to_device(grid, device)))
+            decoded = model.mean_image(model.decode(devices.to_device(grid, device)))
         viz.plot_latent_manifold(decoded, values, path=files["manifold"])
         with no_grad():
-            points = np.concatenate([backend.asnumpy(model.encode(backend.to_device(test.images[i:i + 256],
+            points = np.concatenate([devices.asnumpy(model.encode(devices.to_device(test.images[i:i + 256],
                                                                                     device))[0].data)
                                      for i in range(0, len(test.images), 256)])
         viz.plot_latent_scatter(points, test.labels, ds.info.classes, path=files["latent"])

@@ -8,7 +8,7 @@ import io
 
 import numpy as np
 
-from minivit.backend import asnumpy
+from minivit.devices import asnumpy
 
 _notebook = {"registered": False}
 

@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
 
-from minivit import backend
+from minivit import devices
 
 
 def _backends():
     params = [pytest.param("numpy", id="numpy")]
     params.append(pytest.param("cupy", id="cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not backend.cuda_available(), reason="CuPy with a CUDA device is not available")]))
+        not devices.cuda_available(), reason="CuPy with a CUDA device is not available")]))
     return params
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from minivit import backend, checkpoint, cli, data, train
+from minivit import checkpoint, cli, data, devices, train
 from minivit.rundir import RunFolder
 from tests.test_data import write_idx_pair
 
@@ -205,7 +205,7 @@ def test_item10_a_checkpoint_whose_config_does_not_fit_its_tensors(capsys, run):
     assert_one_line_error(err, "its config does not fit its tensors")
 
 
-@pytest.mark.skipif(backend.cuda_available(), reason="this machine has a usable GPU")
+@pytest.mark.skipif(devices.cuda_available(), reason="this machine has a usable GPU")
 def test_item10_device_cuda_without_cupy(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--device", "cuda", "--out", tmp_path / "r", *SMALL)
     assert code == 2

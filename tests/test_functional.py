@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minivit import Tensor, functional as F
-from minivit import backend
+from minivit import devices
 from minivit.gradcheck import gradcheck, gradgradcheck
 
 
@@ -72,12 +72,12 @@ class FakeCupyArray:
 def test_mixing_devices_names_both():
     with pytest.raises(TypeError, match=r"AddFn: inputs live on different devices \(input 0: numpy.ndarray on "
                                         r"cpu, input 1: cupy._core.core.FakeCupyArray on cuda\)"):
-        backend.check_same_device([np.zeros(2), FakeCupyArray()], "AddFn")
+        devices.check_same_device([np.zeros(2), FakeCupyArray()], "AddFn")
 
 
 def test_unknown_device_name():
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
-        backend.normalize_device("tpu")
+        devices.normalize_device("tpu")
 
 
 def test_layer_norm_without_weight_and_bias_and_with_pytorchs_normalized_shape():

@@ -6,9 +6,9 @@ Skipped where CuPy or a CUDA device is missing (the op-level tests also run on C
 import numpy as np
 import pytest
 
-from minivit import backend, functional as F, nn, optim
+from minivit import devices, functional as F, nn, optim
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not backend.cuda_available(),
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not devices.cuda_available(),
                                                   reason="CuPy with a CUDA device is not available")]
 
 CONFIG = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0)
@@ -22,11 +22,11 @@ def test_vit_forward_and_backward_agree_between_numpy_and_cupy():
     assert gpu.device == "cuda"
     loss_cpu = F.cross_entropy(cpu(x), y)
     loss_cpu.backward()
-    loss_gpu = F.cross_entropy(gpu(backend.to_device(x, "cuda")), backend.to_device(y, "cuda"))
+    loss_gpu = F.cross_entropy(gpu(devices.to_device(x, "cuda")), devices.to_device(y, "cuda"))
     loss_gpu.backward()
     np.testing.assert_allclose(float(loss_gpu.item()), loss_cpu.item(), rtol=1e-5)
     for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
-        np.testing.assert_allclose(backend.asnumpy(q.grad), p.grad, rtol=1e-3, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(devices.asnumpy(q.grad), p.grad, rtol=1e-3, atol=1e-5, err_msg=name)
 
 
 def test_a_training_step_makes_no_host_device_transfer():
@@ -36,7 +36,7 @@ def test_a_training_step_makes_no_host_device_transfer():
     sched = optim.WarmupCosine(opt, 2, 10)
     x = cupy.asarray(np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32))
     y = cupy.asarray(np.random.default_rng(1).integers(0, 5, 8))
-    before = dict(backend.transfers)
+    before = dict(devices.transfers)
     for _ in range(3):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
@@ -44,7 +44,7 @@ def test_a_training_step_makes_no_host_device_transfer():
         optim.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-    assert backend.transfers == before
+    assert devices.transfers == before
     assert bool(cupy.isfinite(loss.data))
 
 

@@ -12,7 +12,7 @@ import pytest
 import minivit
 
 LAYERS = [
-    ["backend"],                                                     # arrays, devices, threads
+    ["devices", "parallel", "allocator", "rng", "kernels"],          # arrays and devices, threads, memory, seeds
     ["tensor", "function", "autograd", "ops"],                       # the engine: tensors, ops, the graph walk
     ["functional", "composed", "gradcheck", "profile", "gan"],       # what users call on the engine
     ["nn", "optim"],                                                 # layers, models, optimizers

@@ -3,16 +3,16 @@ on every machine and backend; the values are then moved to the parameter's devic
 
 import numpy as np
 
-from minivit import backend
+from minivit import devices, rng
 
 
 def _fill(p, values):
-    p.data = backend.to_device(np.asarray(values, dtype=p.dtype), p.device)
+    p.data = devices.to_device(np.asarray(values, dtype=p.dtype), p.device)
 
 
 def default_rng():
     """The library's host generator (seeded by ``minivit.manual_seed``), for layers built without ``rng``."""
-    return backend.default_generator(np)
+    return rng.default_generator(np)
 
 
 def trunc_normal_(p, std, rng, a=-2.0, b=2.0):

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from minivit import backend
+from minivit import devices, rng
 from minivit import functional as F
 from minivit.nn import init
 from minivit.nn.module import Module, Parameter
@@ -90,7 +90,7 @@ class Dropout(Module):
 
     def generator(self, xp):
         if self.seed is None:
-            return backend.default_generator(xp)
+            return rng.default_generator(xp)
         if xp.__name__ not in self._generators:
             self._generators[xp.__name__] = xp.random.default_rng(self.seed)
         return self._generators[xp.__name__]
@@ -98,7 +98,7 @@ class Dropout(Module):
     def forward(self, x):
         if not self.training or self.p == 0.0:
             return x
-        return F.dropout(x, self.p, training=True, generator=self.generator(backend.get_array_module(x.data)))
+        return F.dropout(x, self.p, training=True, generator=self.generator(devices.get_array_module(x.data)))
 
     def extra_repr(self):
         return f"p={self.p}"

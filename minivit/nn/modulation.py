@@ -8,7 +8,7 @@ mean and var over the last axis of each token h, and gamma, beta affine maps of 
 channel, shared by all tokens of a sample).
 """
 
-from minivit import backend
+from minivit import devices
 from minivit import functional as F
 from minivit.nn.layers import Linear
 from minivit.nn.module import Module
@@ -43,7 +43,7 @@ class SelfModulatedLayerNorm(Module):
         if h.ndim < 2 or h.shape[-1] != self.dim or w.shape != (h.shape[0], self.latent_dim):
             raise ValueError(f"SelfModulatedLayerNorm: h has shape {h.shape} and w {w.shape}; expected h "
                              f"(B, ..., {self.dim}) and w (B, {self.latent_dim}) with the same B")
-        xp = backend.get_array_module(h.data)
+        xp = devices.get_array_module(h.data)
         ones, zeros = Tensor(xp.ones(self.dim, dtype=h.dtype)), Tensor(xp.zeros(self.dim, dtype=h.dtype))
         normalized = F.layer_norm(h, ones, zeros, eps=self.eps)
         per_sample = (h.shape[0],) + (1,) * (h.ndim - 2) + (self.dim,)    # broadcast over the tokens

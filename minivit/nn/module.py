@@ -4,7 +4,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from minivit import backend
+from minivit import devices
 from minivit.tensor import Tensor
 
 
@@ -130,7 +130,7 @@ class Module:
     # ------------------------------------------------------------------------------------ state
     def state_dict(self):
         """Parameter and buffer name -> NumPy array (a copy, on the host), readable by any tool."""
-        return OrderedDict((name, backend.asnumpy(p.data).copy()) for name, p in self._named_state())
+        return OrderedDict((name, devices.asnumpy(p.data).copy()) for name, p in self._named_state())
 
     def load_state_dict(self, state_dict, strict=True):
         """Copy values into the parameters and buffers by name, converting to each parameter's dtype and device.
@@ -155,8 +155,8 @@ class Module:
         bad = {m.split(":")[0] for m in mismatched}
         for name, p in own.items():
             if name in state_dict and name not in bad:
-                value = backend.asnumpy(state_dict[name]).astype(p.dtype)
-                p.data = backend.to_device(value, p.device)
+                value = devices.asnumpy(state_dict[name]).astype(p.dtype)
+                p.data = devices.to_device(value, p.device)
         return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
 
     # ------------------------------------------------------------------------------------ modes
@@ -188,11 +188,11 @@ class Module:
         integer buffer such as a step count keeps its dtype), in place; returns self."""
         for p in self.parameters() + self.buffers():
             if device is not None:
-                p.data = backend.to_device(p.data, device)
+                p.data = devices.to_device(p.data, device)
             if dtype is not None and p.dtype.kind == "f":
                 p.data = p.data.astype(dtype, copy=False)
             if p.grad is not None:
-                grad = p.grad if device is None else backend.to_device(p.grad, device)
+                grad = p.grad if device is None else devices.to_device(p.grad, device)
                 p.grad = grad.astype(p.dtype, copy=False)
         return self
 

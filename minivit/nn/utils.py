@@ -25,7 +25,7 @@ mode only, and eval mode reuses the stored u and v. ``weight`` is recomputed bef
 
 import numpy as np
 
-from minivit import backend
+from minivit import devices
 from minivit.nn import init
 from minivit.nn.module import Module, Parameter
 from minivit.tensor import Tensor
@@ -35,7 +35,7 @@ __all__ = ["spectral_norm", "improved_spectral_norm", "remove_spectral_norm", "S
 
 def _normalize(a, eps):
     """a / max(||a||_2, eps), as ``torch.nn.functional.normalize``."""
-    xp = backend.get_array_module(a)
+    xp = devices.get_array_module(a)
     return a / max(float(xp.linalg.norm(a)), eps)
 
 
@@ -118,7 +118,7 @@ def _register(module, name, n_power_iterations, eps, dim, rng, improved):
     fn = SpectralNorm(name, n_power_iterations, dim, eps, improved)
     W = fn.matrix(weight.data)
     h, w = W.shape
-    xp = backend.get_array_module(W)
+    xp = devices.get_array_module(W)
     rng = rng or init.default_rng()
     u = _normalize(xp.asarray(rng.standard_normal(h), dtype=W.dtype), eps)
     v = _normalize(xp.asarray(rng.standard_normal(w), dtype=W.dtype), eps)
@@ -128,7 +128,7 @@ def _register(module, name, n_power_iterations, eps, dim, rng, improved):
     module.register_buffer(name + "_u", Tensor(u))
     module.register_buffer(name + "_v", Tensor(v))
     if improved:
-        sigma_init = np.linalg.norm(backend.asnumpy(W).astype(np.float64), 2)   # the largest singular value
+        sigma_init = np.linalg.norm(devices.asnumpy(W).astype(np.float64), 2)   # the largest singular value
         module.register_buffer(name + "_sigma_init", Tensor(xp.asarray(sigma_init, dtype=W.dtype)))
     module.register_forward_pre_hook(fn)
     return module

@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from minivit import backend
+from minivit import devices, rng
 from minivit import functional as F
 from minivit.nn import init
 from minivit.nn.layers import LayerNorm, Linear
@@ -55,13 +55,13 @@ def bits_per_dim(nats, dims):
 
 def binarize(images, generator):
     """Dynamic binarisation: each pixel value p in [0, 1] becomes 1 with probability p (a fresh draw each call)."""
-    xp = backend.get_array_module(images)
+    xp = devices.get_array_module(images)
     return (xp.asarray(generator.random(images.shape)) < images).astype(images.dtype)
 
 
 def logsumexp(a, axis=0):
     """log sum exp(a) along an axis, shifted by the maximum so that no exponential overflows (arrays)."""
-    xp = backend.get_array_module(a)
+    xp = devices.get_array_module(a)
     top = a.max(axis=axis, keepdims=True)
     return (top + xp.log(xp.exp(a - top).sum(axis=axis, keepdims=True))).squeeze(axis)
 
@@ -161,8 +161,8 @@ class ViTVAE(Module):
     def mean_image(self, decoded):
         """The mean of p(x | z), the picture to show: sigmoid of the logits, or the Gaussian means (arrays)."""
         if self.likelihood == "bernoulli":
-            return backend.asnumpy(F.sigmoid(decoded).data)
-        return backend.asnumpy(decoded.data)
+            return devices.asnumpy(F.sigmoid(decoded).data)
+        return devices.asnumpy(decoded.data)
 
     def forward(self, images, beta=1.0, eps=None, generator=None):
         """The beta-VAE loss of a batch and its parts.
@@ -186,7 +186,7 @@ class ViTVAE(Module):
         """
         if k < 1:
             raise ValueError(f"iwae_bound: k must be at least 1, got {k}")
-        xp = backend.get_array_module(images)
+        xp = devices.get_array_module(images)
         B, L = images.shape[0], self.latent_dim
         with no_grad():
             mu, logvar = self.encode(images)
@@ -198,16 +198,16 @@ class ViTVAE(Module):
                 log_px = self.log_likelihood(repeat(images), self.decode(z)).data            # log p(x | z_i)
                 log_pz = F.gaussian_log_likelihood(z, xp.zeros_like(z), xp.zeros(1, z.dtype)).data   # log p(z_i)
                 log_qz = F.gaussian_log_likelihood(z, repeat(mu.data), repeat(logvar.data)).data      # log q(z_i | x)
-                log_weights.append(backend.asnumpy(log_px + log_pz - log_qz).reshape(n, B))
+                log_weights.append(devices.asnumpy(log_px + log_pz - log_qz).reshape(n, B))
         return logsumexp(np.concatenate(log_weights), axis=0) - math.log(k)
 
     def sample(self, n, generator=None):
         """n images drawn through the decoder from z ~ N(0, I), as the means of p(x | z): (n, C, H, W) array."""
         xp = np
-        generator = generator or backend.default_generator(xp)
+        generator = generator or rng.default_generator(xp)
         z = generator.standard_normal((n, self.latent_dim)).astype(self.dtype)
         with no_grad():
-            return self.mean_image(self.decode(backend.to_device(z, self.device)))
+            return self.mean_image(self.decode(devices.to_device(z, self.device)))
 
     def reconstruct(self, images):
         """The decoded posterior means, decode(mu(x)): (B, C, H, W) array."""

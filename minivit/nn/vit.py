@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from minivit import backend
+from minivit import devices
 from minivit import functional as F
 from minivit.nn import init
 from minivit.nn.layers import GELU, Dropout, Identity, LayerNorm, Linear
@@ -237,7 +237,7 @@ class VisionTransformer(Module):
         """(B, C, H, W) images -> (B, N, D) normalised tokens."""
         x = self.patch_embed(images)                                          # (B, Np, D)
         if self.num_prefix_tokens:
-            xp = backend.get_array_module(x.data)
+            xp = devices.get_array_module(x.data)
             ones = xp.ones((x.shape[0], 1, 1), dtype=x.dtype)
             x = concat([self.cls_token * ones, x], axis=1)                    # (B, N, D); one token per image
         x = self.pos_drop(x + self.pos_embed)

@@ -8,8 +8,9 @@ import importlib
 import inspect
 import pkgutil
 
-from minivit.ops.arithmetic import (AddFn, CastFn, DivFn, ErfFn, ExpFn, LogFn, MatMulFn, MulFn, NegFn, PowFn, RPowFn,
+from minivit.ops.arithmetic import (AddFn, CastFn, DivFn, ExpFn, LogFn, MatMulFn, MulFn, NegFn, PowFn, RPowFn,
                                    SubFn, TanhFn)
+from minivit.ops.erf import ErfFn
 from minivit.ops.shape import ConcatFn, GetItemFn, IndexAddFn, PermuteFn, ReshapeFn, StackFn
 from minivit.ops.reduce import BroadcastToFn, MaxFn, MeanFn, SumFn
 from minivit.ops.linear import LinearFn

@@ -15,9 +15,11 @@ The composed versions build GELU from primitives; the op evaluates it and its de
 
 import math
 
-from minivit.backend import erfc, gelu_float32, get_array_module, parallel_rows
+from minivit.devices import get_array_module
+from minivit.kernels import erfc, gelu_float32
+from minivit.ops.erf import ErfFn
+from minivit.parallel import parallel_rows
 from minivit.function import Function
-from minivit.ops.arithmetic import ErfFn
 from minivit.tensor import Tensor, is_grad_enabled
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -68,7 +70,7 @@ def gelu_exact_backward(x, cdf, dy, dx):
 class GELUFn(Function):
     """y = x * Phi(x), Phi the standard normal CDF: Phi(x) = (1 + erf(x / sqrt 2)) / 2 (exact, as timm).
 
-    Computed without the cancellation of 1 + erf for negative x (erfc in float64, backend.gelu_float32 in float32
+    Computed without the cancellation of 1 + erf for negative x (erfc in float64, gelu_float32 in float32
     on the CPU), so that it stays within a few ulp of the exact value over the whole range: GELU(-1e30) = -0.0,
     GELU(+inf) = +inf, GELU(-inf) = -0.0 (the limit; PyTorch gives NaN at both infinities).
 
@@ -102,7 +104,7 @@ class GELUFn(Function):
         parallel_rows(len(flat), part, xp, block=self.BLOCK)
         return y.reshape(x.shape)
 
-    # exact: dx = dy * (Phi(x) + x phi(x)), see gelu_exact_backward and backend.gelu_float32
+    # exact: dx = dy * (Phi(x) + x phi(x)), see gelu_exact_backward and gelu_float32
     # tanh:  dx = dy * ((1 + t)/2 + x/2 * (1 - t^2) * sqrt(2/pi) * (1 + 3 * 0.044715 x^2))
     def backward(self, dy):
         xp = get_array_module(dy)

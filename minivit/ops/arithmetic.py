@@ -5,7 +5,7 @@ Binary ops broadcast like NumPy; their backward sums each gradient back to its i
 
 import math
 
-from minivit.backend import erf, get_array_module
+from minivit.devices import get_array_module
 from minivit.function import Function, unbroadcast
 
 
@@ -197,21 +197,6 @@ class TanhFn(Function):
         y = x.tanh()
         return (dy * (1 - y * y),)
 
-
-class ErfFn(Function):
-    """y = erf x = 2/sqrt(pi) * integral from 0 to x of exp(-t^2) dt.  Shapes: x -> y (same)"""
-
-    def forward(self, x):
-        self.x = x
-        return erf(x)
-
-    # dx = dy * 2/sqrt(pi) * exp(-x^2)
-    def backward(self, dy):
-        return (dy * (2.0 / math.sqrt(math.pi)) * get_array_module(dy).exp(-self.x * self.x),)
-
-    def backward_graph(self, dy):
-        (x,) = self.parents
-        return (dy * (2.0 / math.sqrt(math.pi)) * (-(x * x)).exp(),)
 
 
 class MatMulFn(Function):

@@ -17,7 +17,9 @@ into their final layouts, and keep the probabilities for backward and for pictur
 
 import math
 
-from minivit.backend import get_array_module, parallel_rows, sum_last
+from minivit.devices import get_array_module
+from minivit.ops.reduce import sum_last
+from minivit.parallel import parallel_rows
 from minivit.function import Function, unbroadcast
 from minivit.ops.shape import StackFn
 from minivit.ops.softmax import SoftmaxFn, softmax_composed

@@ -8,7 +8,9 @@ The math. With the rows of x (all leading axes flattened to M rows) and W stored
 The composed version is the same line with autograd's matmul; the op runs one large 2-D product per call.
 """
 
-from minivit.backend import get_array_module, parallel_rows, sum_rows
+from minivit.devices import get_array_module
+from minivit.ops.reduce import sum_rows
+from minivit.parallel import parallel_rows
 from minivit.function import Function
 
 

@@ -17,7 +17,7 @@ The composed versions below build the same functions from primitives, as the for
 where the formulas do); the ops after them are finite for every logit (try x = +-1e4).
 """
 
-from minivit.backend import get_array_module
+from minivit.devices import get_array_module
 from minivit.function import Function, unbroadcast
 
 

@@ -11,7 +11,7 @@ dx_i = (sum_k c_ik softmax(x_i) - c_i) * dloss_i.
 The composed version builds the loss from log_softmax and a one-hot table; the op never forms the table.
 """
 
-from minivit.backend import get_array_module
+from minivit.devices import get_array_module
 from minivit.function import Function
 from minivit.ops.softmax import LogSoftmaxFn, SoftmaxFn, log_softmax_composed
 from minivit.tensor import Tensor

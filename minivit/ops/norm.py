@@ -11,7 +11,9 @@ The composed version builds the same function from primitives; the op computes i
 above, and the row kernels after it do so in place, a block of rows per thread.
 """
 
-from minivit.backend import get_array_module, parallel_rows, sum_last, sum_rows
+from minivit.devices import get_array_module
+from minivit.ops.reduce import sum_last, sum_rows
+from minivit.parallel import parallel_rows
 from minivit.function import Function
 from minivit.tensor import Tensor
 

@@ -1,6 +1,6 @@
 """Ops that move values around without changing them: reshape, permute, indexing, concat and stack."""
 
-from minivit.backend import get_array_module, scatter_add
+from minivit.devices import get_array_module, is_cupy_array
 from minivit.function import Function, normalize_axis
 
 
@@ -134,3 +134,12 @@ class StackFn(Function):
 
     def _slices(self):
         return [(slice(None),) * self.axis + (i,) for i in range(self.count)]
+
+
+def scatter_add(target, index, values):
+    """``target[index] += values`` that adds up repeated indices (unbuffered, unlike ``+=``)."""
+    if is_cupy_array(target):
+        import cupyx
+        cupyx.scatter_add(target, index, values)
+    else:
+        get_array_module(target).add.at(target, index, values)

@@ -13,7 +13,7 @@ The composed versions below build the same functions from primitives and let aut
 the ops after them compute it by the formulas above in one pass.
 """
 
-from minivit.backend import get_array_module
+from minivit.devices import get_array_module
 from minivit.function import Function, normalize_axis
 
 

@@ -27,7 +27,7 @@ compute it in one pass, finite for every logit (softplus is evaluated through e^
 
 import math
 
-from minivit.backend import get_array_module
+from minivit.devices import get_array_module
 from minivit.function import Function, unbroadcast
 from minivit.ops.arithmetic import ExpFn
 from minivit.ops.logistic import SigmoidFn, SoftplusFn, sigmoid_array, softplus_array

@@ -1,4 +1,4 @@
-"""The backend helpers: erf, last-axis sums, devices, threads, and the profiler built on the op hooks."""
+"""The helpers under the engine: devices, threads, the erf kernel, last-axis sums, and the profiler on the op hooks."""
 
 import math
 
@@ -6,41 +6,43 @@ import numpy as np
 import pytest
 from scipy.special import erf as exact_erf
 
-from minivit import backend, nn, optim
+from minivit import allocator, devices, nn, optim, parallel
+from minivit.kernels import erf
+from minivit.ops.reduce import sum_last
 from minivit.profile import Profiler, profile_step
 
 
 def test_float32_erf_is_within_4e7_of_the_exact_value_everywhere():
     x = np.linspace(-8, 8, 2_000_001, dtype=np.float32)
-    y = backend.erf(x)
+    y = erf(x)
     assert y.dtype == np.float32
     assert np.abs(y.astype(np.float64) - exact_erf(x.astype(np.float64))).max() < 4e-7
-    np.testing.assert_array_equal(backend.erf(-x), -y)  # odd
+    np.testing.assert_array_equal(erf(-x), -y)  # odd
 
 
 def test_float64_erf_is_exact():
     x = np.linspace(-6, 6, 10001)
-    np.testing.assert_array_equal(backend.erf(x), exact_erf(x))
+    np.testing.assert_array_equal(erf(x), exact_erf(x))
 
 
 def test_sum_last_matches_sum():
     x = np.random.default_rng(0).standard_normal((3, 4, 5)).astype(np.float32)
-    np.testing.assert_allclose(backend.sum_last(x), x.sum(-1, keepdims=True), rtol=1e-6)
-    np.testing.assert_allclose(backend.sum_last(x, keepdims=False), x.sum(-1), rtol=1e-6)
+    np.testing.assert_allclose(sum_last(x), x.sum(-1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(sum_last(x, keepdims=False), x.sum(-1), rtol=1e-6)
 
 
 def test_devices():
     a = np.zeros(3)
-    assert backend.device_of(a) == "cpu" and backend.get_array_module(a) is np
-    assert backend.to_device(a, "cpu") is a
-    assert backend.normalize_device("cuda:0") == "cuda"
-    if not backend.cuda_available():
+    assert devices.device_of(a) == "cpu" and devices.get_array_module(a) is np
+    assert devices.to_device(a, "cpu") is a
+    assert devices.normalize_device("cuda:0") == "cuda"
+    if not devices.cuda_available():
         with pytest.raises(RuntimeError, match="CuPy"):
-            backend.to_device(a, "cuda")
+            devices.to_device(a, "cuda")
 
 
 def test_tune_malloc_applies_on_glibc():
-    assert backend.tune_malloc() in (True, False)
+    assert allocator.tune_malloc() in (True, False)
 
 
 def test_profiler_times_every_op_forward_and_backward():
@@ -68,9 +70,9 @@ def test_profiler_times_every_op_forward_and_backward():
 
 @pytest.fixture
 def two_threads():
-    backend.set_num_threads(2)
+    parallel.set_num_threads(2)
     yield
-    backend.set_num_threads(1)
+    parallel.set_num_threads(1)
 
 
 def test_threaded_ops_pass_the_gradient_check(two_threads):
@@ -85,7 +87,7 @@ def test_threaded_ops_pass_the_gradient_check(two_threads):
         "gelu": (lambda x: F.gelu(x), [rng.standard_normal((3, 7))]),
         "attention": (lambda qkv: F.multi_head_self_attention(qkv, 2), [rng.standard_normal((3, 4, 12))]),
     }
-    assert backend.get_num_threads() == 2
+    assert parallel.get_num_threads() == 2
     for name, (fn, inputs) in cases.items():
         report = gradcheck(fn, inputs)
         assert report.ok, f"{name}\n{report}"
@@ -94,12 +96,12 @@ def test_threaded_ops_pass_the_gradient_check(two_threads):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("block", [None, 1, 3, 100])
 def test_parallel_rows_visits_every_row_once_in_order(threads, block):
-    backend.set_num_threads(threads)
+    parallel.set_num_threads(threads)
     try:
-        parts = backend.parallel_rows(10, lambda r: (r.start, r.stop), block=block)
-        assert backend.parallel_rows(0, lambda r: (r.start, r.stop), block=block) == [(0, 0)]
+        parts = parallel.parallel_rows(10, lambda r: (r.start, r.stop), block=block)
+        assert parallel.parallel_rows(0, lambda r: (r.start, r.stop), block=block) == [(0, 0)]
     finally:
-        backend.set_num_threads(1)
+        parallel.set_num_threads(1)
     assert [i for lo, hi in parts for i in range(lo, hi)] == list(range(10))
     assert len(parts) >= threads
     if block is not None:
@@ -131,7 +133,7 @@ def test_threads_change_no_result_beyond_rounding(two_threads):
         loss.backward()
         return loss.item(), [p.grad.copy() for p in model.parameters()]
     loss2, grads2 = run()
-    backend.set_num_threads(1)
+    parallel.set_num_threads(1)
     loss1, grads1 = run()
     assert abs(loss1 - loss2) < 1e-6
     for a, b in zip(grads1, grads2):
