@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from minivit import backend, checkpoint, data
+from minivit import backend, checkpoint, data, distributed
 from minivit.rundir import RunLocked
 from minivit.train import (PRESETS, STOP, SettingsError, TrainingDiverged, TrainSettings, evaluate_checkpoint,
                            flag, settings_for, train)
@@ -140,7 +140,7 @@ def main(argv=None):
     try:
         args = _parser().parse_args(argv)
         backend.tune_malloc()
-        backend.set_num_threads()  # every core
+        backend.set_num_threads(distributed.threads_per_rank())  # every core (shared out under mpiexec)
         # `kill` stops a run as Ctrl-C does, at the next step: the lock is released, the message says what is saved
         signal.signal(signal.SIGTERM, STOP.handler)
         signal.signal(signal.SIGINT, STOP.handler)
@@ -160,6 +160,7 @@ def main(argv=None):
         code, text = _describe(err)
         one_line = " ".join(line.strip() for line in text.splitlines())
         print(f"minivit: error: {one_line}", file=sys.stderr)
+        distributed.end_job_on_error(code)  # under mpiexec the other ranks would wait for this one forever
         return code
     return 0
 

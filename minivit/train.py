@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minivit import backend, checkpoint, data, optim, viz
+from minivit import backend, checkpoint, data, distributed, optim, viz
 from minivit import functional as F
 from minivit.function import detect_anomaly
 from minivit.nn import Dropout, VisionTransformer
@@ -312,15 +312,18 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
     out_dir = Path(out_dir)
     paths = {"checkpoint": out_dir / checkpoint.CHECKPOINT_NAME, "metrics": out_dir / "metrics.jsonl",
              "curves": out_dir / "curves.png"}
-    with RunFolder(out_dir, log):
+    world = distributed.world()  # under mpiexec: rank 0 owns the folder and writes; the others only compute
+    if not world.is_main:
+        log, progress = (lambda *args: None), False
+    with RunFolder(out_dir, log) if world.is_main else contextlib.nullcontext():
         log(f"run folder: {out_dir}")
         continues_here = resume is not None and Path(resume).resolve() == paths["checkpoint"].resolve()
-        if not overwrite and not continues_here and paths["checkpoint"].exists():
+        if world.is_main and not overwrite and not continues_here and paths["checkpoint"].exists():
             raise SettingsError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, "
                                 "or pass --overwrite")
         ckpt = None
         if resume is not None:
-            ckpt = checkpoint.load_checkpoint(resume)
+            ckpt = world.broadcast(checkpoint.load_checkpoint(resume) if world.is_main else None)
             s = _resumed_settings(ckpt, s, epochs, resume)
         saved_epoch = ckpt.epoch if continues_here else None
         try:
@@ -337,18 +340,20 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
             with anomaly:
                 for epoch in range(len(history), s.epochs):
                     history.append(_train_epoch(model, run.opt, run.sched, run.loader, epoch, s, progress))
-                    result = evaluate(model, ds.test_images, ds.test_labels, info.mean, info.std, device=s.device)
+                    result = world.broadcast(evaluate(model, ds.test_images, ds.test_labels, info.mean, info.std,
+                                                      device=s.device) if world.is_main else None)
                     history[-1].update(test_loss=result["loss"], test_acc=result["acc"])
                     STOP.check()
                     h = history[-1]
                     log(f"epoch {epoch + 1:3d}/{s.epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.2%}  "
                         f"test loss {h['test_loss']:.4f} acc {h['test_acc']:.2%}  {h['epoch_time_s']:.1f}s "
                         f"({h['images_per_s']:.0f} img/s)")
-                    checkpoint.save_checkpoint(paths["checkpoint"], model, run.opt, run.sched,
-                                               rng_state=_rng_state(model), train_settings=dataclasses.asdict(s),
-                                               epoch=epoch + 1, history=history)
-                    saved_epoch = epoch + 1
-                    _write_reports(paths, history)
+                    if world.is_main:
+                        checkpoint.save_checkpoint(paths["checkpoint"], model, run.opt, run.sched,
+                                                   rng_state=_rng_state(model), train_settings=dataclasses.asdict(s),
+                                                   epoch=epoch + 1, history=history)
+                        saved_epoch = epoch + 1
+                        _write_reports(paths, history)
                     STOP.check()
         except KeyboardInterrupt:
             raise TrainingInterrupted(_saved_state(paths["checkpoint"], saved_epoch, s.epochs, out_dir)) from None
@@ -384,6 +389,7 @@ def _prepare(s, ckpt, progress):
     sched = optim.WarmupCosine(opt, round(s.warmup_epochs * len(loader)), total_steps, s.min_lr)
     if ckpt is None:
         backend.manual_seed(s.seed)
+        distributed.world().broadcast_parameters(model.parameters())  # every rank starts from rank 0's weights
         return _Run(ds, loader, model, opt, sched, [])
     model.load_state_dict(ckpt.model_state)
     opt.load_state_dict(ckpt.optimizer_state)
@@ -408,8 +414,14 @@ def _resumed_settings(ckpt, s, epochs, resume):
 
 
 def _train_epoch(model, opt, sched, loader, epoch, s, progress):
-    """One pass over the training set; returns the epoch's row of metrics (without the test set's)."""
+    """One pass over the training set; returns the epoch's row of metrics (without the test set's).
+
+    Under mpiexec each rank takes its shard of every batch and the gradients are averaged over the ranks
+    (``minivit.distributed``): the step is the one a single process makes on the whole batch.
+    """
     from tqdm import tqdm
+    world = distributed.world()
+    comm_start = world.comm_seconds
     t0 = time.perf_counter()
     seen = correct = 0
     loss_sum = 0.0
@@ -417,6 +429,9 @@ def _train_epoch(model, opt, sched, loader, epoch, s, progress):
     bar = tqdm(loader.epoch(epoch), total=steps, desc=f"epoch {epoch + 1}/{s.epochs}", disable=not progress,
                leave=False, unit="batch")
     for i, (x, y) in enumerate(bar):
+        part = distributed.shard(len(y), world.rank, world.size)
+        share = (part.stop - part.start) / len(y)  # this rank's weight in the mean loss of the whole batch
+        x, y = x[part], y[part]
         x, y_dev = backend.to_device(x, s.device), backend.to_device(y, s.device)
         logits = model(x)
         loss = F.cross_entropy(logits, y_dev, label_smoothing=s.label_smoothing)
@@ -427,6 +442,7 @@ def _train_epoch(model, opt, sched, loader, epoch, s, progress):
                 f"batch {i + 1}); lower --lr, or add --anomaly to name the first op that went non-finite")
         opt.zero_grad()
         loss.backward()
+        world.allreduce_gradients(model.parameters(), share)
         if s.clip_grad:
             optim.clip_grad_norm_(model.parameters(), s.clip_grad)
         opt.step()
@@ -438,10 +454,14 @@ def _train_epoch(model, opt, sched, loader, epoch, s, progress):
                         img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         STOP.check()
     bar.close()
+    seen, loss_sum, correct = world.sum([seen, loss_sum, correct])
     train_time = time.perf_counter() - t0
-    return {"epoch": epoch + 1, "step": (epoch + 1) * steps, "train_loss": loss_sum / seen,
-            "train_acc": correct / seen, "test_loss": None, "test_acc": None, "lr": opt.param_groups[0]["lr"],
-            "epoch_time_s": train_time, "images_per_s": seen / train_time}
+    row = {"epoch": epoch + 1, "step": (epoch + 1) * steps, "train_loss": loss_sum / seen,
+           "train_acc": correct / seen, "test_loss": None, "test_acc": None, "lr": opt.param_groups[0]["lr"],
+           "epoch_time_s": train_time, "images_per_s": seen / train_time}
+    if world.size > 1:
+        row.update(ranks=world.size, comm_time_s=world.comm_seconds - comm_start)
+    return row
 
 
 def evaluate_checkpoint(path, out_dir=None, data_dir=None, device="cpu", log=print, progress=True, verify=True):

@@ -5,7 +5,9 @@
     2  functional, composed, gradcheck, profile, what users call on the engine (gan: GAN losses and penalties)
        gan
     3  nn, optim                                 layers, models and optimizers
-    4  checkpoint, data, viz, trace, testing     tools around models (testing: the PyTorch twin for tests)
+    4  checkpoint, data, viz, trace, testing,    tools around models (testing: the PyTorch twin for tests;
+       rundir,                                   rundir: the lock on a run folder;
+       distributed                               distributed: data-parallel training over MPI)
     5  train, cli, __main__                      the application
     6  exercises                                 the lessons' checks
 
@@ -24,7 +26,7 @@ LAYERS = [
     ["tensor", "function", "autograd", "ops"],
     ["functional", "composed", "gradcheck", "profile", "gan"],
     ["nn", "optim"],
-    ["checkpoint", "data", "viz", "trace", "testing"],
+    ["checkpoint", "data", "viz", "trace", "testing", "rundir", "distributed"],
     ["train", "cli", "__main__"],
     ["exercises"],
 ]
