@@ -140,7 +140,7 @@ def main(argv=None):
     try:
         args = _parser().parse_args(argv)
         backend.tune_malloc()
-        backend.set_num_threads(distributed.threads_per_rank())  # every core (shared out under mpiexec)
+        distributed.set_num_threads()  # every core (shared out among the ranks under mpiexec)
         # `kill` stops a run as Ctrl-C does, at the next step: the lock is released, the message says what is saved
         signal.signal(signal.SIGTERM, STOP.handler)
         signal.signal(signal.SIGINT, STOP.handler)
