@@ -74,6 +74,8 @@ def _parser():
                        help=text if default is None else f"{text} (default: {default})")
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crops and flips (default: off; on in the cifar10 preset)")
+    t.add_argument("--amp", action="store_true", default=None, help="mixed precision: matrix products in float16 "
+                   "with loss scaling (fast on a GPU; on a CPU NumPy's float16 products are far slower)")
     t.add_argument("--anomaly", action="store_true", help="check every op for NaN/Inf and name the first one")
     t.add_argument("--no-verify", dest="verify", action="store_false", default=None,
                    help="use data files that differ from the published ones (your own data)")
@@ -107,7 +109,7 @@ def _checkpoint_path(path):
 
 def run_train(args):
     overrides = {field: getattr(args, name[2:].replace("-", "_")) for name, (field, _, _) in TRAIN_FLAGS.items()}
-    overrides.update(augment=args.augment, anomaly=args.anomaly or None, verify=args.verify)
+    overrides.update(augment=args.augment, anomaly=args.anomaly or None, verify=args.verify, amp=args.amp)
     if args.resume is not None:
         extra = sorted(flag(k) for k, v in overrides.items() if v is not None and k not in RESUME_FLAGS)
         if extra:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minivit import backend, checkpoint, data, distributed, optim, viz
+from minivit import amp, backend, checkpoint, data, distributed, optim, viz
 from minivit import functional as F
 from minivit.function import detect_anomaly
 from minivit.nn import Dropout, VisionTransformer
@@ -55,6 +55,7 @@ class TrainSettings:
     limit: int = 0            # use only the first `limit` train and test images (0: all)
     device: str = "cpu"
     anomaly: bool = False
+    amp: bool = False         # mixed precision: autocast to float16 and a dynamic loss scaler (minivit.amp)
     verify: bool = True       # check data files against the published SHA-256 (False: your own files)
 
 
@@ -339,7 +340,8 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
             STOP.watching = True
             with anomaly:
                 for epoch in range(len(history), s.epochs):
-                    history.append(_train_epoch(model, run.opt, run.sched, run.loader, epoch, s, progress))
+                    history.append(_train_epoch(model, run.opt, run.sched, run.loader, epoch, s, progress,
+                                                run.scaler))
                     result = world.broadcast(evaluate(model, ds.test_images, ds.test_labels, info.mean, info.std,
                                                       device=s.device) if world.is_main else None)
                     history[-1].update(test_loss=result["loss"], test_acc=result["acc"])
@@ -351,7 +353,8 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
                     if world.is_main:
                         checkpoint.save_checkpoint(paths["checkpoint"], model, run.opt, run.sched,
                                                    rng_state=_rng_state(model), train_settings=dataclasses.asdict(s),
-                                                   epoch=epoch + 1, history=history)
+                                                   epoch=epoch + 1, history=history,
+                                                   scaler=run.scaler if s.amp else None)
                         saved_epoch = epoch + 1
                         _write_reports(paths, history)
                     STOP.check()
@@ -375,6 +378,7 @@ class _Run:
     opt: optim.AdamW
     sched: optim.WarmupCosine
     history: list             # one row of metrics per finished epoch
+    scaler: amp.GradScaler    # a pass-through unless --amp
 
 
 def _prepare(s, ckpt, progress):
@@ -387,15 +391,17 @@ def _prepare(s, ckpt, progress):
     opt = optim.AdamW(optim.param_groups_weight_decay(model, s.weight_decay), lr=s.lr)
     total_steps = s.epochs * len(loader)
     sched = optim.WarmupCosine(opt, round(s.warmup_epochs * len(loader)), total_steps, s.min_lr)
+    scaler = amp.GradScaler(enabled=s.amp)
     if ckpt is None:
         backend.manual_seed(s.seed)
         distributed.world().broadcast_parameters(model.parameters())  # every rank starts from rank 0's weights
-        return _Run(ds, loader, model, opt, sched, [])
+        return _Run(ds, loader, model, opt, sched, [], scaler)
     model.load_state_dict(ckpt.model_state)
     opt.load_state_dict(ckpt.optimizer_state)
     sched.load_state_dict({**ckpt.schedule_state, "total_steps": total_steps})  # stretched when the run is extended
     _restore_rng_state(model, ckpt.rng_state)
-    return _Run(ds, loader, model, opt, sched, list(ckpt.history))
+    scaler.load_state_dict(ckpt.scaler_state)
+    return _Run(ds, loader, model, opt, sched, list(ckpt.history), scaler)
 
 
 def _resumed_settings(ckpt, s, epochs, resume):
@@ -413,11 +419,12 @@ def _resumed_settings(ckpt, s, epochs, resume):
                                      "epochs": total}))
 
 
-def _train_epoch(model, opt, sched, loader, epoch, s, progress):
+def _train_epoch(model, opt, sched, loader, epoch, s, progress, scaler):
     """One pass over the training set; returns the epoch's row of metrics (without the test set's).
 
     Under mpiexec each rank takes its shard of every batch and the gradients are averaged over the ranks
-    (``minivit.distributed``): the step is the one a single process makes on the whole batch.
+    (``minivit.distributed``): the step is the one a single process makes on the whole batch. With ``s.amp`` the
+    forward runs under autocast and ``scaler`` scales the loss (and skips a step whose gradients overflowed).
     """
     from tqdm import tqdm
     world = distributed.world()
@@ -433,19 +440,22 @@ def _train_epoch(model, opt, sched, loader, epoch, s, progress):
         share = (part.stop - part.start) / len(y)  # this rank's weight in the mean loss of the whole batch
         x, y = x[part], y[part]
         x, y_dev = backend.to_device(x, s.device), backend.to_device(y, s.device)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y_dev, label_smoothing=s.label_smoothing)
+        with amp.autocast(enabled=s.amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y_dev, label_smoothing=s.label_smoothing)
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDiverged(
                 f"the loss became {value} at step {epoch * steps + i + 1} (epoch {epoch + 1}, "
                 f"batch {i + 1}); lower --lr, or add --anomaly to name the first op that went non-finite")
         opt.zero_grad()
-        loss.backward()
+        scaler.scale(loss).backward()
         world.allreduce_gradients(model.parameters(), share)
+        scaler.unscale_(opt)
         if s.clip_grad:
             optim.clip_grad_norm_(model.parameters(), s.clip_grad)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         seen += len(y)
         loss_sum += value * len(y)

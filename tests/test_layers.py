@@ -3,7 +3,7 @@
     0  backend                                   arrays and devices
     1  tensor, function, autograd, ops           the engine: tensors, ops with their backwards, the graph walk
     2  functional, composed, gradcheck, profile, what users call on the engine (gan: GAN losses and penalties)
-       gan
+       gan, amp                                  (amp: autocast and the loss scaler)
     3  nn, optim                                 layers, models and optimizers
     4  checkpoint, data, viz, trace, testing,    tools around models (testing: the PyTorch twin for tests;
        rundir,                                   rundir: the lock on a run folder;
@@ -24,7 +24,7 @@ import minivit
 LAYERS = [
     ["backend"],
     ["tensor", "function", "autograd", "ops"],
-    ["functional", "composed", "gradcheck", "profile", "gan"],
+    ["functional", "composed", "gradcheck", "profile", "gan", "amp"],
     ["nn", "optim"],
     ["checkpoint", "data", "viz", "trace", "testing", "rundir", "distributed"],
     ["train", "cli", "__main__"],
