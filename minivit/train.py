@@ -335,6 +335,9 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
                 f"{len(run.data.test_labels)} test images), ViT patch {s.patch_size} width {s.embed_dim} depth "
                 f"{s.depth} heads {s.num_heads} ({run.model.num_parameters():,} parameters), "
                 f"{plural(s.epochs, 'epoch')} of {plural(len(run.loader), 'step')} on {s.device}")
+            if s.amp and backend.normalize_device(s.device) == "cpu":
+                log("--amp on the CPU: NumPy's float16 matrix products have no BLAS path; a step is about 50x "
+                    "slower than in float32 (AMP pays on a GPU)")
             ds, info, model, history = run.data, run.data.info, run.model, run.history
             anomaly = detect_anomaly() if s.anomaly else contextlib.nullcontext()
             STOP.watching = True
