@@ -44,7 +44,8 @@ FLOAT32 = "float32"
 # projections before them are float16).
 POLICY = {
     LinearFn: LOW, MatMulFn: LOW,
-    ScaledDotProductAttentionFn: FLOAT32, MultiHeadSelfAttentionFn: FLOAT32, SoftmaxFn: FLOAT32, LogSoftmaxFn: FLOAT32, LayerNormFn: FLOAT32, CrossEntropyFn: FLOAT32,
+    ScaledDotProductAttentionFn: FLOAT32, MultiHeadSelfAttentionFn: FLOAT32,
+    SoftmaxFn: FLOAT32, LogSoftmaxFn: FLOAT32, LayerNormFn: FLOAT32, CrossEntropyFn: FLOAT32,
     BinaryCrossEntropyWithLogitsFn: FLOAT32, SumFn: FLOAT32, MeanFn: FLOAT32, ExpFn: FLOAT32, LogFn: FLOAT32,
     PowFn: FLOAT32, SoftplusFn: FLOAT32, LogSigmoidFn: FLOAT32,
 }

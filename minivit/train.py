@@ -388,6 +388,7 @@ def _prepare(s, ckpt, progress):
     """Data, model, optimizer and schedule as ``s`` says, in the state of checkpoint ``ckpt`` if there is one."""
     ds = load_data(s, progress)
     info = ds.info
+    _check_split(s, len(ds.train_labels), distributed.world().size)
     loader = data.DataLoader(ds.train_images, ds.train_labels, s.batch_size, info.mean, info.std, shuffle=True,
                              seed=s.seed, augment=s.augment, pad=info.shape[1] // 8)
     model = build_model(s, info).to(device=s.device)
@@ -405,6 +406,15 @@ def _prepare(s, ckpt, progress):
     _restore_rng_state(model, ckpt.rng_state)
     scaler.load_state_dict(ckpt.scaler_state)
     return _Run(ds, loader, model, opt, sched, list(ckpt.history), scaler)
+
+
+def _check_split(s, images, ranks):
+    """Every batch, the last one too, must give each of the ``ranks`` processes at least one image."""
+    last = images % s.batch_size or s.batch_size
+    if min(s.batch_size, last) < ranks:
+        raise SettingsError(f"--batch-size {s.batch_size} over {images} images leaves a batch of "
+                            f"{plural(min(s.batch_size, last), 'image')}, too few to split among {ranks} ranks: "
+                            "choose a --batch-size (or --limit) that leaves at least one image per rank in every batch")
 
 
 def _resumed_settings(ckpt, s, epochs, resume):

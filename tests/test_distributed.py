@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minivit import checkpoint, distributed
+from minivit import checkpoint, distributed, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "mpi" / "train_steps.py"
@@ -50,6 +50,16 @@ def test_shards_cover_the_batch_once_with_sizes_differing_by_at_most_one():
         assert covered.tolist() == list(range(n))
         lengths = [p.stop - p.start for p in parts]
         assert max(lengths) - min(lengths) <= 1
+
+
+def test_a_batch_too_small_to_give_every_rank_an_image_is_refused_before_the_run():
+    s = train.settings_for("tiny", batch_size=32)
+    train._check_split(s, 256, 2)
+    train._check_split(s, 257, 1)
+    with pytest.raises(train.SettingsError, match="leaves a batch of 1 image, too few to split among 2 ranks"):
+        train._check_split(s, 257, 2)
+    with pytest.raises(train.SettingsError, match="batch of 32 images, too few to split among 40 ranks"):
+        train._check_split(s, 256, 40)
 
 
 def test_one_process_is_a_world_of_one_that_does_not_communicate():
