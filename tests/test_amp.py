@@ -4,6 +4,7 @@ torch.amp.GradScaler, loss scaling against float16 underflow, and ``minivit trai
 import numpy as np
 import pytest
 
+import minivit
 from minivit import Tensor, checkpoint, cli, nn, optim
 from minivit import functional as F
 from minivit.amp import POLICY, GradScaler, autocast
@@ -66,6 +67,7 @@ def test_outside_autocast_every_op_runs_in_float32_and_inside_the_weights_stay_f
 
 
 def test_every_op_in_the_policy_is_an_op_and_autocast_refuses_other_dtypes():
+    assert minivit.autocast is autocast and minivit.GradScaler is GradScaler
     assert all(issubclass(op, Function) for op in POLICY)
     for dtype in ("float64", "bfloat16", "int8"):
         with pytest.raises((ValueError, TypeError)):
