@@ -155,6 +155,7 @@ def main(argv=None):
             run_export(args)
     except KeyboardInterrupt as err:
         print(f"\nminivit: interrupted; {err or 'the command did not finish'}", file=sys.stderr)
+        distributed.end_job_on_error(130)  # ranks may stop at different steps: end them all
         return 130
     except Exception as err:
         if args is not None and args.debug:

@@ -362,7 +362,8 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
                         _write_reports(paths, history)
                     STOP.check()
         except KeyboardInterrupt:
-            raise TrainingInterrupted(_saved_state(paths["checkpoint"], saved_epoch, s.epochs, out_dir)) from None
+            raise TrainingInterrupted(_saved_state(paths["checkpoint"], saved_epoch, s.epochs, out_dir) if world.is_main
+                                      else f"rank {world.rank} stopped (rank 0 saves the run)") from None
         finally:
             STOP.watching = STOP.asked = False
     final = history[-1]

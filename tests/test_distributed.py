@@ -119,3 +119,24 @@ def test_minivit_train_on_two_ranks_writes_once_and_resumes_exactly(tmp_path):
 def test_minivit_train_reports_a_bad_flag_once_per_rank_and_ends(tmp_path):
     done = _run(["-m", "minivit", "train", "--epochs", "0", "--out", tmp_path / "bad"], 2, timeout=120)
     assert done.returncode != 0 and "--epochs 0 is out of range" in done.stderr
+
+
+def test_ctrl_c_ends_every_rank_and_leaves_a_readable_checkpoint(tmp_path):
+    import signal
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "run"
+    job = subprocess.Popen([_mpiexec(), "-n", "2", sys.executable, "-m", "minivit", "train", "--epochs", "50",
+                            "--limit", "256", "--batch-size", "32", "--no-progress", "--out", str(out)],
+                           env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not (out / checkpoint.CHECKPOINT_NAME).exists() and time.time() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        assert (out / checkpoint.CHECKPOINT_NAME).exists(), "the first epoch did not finish"
+        job.send_signal(signal.SIGINT)  # mpiexec passes it on to every rank
+        _, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0 and "interrupted" in err
+    assert checkpoint.load_checkpoint(out / checkpoint.CHECKPOINT_NAME).epoch >= 1
