@@ -72,7 +72,7 @@ def test_one_process_is_a_world_of_one_that_does_not_communicate():
 def test_two_ranks_reach_the_weights_of_one_rank_on_the_same_global_batches(tmp_path, dtype, optimizer, tolerance):
     # float32 with AdamW is left out on purpose: some gradients are zero in exact arithmetic (the bias of the keys:
     # softmax ignores a shift of a row), so their float32 values are rounding noise that Adam scales up to steps
-    # of size lr, and a different summation order (threads or ranks alike) moves them by about 1e-4.
+    # of size lr, and the ranks' different summation order moves the weights by about 4e-4.
     weights = {}
     for ranks in (1, 2):
         out = tmp_path / f"{ranks}.npz"
