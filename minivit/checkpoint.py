@@ -111,7 +111,7 @@ def checksum(tensors, metadata):
 def save_tensors(path, tensors, metadata=None):
     """Write a dict of NumPy arrays (and string metadata, plus its checksum) as safetensors, atomically."""
     st_numpy, _ = _safetensors()
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}  # 0-d stays 0-d
     metadata = dict(metadata or {})
     metadata[CHECKSUM_KEY] = checksum(arrays, metadata)
     atomic_write(path, lambda tmp: st_numpy.save_file(arrays, tmp, metadata=metadata))
@@ -158,21 +158,81 @@ def save_checkpoint(path, model, optimizer=None, schedule=None, rng_state=None, 
             "train_settings": json.dumps(train_settings or {}), "history": json.dumps(list(history)),
             "rng": json.dumps(rng_state or {})}
     if optimizer is not None:
-        state = optimizer.state_dict()
-        scalars = {}
-        for i, entries in state["state"].items():
-            for name, value in entries.items():
-                if hasattr(value, "shape"):
-                    tensors[f"optimizer.{i}.{name}"] = value
-                else:
-                    scalars.setdefault(str(i), {})[name] = value
-        meta["optimizer"] = json.dumps({"type": type(optimizer).__name__, "param_groups": state["param_groups"],
-                                        "scalars": scalars})
+        meta["optimizer"] = _pack_optimizer(optimizer, "optimizer", tensors)
     if schedule is not None:
         meta["schedule"] = json.dumps(schedule.state_dict())
     if scaler is not None:
         meta["scaler"] = json.dumps(scaler.state_dict())
     return save_tensors(path, tensors, meta)
+
+
+def _pack_optimizer(optimizer, prefix, tensors):
+    """Put an optimizer's arrays into ``tensors`` as ``<prefix>.<i>.<name>``; return the rest as a JSON string."""
+    state = optimizer.state_dict()
+    scalars = {}
+    for i, entries in state["state"].items():
+        for name, value in entries.items():
+            if hasattr(value, "shape"):
+                tensors[f"{prefix}.{i}.{name}"] = value
+            else:
+                scalars.setdefault(str(i), {})[name] = value
+    return json.dumps({"type": type(optimizer).__name__, "param_groups": state["param_groups"], "scalars": scalars})
+
+
+def _unpack_optimizer(text, prefix, tensors):
+    """The optimizer state dict that ``_pack_optimizer`` split into ``text`` and ``tensors``."""
+    opt = json.loads(text)
+    state = {int(i): dict(v) for i, v in opt["scalars"].items()}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            i, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(i), {})[name] = value
+    for group in opt["param_groups"]:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    return {"type": opt["type"], "param_groups": opt["param_groups"], "state": state}
+
+
+def save_training_state(path, models, optimizers, metadata, kind):
+    """Write several models and optimizers (a GAN's two networks, say) to one checksummed safetensors file.
+
+    Args:
+        models: name -> Module; tensors ``<name>.<key>``, configs in the metadata.
+        optimizers: name -> Optimizer; arrays ``<name>.<i>.<state>``.
+        metadata: name -> anything JSON can hold (settings, epoch, history, random states).
+        kind: the format name recorded in the file and checked on reading (``minivit.gan.v1``, say).
+    """
+    tensors, meta = {}, {"format": kind, "metadata": json.dumps(metadata)}
+    for name, model in models.items():
+        tensors.update({f"{name}.{k}": v for k, v in model.state_dict().items()})
+    meta["configs"] = json.dumps({name: model.config for name, model in models.items()})
+    meta["optimizers"] = json.dumps({name: _pack_optimizer(opt, name, tensors) for name, opt in optimizers.items()})
+    return save_tensors(path, tensors, meta)
+
+
+@dataclass
+class TrainingState:
+    """What ``save_training_state`` wrote: per name, model states, configs and optimizer states; metadata."""
+    models: dict
+    configs: dict
+    optimizers: dict
+    metadata: dict
+
+
+def load_training_state(path, kind):
+    """Read a file written by ``save_training_state`` with format ``kind`` (checksum checked)."""
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != kind:
+        raise CheckpointError(f"{path}: not a {kind} checkpoint (format {meta.get('format')!r})")
+    try:
+        configs = json.loads(meta["configs"])
+        models = {name: {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+                  for name in configs}
+        optimizers = {name: _unpack_optimizer(text, name, tensors)
+                      for name, text in json.loads(meta["optimizers"]).items()}
+        return TrainingState(models, configs, optimizers, json.loads(meta["metadata"]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: damaged checkpoint metadata ({type(e).__name__}: {e})") from e
 
 
 def load_checkpoint(path):
@@ -195,16 +255,7 @@ def _parse_checkpoint(path, tensors, meta):
             epoch=int(meta.get("epoch", 0)), history=json.loads(meta.get("history", "[]")),
             rng_state=json.loads(meta.get("rng", "{}")))
         if "optimizer" in meta:
-            opt = json.loads(meta["optimizer"])
-            state = {int(i): dict(v) for i, v in opt["scalars"].items()}
-            for key, value in tensors.items():
-                if key.startswith("optimizer."):
-                    _, i, name = key.split(".", 2)
-                    state.setdefault(int(i), {})[name] = value
-            for group in opt["param_groups"]:
-                if "betas" in group:
-                    group["betas"] = tuple(group["betas"])
-            ckpt.optimizer_state = {"type": opt["type"], "param_groups": opt["param_groups"], "state": state}
+            ckpt.optimizer_state = _unpack_optimizer(meta["optimizer"], "optimizer", tensors)
         if "schedule" in meta:
             ckpt.schedule_state = json.loads(meta["schedule"])
         if "scaler" in meta:

@@ -14,6 +14,12 @@ their derivative would be lost), so that the gradient it returns can be differen
 ``Op.apply(*tensors, **settings)`` runs forward on the tensors' arrays and, when gradients are wanted, links the
 result to this op so that the graph walk in ``minivit.autograd`` can call a backward later. Settings (an axis, a
 scale, an index) are keyword arguments and never graph inputs.
+
+dtypes: one rule for every op. Floating inputs of different precisions are promoted to the widest of them
+before the op runs (NumPy's rule between arrays; PyTorch raises instead for linear, matmul and the norms), through
+a cast op, so each input's gradient comes back in that input's own dtype. Integer inputs (labels, indices) are
+left alone. Python numbers (and NumPy float scalars) take the dtype of the tensor they meet, so float32 stays
+float32.
 """
 
 import contextlib
@@ -33,6 +39,8 @@ class Function:
 
     def __call__(self, *inputs, **settings):
         tensors = tuple(x if isinstance(x, Tensor) else Tensor(x) for x in inputs)
+        if len(tensors) > 1:
+            tensors = promote(tensors)
         if autocast_policy is not None:
             tensors = autocast_policy(self, tensors)
         arrays = tuple(t.data for t in tensors)
@@ -123,6 +131,18 @@ def detect_anomaly():
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def promote(tensors):
+    """The tensors with every floating one cast to the widest floating dtype among them (see the module doc)."""
+    floats = {t.data.dtype for t in tensors if t.data.dtype.kind == "f"}
+    if len(floats) < 2:
+        return tensors
+    import numpy as np
+    from minivit.ops.arithmetic import CastFn
+    common = np.result_type(*floats)
+    return tuple(CastFn.apply(t, dtype=common) if t.data.dtype.kind == "f" and t.data.dtype != common else t
+                 for t in tensors)
+
+
 def unbroadcast(grad, shape):
     """Sum ``grad`` over the axes that broadcasting stretched, so that it has ``shape`` again.
 

@@ -16,16 +16,26 @@ class Optimizer:
         params = list(params)
         if not params:
             raise ValueError(f"{type(self).__name__}: got no parameters to optimise")
+        from minivit.tensor import Tensor
+        name = type(self).__name__
         groups = params if isinstance(params[0], dict) else [{"params": params}]
-        self.param_groups = []
-        for group in groups:
-            group = {**defaults, **group, "params": list(group["params"])}
+        self.param_groups, seen = [], set()
+        for g, group in enumerate(groups):
+            group = {**defaults, **group}
+            group["params"] = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
+            self._check_hyperparameters(group)
             for p in group["params"]:
-                if not getattr(p, "requires_grad", False):
-                    raise TypeError(f"{type(self).__name__}: every parameter must be a Tensor with "
-                                    f"requires_grad=True, got {type(p).__name__} of shape {getattr(p, 'shape', '?')}")
+                if not isinstance(p, Tensor):
+                    raise TypeError(f"{name}: parameters must be Tensors, got {type(p).__name__} in group {g}")
+                if id(p) in seen:
+                    raise ValueError(f"{name}: a parameter of shape {p.shape} is listed twice (group {g}); it "
+                                     "would be stepped twice")
+                seen.add(id(p))
             self.param_groups.append(group)
         self.state = {}  # index of the parameter (over all groups, in order) -> dict of arrays and numbers
+
+    def _check_hyperparameters(self, group):
+        """Raise ValueError on hyper-parameters PyTorch rejects (see each optimizer)."""
 
     def _indexed(self):
         i = 0
@@ -39,8 +49,10 @@ class Optimizer:
             p.grad = None
 
     def step(self):
+        """One update of every parameter that has a gradient; parameters that do not require grad (a frozen
+        position table) are skipped, as PyTorch skips those whose grad is None."""
         for i, group, p in self._indexed():
-            if p.grad is not None:
+            if p.grad is not None and p.requires_grad:
                 self.update(p, p.grad, group, self.state.setdefault(i, {}))
 
     def update(self, p, g, group, state):
@@ -79,6 +91,13 @@ class SGD(Optimizer):
     def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, nesterov=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
 
+    def _check_hyperparameters(self, group):
+        for key in ("lr", "momentum", "weight_decay"):
+            if not group[key] >= 0.0:
+                raise ValueError(f"SGD: {key} must be >= 0, got {group[key]}")
+        if group["nesterov"] and not group["momentum"] > 0:
+            raise ValueError("SGD: nesterov=True needs a momentum > 0 (PyTorch's rule)")
+
     def update(self, p, g, group, state):
         if group["weight_decay"]:
             g = g + group["weight_decay"] * p.data
@@ -103,6 +122,15 @@ class AdamW(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def _check_hyperparameters(self, group):
+        for key in ("lr", "eps", "weight_decay"):
+            if not group[key] >= 0.0:
+                raise ValueError(f"AdamW: {key} must be >= 0, got {group[key]}")
+        betas = tuple(group["betas"])
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"AdamW: betas must be two numbers in [0, 1), got {group['betas']}")
+        group["betas"] = betas
 
     def update(self, p, g, group, state):
         xp = backend.get_array_module(p.data)
@@ -181,16 +209,32 @@ class WarmupCosine:
         self._apply()
 
 
-def clip_grad_norm_(parameters, max_norm):
-    """Scale all gradients in place so that their global L2 norm is at most ``max_norm``.
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0):
+    """Scale all gradients in place so that their global norm is at most ``max_norm``, as PyTorch's.
+
+    Args:
+        parameters: Tensors (or one Tensor); those without a gradient are ignored.
+        max_norm: the largest norm allowed.
+        norm_type: p of the p-norm over all gradient entries together (2 by default; ``float('inf')`` or 'inf'
+            for the largest absolute entry).
 
     Returns the norm before clipping as a 0-d array of the gradients' library (no device sync).
     """
+    from minivit.tensor import Tensor
+    parameters = [parameters] if isinstance(parameters, Tensor) else parameters
+    norm_type = float(norm_type)
+    if not norm_type > 0:
+        raise ValueError(f"clip_grad_norm_: norm_type must be > 0 (or inf), got {norm_type}")
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
     xp = backend.get_array_module(grads[0])
-    total = xp.sqrt(sum((g.astype(xp.float64) ** 2).sum() for g in grads))
+    if math.isinf(norm_type):
+        total = xp.max(xp.stack([xp.abs(g).max() for g in grads])).astype(xp.float64)
+    elif norm_type == 2.0:
+        total = xp.sqrt(sum((g.astype(xp.float64) ** 2).sum() for g in grads))
+    else:
+        total = sum((xp.abs(g.astype(xp.float64)) ** norm_type).sum() for g in grads) ** (1.0 / norm_type)
     scale = xp.minimum(1.0, max_norm / (total + 1e-6)).astype(grads[0].dtype)
     for g in grads:
         g *= scale

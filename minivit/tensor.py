@@ -115,9 +115,27 @@ class Tensor:
         return backend.asnumpy(self.data)
 
     def item(self):
+        """The one value of a one-element tensor as a Python number."""
         if self.data.size != 1:
             raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
         return self.data.item()
+
+    def __float__(self):
+        return float(self._one("float()"))
+
+    def __int__(self):
+        return int(self._one("int()"))
+
+    def __bool__(self):
+        return bool(self._one("bool()"))
+
+    def _one(self, what):
+        if self.data.size != 1:
+            raise ValueError(f"{what} of a tensor with {self.data.size} elements (shape {self.shape}) is ambiguous; "
+                             "it needs exactly one element (use .any() or .all() on .data for a truth test)")
+        return self.data.item()
+
+    __hash__ = object.__hash__   # tensors are keyed by identity, although == compares elementwise
 
     def detach(self):
         """The same array as a new leaf that records no graph."""
@@ -194,10 +212,43 @@ class Tensor:
         return _ops.NegFn.apply(self)
 
     def __pow__(self, exponent):
-        if not isinstance(exponent, (int, float)):
-            raise TypeError(f"Tensor ** exponent needs a Python number exponent, got {type(exponent).__name__}; "
+        if isinstance(exponent, (np.integer, np.floating)):
+            exponent = exponent.item()                       # a NumPy scalar: np.int64(2) -> 2
+        if isinstance(exponent, bool) or not isinstance(exponent, (int, float)):
+            raise TypeError(f"Tensor ** exponent needs a Python number exponent (or a NumPy scalar), got "
+                            f"{type(exponent).__name__}; "
                             "for a tensor exponent write (y * x.log()).exp()")
         return _ops.PowFn.apply(self, exponent=exponent)
+
+    def __rpow__(self, base):
+        """base ** tensor for a number base (2 ** t)."""
+        if isinstance(base, (np.integer, np.floating)):
+            base = base.item()
+        if isinstance(base, bool) or not isinstance(base, (int, float)):
+            return NotImplemented
+        return _ops.RPowFn.apply(self, base=base)
+
+    # Comparisons give boolean tensors that record no graph (their derivative is 0 almost everywhere).
+    def _compare(self, other, op):
+        return Tensor(op(self.data, other.data if isinstance(other, Tensor) else other))
+
+    def __lt__(self, other):
+        return self._compare(other, lambda a, b: a < b)
+
+    def __le__(self, other):
+        return self._compare(other, lambda a, b: a <= b)
+
+    def __gt__(self, other):
+        return self._compare(other, lambda a, b: a > b)
+
+    def __ge__(self, other):
+        return self._compare(other, lambda a, b: a >= b)
+
+    def __eq__(self, other):
+        return self._compare(other, lambda a, b: a == b)
+
+    def __ne__(self, other):
+        return self._compare(other, lambda a, b: a != b)
 
     def __getitem__(self, index):
         return _ops.GetItemFn.apply(self, index=_index_arrays(index))
@@ -224,6 +275,8 @@ class Tensor:
 
     def transpose(self, axis0=-2, axis1=-1):
         """Swap two axes (the last two by default)."""
+        from minivit.function import normalize_axis
+        axis0, axis1 = normalize_axis(axis0, self.ndim, "transpose"), normalize_axis(axis1, self.ndim, "transpose")
         axes = list(range(self.ndim))
         axes[axis0], axes[axis1] = axes[axis1], axes[axis0]
         return _ops.PermuteFn.apply(self, axes=tuple(axes))
@@ -232,14 +285,63 @@ class Tensor:
     def T(self):
         return _ops.PermuteFn.apply(self, axes=tuple(reversed(range(self.ndim))))
 
-    def sum(self, axis=None, keepdims=False):
+    # axis/keepdims (NumPy's names) or dim/keepdim (PyTorch's), not both
+    def sum(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        axis, keepdims = torch_names("sum", axis, keepdims, dim, keepdim)
         return _ops.SumFn.apply(self, axis=axis, keepdims=keepdims)
 
-    def mean(self, axis=None, keepdims=False):
+    def mean(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        axis, keepdims = torch_names("mean", axis, keepdims, dim, keepdim)
         return _ops.MeanFn.apply(self, axis=axis, keepdims=keepdims)
 
-    def max(self, axis=None, keepdims=False):
-        return _ops.MaxFn.apply(self, axis=axis, keepdims=keepdims)
+    def max(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        """The max over ``axis`` (a Tensor). With PyTorch's ``dim=`` (one axis), as ``torch.max``: a named pair
+        (values, indices), the indices an integer tensor without gradient."""
+        if dim is None:
+            axis, keepdims = torch_names("max", axis, keepdims, dim, keepdim)
+            return _ops.MaxFn.apply(self, axis=axis, keepdims=keepdims)
+        axis, keepdims = torch_names("max", axis, keepdims, dim, keepdim)
+        if not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"max(dim=...) takes one axis, got {axis!r}; use axis= for several")
+        values = _ops.MaxFn.apply(self, axis=axis, keepdims=keepdims)
+        axis = _normalize_axis(axis, self.ndim, "max")
+        indices = self.data.argmax(axis=axis)
+        if keepdims:
+            indices = backend.get_array_module(indices).expand_dims(indices, axis)
+        return MaxResult(values, Tensor(indices))
+
+
+class MaxResult(tuple):
+    """(values, indices) of ``Tensor.max(dim=...)``, as PyTorch's named tuple."""
+
+    def __new__(cls, values, indices):
+        return super().__new__(cls, (values, indices))
+
+    @property
+    def values(self):
+        return self[0]
+
+    @property
+    def indices(self):
+        return self[1]
+
+
+def _normalize_axis(axis, ndim, op):
+    from minivit.function import normalize_axis
+    return normalize_axis(axis, ndim, op)
+
+
+def torch_names(op, axis, keepdims, dim, keepdim):
+    """Accept PyTorch's ``dim``/``keepdim`` beside NumPy's ``axis``/``keepdims``; both at once is an error."""
+    if dim is not None:
+        if axis is not None:
+            raise TypeError(f"{op}: give axis or dim, not both")
+        axis = dim
+    if keepdim is not None:
+        if keepdims:
+            raise TypeError(f"{op}: give keepdims or keepdim, not both")
+        keepdims = keepdim
+    return (tuple(axis) if isinstance(axis, list) else axis), bool(keepdims)
 
 
 def _index_arrays(index):
@@ -251,13 +353,21 @@ def _index_arrays(index):
     return index
 
 
-def concat(tensors, axis=0):
-    """Join tensors along an existing axis."""
+def concat(tensors, axis=0, *, dim=None):
+    """Join tensors along an existing axis (``dim`` is PyTorch's name for it)."""
+    axis, _ = torch_names("concat", None if dim is not None else axis, False, dim, None)
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("concat: needs at least one tensor, got an empty sequence")
     return _ops.ConcatFn.apply(*tensors, axis=axis)
 
 
-def stack(tensors, axis=0):
-    """Join tensors along a new axis."""
+def stack(tensors, axis=0, *, dim=None):
+    """Join tensors along a new axis (``dim`` is PyTorch's name for it)."""
+    axis, _ = torch_names("stack", None if dim is not None else axis, False, dim, None)
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("stack: needs at least one tensor, got an empty sequence")
     return _ops.StackFn.apply(*tensors, axis=axis)
 
 

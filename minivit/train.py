@@ -172,20 +172,27 @@ def settings_for(preset, **overrides):
 
 def validate(s):
     """Check settings before any work starts; raise SettingsError naming every flag that is wrong and why."""
+    return check_settings(s, RANGES, CHOICES, relations)
+
+
+def check_settings(s, ranges, choices, relations):
+    """Check a settings dataclass: each field against its range or choices, then (if those hold) the fields
+    against each other with ``relations(s)`` (a list of problems), then the device. Raise SettingsError naming
+    every flag that is wrong and why; return ``s`` when all is well."""
     problems = []
     kinds = {f.name: numbers.Integral if f.type is int else numbers.Real for f in dataclasses.fields(s)}
-    for name, allowed in RANGES.items():
+    for name, allowed in ranges.items():
         value = getattr(s, name)
         if isinstance(value, bool) or not isinstance(value, kinds[name]):
             kind = "a whole number" if kinds[name] is numbers.Integral else "a number"
             problems.append(f"{flag(name)} must be {kind}, got {value!r}")
         elif value not in allowed:
             problems.append(f"{flag(name)} {value} is out of range: expected {allowed}")
-    for name, allowed in CHOICES.items():
+    for name, allowed in choices.items():
         if getattr(s, name) not in allowed:
             problems.append(f"{flag(name)} must be one of {', '.join(map(repr, allowed))}, got {getattr(s, name)!r}")
     if not problems:
-        problems += _relations(s)
+        problems += relations(s)
     try:
         if backend.normalize_device(s.device) == "cuda" and not backend.cuda_available():
             problems.append("--device cuda needs CuPy and a CUDA device, and none is usable here "
@@ -197,8 +204,9 @@ def validate(s):
     return s
 
 
-def _relations(s):
-    """What one flag needs of another (and of the data set)."""
+def relations(s):
+    """What one flag needs of another (and of the data set): the learning rates, the warmup, the patch size and the
+    heads (the settings of ``minivit vae`` share these)."""
     try:
         H = data.dataset_info(s.dataset).shape[1]
     except ValueError as e:
@@ -265,11 +273,12 @@ def evaluate(model, images, labels, mean, std, batch_size=256, device="cpu"):
             "predictions": predictions, "confidences": np.concatenate(confidences)}
 
 
-def _write_reports(paths, history):
-    """metrics.jsonl and curves.png from the history so far, each written atomically."""
+def write_reports(paths, history, plot=viz.plot_history):
+    """metrics.jsonl and curves.png (drawn by ``plot(history)``) from the history so far, each written
+    atomically."""
     text = "".join(json.dumps(row) + "\n" for row in history)
     checkpoint.atomic_write(paths["metrics"], lambda tmp: Path(tmp).write_text(text))
-    checkpoint.atomic_write(paths["curves"], lambda tmp: viz.plot_history(history).savefig(tmp, format="png"))
+    checkpoint.atomic_write(paths["curves"], lambda tmp: plot(history).savefig(tmp, format="png"))
 
 
 def plural(count, word):
@@ -277,12 +286,12 @@ def plural(count, word):
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-def _saved_state(path, epoch, total, out_dir):
-    """What an interrupted run leaves, for the message that ends it."""
+def saved_state(path, epoch, total, out_dir, command="train"):
+    """What an interrupted run of ``minivit <command>`` leaves, for the message that ends it."""
     if epoch == total:
         return f"{path} holds all {plural(total, 'epoch')}: the run is complete"
     if epoch is not None:
-        return f"{path} holds epoch {epoch} of {total}: continue with  minivit train --resume {out_dir}"
+        return f"{path} holds epoch {epoch} of {total}: continue with  minivit {command} --resume {out_dir}"
     if path.exists():
         return f"nothing of this run was saved; {path} still holds the earlier run"
     return "nothing was saved: a run writes its first checkpoint when its first epoch ends"
@@ -318,15 +327,10 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
         log, progress = (lambda *args: None), False
     with RunFolder(out_dir, log) if world.is_main else contextlib.nullcontext():
         log(f"run folder: {out_dir}")
-        continues_here = resume is not None and Path(resume).resolve() == paths["checkpoint"].resolve()
-        if world.is_main and not overwrite and not continues_here and paths["checkpoint"].exists():
-            raise SettingsError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, "
-                                "or pass --overwrite")
-        ckpt = None
-        if resume is not None:
-            ckpt = world.broadcast(checkpoint.load_checkpoint(resume) if world.is_main else None)
-            s = _resumed_settings(ckpt, s, epochs, resume)
-        saved_epoch = ckpt.epoch if continues_here else None
+        # rank 0 checks the folder and reads the checkpoint; every rank gets what it found
+        ckpt, saved_epoch = world.broadcast(start_run(out_dir, paths, resume, overwrite) if world.is_main else None)
+        if ckpt is not None:
+            s = validate(TrainSettings(**{**resumed_settings(ckpt, s, epochs, resume), "anomaly": s.anomaly}))
         try:
             run = _prepare(s, ckpt, progress)
             if ckpt is not None:
@@ -343,7 +347,7 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
             STOP.watching = True
             with anomaly:
                 for epoch in range(len(history), s.epochs):
-                    history.append(_train_epoch(model, run.opt, run.sched, run.loader, epoch, s, progress,
+                    history.append(train_epoch(model, run.opt, run.sched, run.loader, epoch, s, progress,
                                                 run.scaler))
                     result = world.broadcast(evaluate(model, ds.test_images, ds.test_labels, info.mean, info.std,
                                                       device=s.device) if world.is_main else None)
@@ -359,10 +363,10 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
                                                    epoch=epoch + 1, history=history,
                                                    scaler=run.scaler if s.amp else None)
                         saved_epoch = epoch + 1
-                        _write_reports(paths, history)
+                        write_reports(paths, history)
                     STOP.check()
         except KeyboardInterrupt:
-            raise TrainingInterrupted(_saved_state(paths["checkpoint"], saved_epoch, s.epochs, out_dir) if world.is_main
+            raise TrainingInterrupted(saved_state(paths["checkpoint"], saved_epoch, s.epochs, out_dir) if world.is_main
                                       else f"rank {world.rank} stopped (rank 0 saves the run)") from None
         finally:
             STOP.watching = STOP.asked = False
@@ -418,8 +422,21 @@ def _check_split(s, images, ranks):
                             "choose a --batch-size (or --limit) that leaves at least one image per rank in every batch")
 
 
-def _resumed_settings(ckpt, s, epochs, resume):
-    """The checkpoint's settings with what a resumed run may change; SettingsError if there is nothing to do."""
+def start_run(out_dir, paths, resume, overwrite):
+    """What a run checks first in its locked folder: that it replaces no other run unless ``overwrite``; then it
+    reads the checkpoint to resume. Returns (Checkpoint or None, the epoch the folder's own checkpoint holds when
+    the run continues it in place, else None)."""
+    continues_here = resume is not None and Path(resume).resolve() == paths["checkpoint"].resolve()
+    if not overwrite and not continues_here and paths["checkpoint"].exists():
+        raise SettingsError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, "
+                            "or pass --overwrite")
+    ckpt = checkpoint.load_checkpoint(resume) if resume is not None else None
+    return ckpt, (ckpt.epoch if continues_here else None)
+
+
+def resumed_settings(ckpt, s, epochs, resume):
+    """The checkpoint's settings (a dict) with what a resumed run may change: the device, the data folder, the
+    check of the data files and the number of epochs; SettingsError if there is nothing left to do."""
     saved = ckpt.train_settings
     if epochs is not None and epochs <= ckpt.epoch:
         raise SettingsError(f"--epochs {epochs}: {resume} already holds {plural(ckpt.epoch, 'epoch')}; "
@@ -428,19 +445,20 @@ def _resumed_settings(ckpt, s, epochs, resume):
     if ckpt.epoch >= total:
         raise SettingsError(f"{resume} has finished all {plural(total, 'epoch')}; extend it with --epochs N "
                             f"(N > {total})")
-    return validate(TrainSettings(**{**saved, "device": s.device, "data_dir": s.data_dir or saved.get("data_dir"),
-                                     "anomaly": s.anomaly, "verify": s.verify and saved.get("verify", True),
-                                     "epochs": total}))
+    return {**saved, "device": s.device, "data_dir": s.data_dir or saved.get("data_dir"),
+            "verify": s.verify and saved.get("verify", True), "epochs": total}
 
 
-def _train_epoch(model, opt, sched, loader, epoch, s, progress, scaler):
+def train_epoch(model, opt, sched, loader, epoch, s, progress, scaler=None):
     """One pass over the training set; returns the epoch's row of metrics (without the test set's).
 
     Under mpiexec each rank takes its shard of every batch and the gradients are averaged over the ranks
     (``minivit.distributed``): the step is the one a single process makes on the whole batch. With ``s.amp`` the
-    forward runs under autocast and ``scaler`` scales the loss (and skips a step whose gradients overflowed).
+    forward runs under autocast and ``scaler`` (an amp.GradScaler) scales the loss and skips a step whose
+    gradients overflowed.
     """
     from tqdm import tqdm
+    scaler = scaler or amp.GradScaler(enabled=False)
     world = distributed.world()
     comm_start = world.comm_seconds
     t0 = time.perf_counter()

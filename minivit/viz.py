@@ -56,17 +56,25 @@ def _save(fig, path):
 
 def plot_history(history, path=None):
     """Loss and accuracy per epoch, train and test, from a list of metric dicts (as in metrics.jsonl)."""
+    return plot_curves(history, [("loss", "cross-entropy", [("train_loss", "train"), ("test_loss", "test")], 1),
+                                 ("accuracy", "accuracy (%)", [("train_acc", "train"), ("test_acc", "test")], 100)],
+                       path)
+
+
+def plot_curves(history, panels, path=None):
+    """Metrics per epoch side by side, from a list of metric dicts (as in metrics.jsonl).
+
+    Args:
+        panels: per panel (title, y label, [(key, legend label), ...], scale): each key's values times scale.
+    """
     from matplotlib.ticker import MaxNLocator
-    fig = figure(10, 4)
-    loss_ax, acc_ax = fig.subplots(1, 2)
+    fig = figure(5 * len(panels), 4)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
     epochs = [h["epoch"] for h in history]
-    for key, label in (("train_loss", "train"), ("test_loss", "test")):
-        loss_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
-    for key, label in (("train_acc", "train"), ("test_acc", "test")):
-        acc_ax.plot(epochs, [100 * h[key] for h in history], marker="o", label=label)
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for ax in (loss_ax, acc_ax):
+    for ax, (title, ylabel, curves, scale) in zip(axes, panels):
+        for key, label in curves:
+            ax.plot(epochs, [scale * h[key] for h in history], marker="o", label=label)
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even for one epoch
         ax.set_xlim(min(epochs, default=1) - 0.5, max(epochs, default=1) + 0.5)
         ax.grid(alpha=0.3)
@@ -209,4 +217,85 @@ def plot_attention_on_image(image, attention, grid, path=None, title="class toke
     right.set_yticks([])
     right.set_title(title)
     fig.colorbar(im, ax=right, fraction=0.046, label="attention weight")
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------------ VAE
+def plot_vae_history(history, path=None):
+    """The negative ELBO (nats per image, train and test) and the KL term per epoch, from a VAE run's metrics."""
+    return plot_curves(history, [
+        ("-ELBO (lower is better)", "nats per image", [("train_nelbo", "train"), ("test_nelbo", "test")], 1),
+        ("KL(q(z|x) || p(z))", "nats per image", [("train_kl", "train"), ("test_kl", "test")], 1)], path)
+
+
+def tile(images, rows, cols):
+    """rows * cols images (N, C, H, W) side by side as one image (C, rows H, cols W)."""
+    images = asnumpy(images)
+    N, C, H, W = images.shape
+    if N != rows * cols:
+        raise ValueError(f"tile: {N} images do not fill {rows} x {cols}")
+    return images.reshape(rows, cols, C, H, W).transpose(2, 0, 3, 1, 4).reshape(C, rows * H, cols * W)
+
+
+def plot_latent_manifold(images, grid_values, path=None, title="decoded latent plane"):
+    """Images decoded from a square grid of 2-D latent points, drawn as one mosaic with the z values on the axes.
+
+    Args:
+        images: (n * n, C, H, W) in [0, 1], row-major, z2 decreasing down the rows and z1 increasing across.
+        grid_values: the n values of each coordinate, increasing.
+    """
+    n = len(grid_values)
+    mosaic = tile(images, n, n)
+    fig = figure(6, 6)
+    ax = fig.subplots()
+    lo, hi = grid_values[0], grid_values[-1]
+    step = (hi - lo) / max(n - 1, 1)
+    extent = (lo - step / 2, hi + step / 2, lo - step / 2, hi + step / 2)
+    picture = mosaic[0] if mosaic.shape[0] == 1 else mosaic.transpose(1, 2, 0)
+    ax.imshow(np.clip(picture, 0, 1), cmap="gray", extent=extent, vmin=0, vmax=1)
+    ax.set(xlabel="z1", ylabel="z2", title=title)
+    return _save(fig, path)
+
+
+def plot_latent_scatter(points, labels, classes, path=None, title="test set encoded (posterior means)"):
+    """2-D points (N, 2) coloured by class, with a legend of class names."""
+    points, labels = asnumpy(points), np.asarray(labels)
+    fig = figure(7, 6)
+    ax = fig.subplots()
+    colours = [f"C{i}" for i in range(10)]
+    for k, name in enumerate(classes):
+        chosen = labels == k
+        ax.scatter(points[chosen, 0], points[chosen, 1], s=6, alpha=0.7, color=colours[k % 10], label=name)
+    ax.set(xlabel="z1", ylabel="z2", title=title)
+    ax.legend(markerscale=3, fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------------ GAN
+def plot_gan_history(history, path=None):
+    """A GAN's losses per epoch (discriminator and generator) and, when measured, its sample quality: the
+    Frechet distance of features, precision, recall and the smallest class share."""
+    from matplotlib.ticker import MaxNLocator
+    quality = [key for key in ("frechet_distance", "precision", "recall", "smallest_class_share")
+               if history and history[0].get(key) is not None]
+    fig = figure(5 * (1 + bool(quality)), 4)
+    axes = np.atleast_1d(fig.subplots(1, 1 + bool(quality)))
+    epochs = [h["epoch"] for h in history]
+    for key, label in (("loss_d", "discriminator"), ("loss_g", "generator")):
+        axes[0].plot(epochs, [h[key] for h in history], marker="o", label=label)
+    axes[0].set(xlabel="epoch", ylabel="loss", title="losses")
+    if quality:
+        fd_ax, share_ax = axes[1], axes[1].twinx()
+        fd_ax.plot(epochs, [h["frechet_distance"] for h in history], marker="o", color="black",
+                   label="Frechet distance")
+        fd_ax.set(xlabel="epoch", ylabel="Frechet distance (minivit features)", title="sample quality")
+        for key in quality[1:]:
+            share_ax.plot(epochs, [h[key] for h in history], marker=".", linestyle="--", label=key.replace("_", " "))
+        share_ax.set_ylim(0, 1)
+        share_ax.legend(loc="upper right", fontsize=7)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.grid(alpha=0.3)
+    axes[0].legend()
     return _save(fig, path)

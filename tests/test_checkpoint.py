@@ -185,3 +185,10 @@ def test_a_config_that_does_not_fit_the_tensors_is_a_checkpoint_error(tmp_path):
         checkpoint.save_tensors(path, tensors, {**meta, "config": json.dumps(config)})
         with pytest.raises(CheckpointError, match="c.safetensors: its config does not fit its tensors"):
             checkpoint.model_from_checkpoint(path)
+
+
+def test_a_scalar_tensor_keeps_its_shape(tmp_path):
+    """np.ascontiguousarray turns a 0-d array into (1,); the improved spectral norm's sigma_init is 0-d."""
+    path = checkpoint.save_tensors(tmp_path / "s.safetensors", {"scalar": np.array(2.5, np.float32)})
+    tensors, _ = checkpoint.load_tensors(path)
+    assert tensors["scalar"].shape == () and tensors["scalar"] == 2.5

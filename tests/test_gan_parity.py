@@ -10,7 +10,7 @@ TF = torch.nn.functional
 
 from minivit import Tensor, functional as F, gan, grad, nn  # noqa: E402
 from tests.test_torch_parity import _compare  # noqa: E402
-from tests.test_torch_second_order import _ours, _theirs  # noqa: E402
+from tests.test_torch_second_order import assert_second_derivatives_match_torch  # noqa: E402
 
 pytestmark = pytest.mark.torch
 R = np.random.default_rng(13)
@@ -70,21 +70,7 @@ def test_op_matches_torch_in_values_and_gradients(name):
 
 @pytest.mark.parametrize("name", NEW_OPS)
 def test_op_matches_torch_in_second_derivatives(name):
-    ours, theirs, arrays = NEW_OPS[name]
-    with torch.no_grad():
-        out_shape = tuple(theirs(*[torch.from_numpy(a) for a in arrays]).shape)
-    U = R.standard_normal(out_shape)
-    V = [R.standard_normal(a.shape) for a in arrays]
-    first, second = _ours(ours, arrays, U, V)
-    first_ref, second_ref = _theirs(theirs, arrays, U, V)
-    for i, (a, b) in enumerate(zip(first, first_ref)):
-        np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL, err_msg=f"first derivative {i}")
-    for i, (a, b) in enumerate(zip(second, second_ref)):
-        if b is None:   # torch: the input enters the gradient linearly
-            assert a is None or np.abs(a).max() <= TOL, f"second derivative {i}"
-        else:
-            np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL * max(np.abs(b).max(), 1.0),
-                                       err_msg=f"second derivative {i}")
+    assert_second_derivatives_match_torch(*NEW_OPS[name], tol=TOL)
 
 
 def test_logistic_ops_match_torch_on_huge_logits():

@@ -1,17 +1,7 @@
 """The package is a stack: each module imports only from its own layer or the layers below it.
 
-    0  backend                                   arrays and devices
-    1  tensor, function, autograd, ops           the engine: tensors, ops with their backwards, the graph walk
-    2  functional, composed, gradcheck, profile, what users call on the engine (gan: GAN losses and penalties)
-       gan, amp                                  (amp: autocast and the loss scaler)
-    3  nn, optim                                 layers, models and optimizers
-    4  checkpoint, data, viz, trace, testing,    tools around models (testing: the PyTorch twin for tests;
-       rundir,                                   rundir: the lock on a run folder;
-       distributed                               distributed: data-parallel training over MPI)
-    5  train, cli, __main__                      the application
-    6  exercises                                 the lessons' checks
-
-The package root (``minivit/__init__.py``) gathers the public names and is exempt.
+LAYERS lists the layers bottom first. The package root (``minivit/__init__.py``) gathers the public names and
+is exempt.
 """
 
 import ast
@@ -22,13 +12,14 @@ import pytest
 import minivit
 
 LAYERS = [
-    ["backend"],
-    ["tensor", "function", "autograd", "ops"],
-    ["functional", "composed", "gradcheck", "profile", "gan", "amp"],
-    ["nn", "optim"],
-    ["checkpoint", "data", "viz", "trace", "testing", "rundir", "distributed"],
-    ["train", "cli", "__main__"],
-    ["exercises"],
+    ["backend"],                                                     # arrays, devices, threads
+    ["tensor", "function", "autograd", "ops"],                       # the engine: tensors, ops, the graph walk
+    ["functional", "composed", "gradcheck", "profile", "gan", "amp"],  # what users call on the engine
+    ["nn", "optim"],                                                 # layers, models, optimizers
+    ["checkpoint", "rundir", "data", "viz", "trace", "testing", "art", "gan_metrics",   # tools around models
+     "distributed"],
+    ["train", "vae_train", "gan_train", "painters", "cli", "__main__"],   # the applications
+    ["exercises"],                                                   # the lessons' checks
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
 ROOT = pathlib.Path(minivit.__file__).parent

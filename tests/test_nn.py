@@ -229,3 +229,49 @@ def test_module_forwards_never_call_numpy_on_data():
             for fn in [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name.startswith("forward")]:
                 used = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
                 assert "np" not in used, f"{path.name}: {cls.name}.{fn.name} uses np"
+
+
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_num_classes_0_returns_the_pooled_features_as_timm(global_pool):
+    """No head: the model's output is the pooled, normalised (B, D) features (timm's num_classes=0), the same
+    numbers as forward_head(pre_logits=True) of the model with a head."""
+    options = dict(global_pool=global_pool, class_token=global_pool == "token")
+    features_model = tiny_vit(num_classes=0, **options)
+    classifier = tiny_vit(**options)
+    classifier.load_state_dict({**features_model.state_dict(), "head.weight": classifier.head.weight.data,
+                                "head.bias": classifier.head.bias.data})
+    x = images(3)
+    features = features_model(x)
+    assert features.shape == (3, TINY["embed_dim"])
+    np.testing.assert_array_equal(features.data,
+                                  classifier.forward_head(classifier.forward_features(x), pre_logits=True).data)
+    assert not any(name.startswith("head.") for name, _ in features_model.named_parameters())
+    model64 = tiny_vit(num_classes=0, **options).to(dtype=np.float64)
+    upstream = np.random.default_rng(0).standard_normal((2, TINY["embed_dim"]))
+    report = gradcheck(lambda img: model64(img) * minivit.Tensor(upstream), [images(2).astype(np.float64)])
+    assert report.ok, report
+    features.backward(np.ones(features.shape, np.float32))
+    assert features_model.blocks[0].attn.qkv.weight.grad is not None
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 0"):
+        tiny_vit(num_classes=-1)
+
+
+def test_images_of_the_wrong_kind_and_bad_patch_sizes_get_named_errors():
+    model = tiny_vit()
+    with pytest.raises(TypeError, match=r"floating-point, got dtype uint8.*astype\(np.float32\) / 255"):
+        model((images(2) * 100).astype(np.uint8))
+    with pytest.raises(TypeError, match="got list"):
+        model(images(2).tolist())
+    for bad in (0, -4):
+        with pytest.raises(ValueError, match="patch_size must be a positive integer"):
+            tiny_vit(patch_size=bad)
+        with pytest.raises(ValueError, match="patch_size must be a positive integer"):
+            F.patchify(images(1), bad)
+        with pytest.raises(ValueError, match="patch_size must be a positive integer"):
+            F.unpatchify(np.zeros((1, 4, 4)), bad)
+    with pytest.raises(ValueError, match="concat: needs at least one tensor"):
+        minivit.concat([])
+    with pytest.raises(ValueError, match="stack: needs at least one tensor"):
+        minivit.stack([])
+    with pytest.raises(ValueError, match="transpose: axis 3 is out of range for a tensor with 2 dimensions"):
+        minivit.Tensor(np.zeros((2, 3))).transpose(0, 3)

@@ -80,8 +80,8 @@ def test_clip_grad_norm_scales_only_when_needed():
 def test_optimizer_errors():
     with pytest.raises(ValueError, match="no parameters"):
         optim.SGD([], lr=0.1)
-    with pytest.raises(TypeError, match="requires_grad=True"):
-        optim.SGD([Tensor(np.ones(2))], lr=0.1)
+    with pytest.raises(TypeError, match="must be Tensors"):
+        optim.SGD([np.ones(2)], lr=0.1)
 
 
 def _train(model, opt, sched, steps, x, y):
@@ -125,3 +125,72 @@ def test_load_state_dict_rejects_another_layout():
     b = optim.SGD([nn.Parameter(np.zeros(2)), nn.Parameter(np.zeros(2))], lr=0.1)
     with pytest.raises(ValueError, match=r"saved groups hold \[1\] parameters, this optimizer \[2\]"):
         b.load_state_dict(a.state_dict())
+
+
+# ------------------------------------------------------------------ validation as PyTorch (issue 17, item 9)
+@pytest.mark.parametrize("make, message", [
+    (lambda p: optim.SGD([p], lr=0.1, nesterov=True), "nesterov"),
+    (lambda p: optim.SGD([p], lr=-0.1), "lr must be >= 0"),
+    (lambda p: optim.SGD([p], lr=0.1, momentum=-0.5), "momentum must be >= 0"),
+    (lambda p: optim.SGD([p], lr=0.1, weight_decay=-1e-4), "weight_decay must be >= 0"),
+    (lambda p: optim.AdamW([p], lr=-1e-3), "lr must be >= 0"),
+    (lambda p: optim.AdamW([p], eps=-1e-8), "eps must be >= 0"),
+    (lambda p: optim.AdamW([p], betas=(1.0, 0.999)), "betas"),
+    (lambda p: optim.AdamW([p], betas=(0.9, -0.1)), "betas"),
+    (lambda p: optim.AdamW([p], weight_decay=-0.1), "weight_decay must be >= 0"),
+    (lambda p: optim.AdamW([{"params": [p], "lr": -1.0}]), "lr must be >= 0"),
+    (lambda p: optim.SGD([p, p], lr=0.1), "listed twice"),
+    (lambda p: optim.AdamW([{"params": [p]}, {"params": [p], "lr": 0.1}]), "listed twice"),
+])
+def test_optimizers_reject_what_pytorch_rejects(make, message):
+    p = nn.Parameter(np.zeros(2))
+    with pytest.raises(ValueError, match=message):
+        make(p)
+
+
+def test_rejections_agree_with_pytorch():
+    torch = pytest.importorskip("torch")
+    w = torch.nn.Parameter(torch.zeros(2))
+    for kwargs in (dict(lr=0.1, nesterov=True), dict(lr=-0.1), dict(lr=0.1, momentum=-0.5)):
+        with pytest.raises(ValueError):
+            torch.optim.SGD([w], **kwargs)
+    for kwargs in (dict(lr=-1e-3), dict(eps=-1e-8), dict(betas=(1.0, 0.999)), dict(weight_decay=-0.1)):
+        with pytest.raises(ValueError):
+            torch.optim.AdamW([w], **kwargs)
+    with pytest.raises(ValueError):
+        torch.optim.AdamW([{"params": [w]}, {"params": [w]}])
+
+
+def test_parameters_that_do_not_require_grad_are_accepted_and_never_stepped():
+    """AdamW(model.parameters()) raised TypeError on a ViT with the fixed sin-cos position table."""
+    model = nn.VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=1,
+                                 num_heads=2, pos_embed="sincos")
+    table = model.pos_embed.data.copy()
+    opt = optim.AdamW(model.parameters(), lr=0.1)
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    F.cross_entropy(model(x), np.array([0, 1])).backward()
+    model.pos_embed.grad = np.ones_like(table)            # even a stray gradient does not move it
+    before = model.head.weight.data.copy()
+    opt.step()
+    np.testing.assert_array_equal(model.pos_embed.data, table)
+    assert not np.array_equal(model.head.weight.data, before)
+    sgd = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sgd.step()
+    np.testing.assert_array_equal(model.pos_embed.data, table)
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.0, float("inf"), "inf"])
+def test_clip_grad_norm_with_a_norm_type(norm_type):
+    gs = [np.array([3.0, -4.0]), np.array([[1.0, 2.0], [0.5, -6.0]])]
+    ps = [nn.Parameter(np.zeros_like(g)) for g in gs]
+    for p, g in zip(ps, gs):
+        p.grad = g.copy()
+    flat = np.concatenate([g.ravel() for g in gs])
+    p_ = float(norm_type)
+    expected = np.abs(flat).max() if np.isinf(p_) else (np.abs(flat) ** p_).sum() ** (1 / p_)
+    norm = optim.clip_grad_norm_(ps, 1.0, norm_type=norm_type)
+    np.testing.assert_allclose(float(norm), expected, rtol=1e-12)
+    got = np.concatenate([p.grad.ravel() for p in ps])
+    np.testing.assert_allclose(got, flat / (expected + 1e-6), rtol=1e-12)
+    with pytest.raises(ValueError, match="norm_type"):
+        optim.clip_grad_norm_(ps, 1.0, norm_type=0)

@@ -71,3 +71,51 @@ def test_batched_matmul_against_a_shared_matrix(batch, n, k, m, seed):
     a, b = _arrays(batch + (n, k), seed), _arrays((k, m), seed + 1)
     np.testing.assert_allclose(ops.MatMulFn.apply(a, b).data, a @ b)
     assert gradcheck(lambda x, w: ops.MatMulFn.apply(x, w), [a, b]).ok
+
+
+# ------------------------------------------------------------------ out-of-range axes (issue 17, item 1)
+@st.composite
+def shape_and_bad_axis(draw):
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=3))
+    n = len(shape)
+    return shape, draw(st.one_of(st.integers(n, n + 5), st.integers(-n - 5, -n - 1)))
+
+
+AXIS_OPS = {
+    "sum": lambda t, a: t.sum(a),
+    "mean": lambda t, a: t.mean(a),
+    "max": lambda t, a: t.max(a),
+    "sum_tuple": lambda t, a: t.sum((0, a)) if a not in (0, -t.ndim) else t.sum(a),
+    "softmax": lambda t, a: ops.SoftmaxFn.apply(t, axis=a),
+    "log_softmax": lambda t, a: ops.LogSoftmaxFn.apply(t, axis=a),
+    "permute": lambda t, a: t.permute(*([a] + list(range(1, t.ndim)))),
+    "transpose0": lambda t, a: t.transpose(a, 0),
+    "transpose1": lambda t, a: t.transpose(0, a),
+    "concat": lambda t, a: ops.ConcatFn.apply(t, t, axis=a),
+    "stack": lambda t, a: ops.StackFn.apply(t, t, axis=a + 1 if a >= 0 else a - 1),   # stack allows ndim + 1 axes
+}
+
+
+@FAST
+@given(case=shape_and_bad_axis(), op=st.sampled_from(sorted(AXIS_OPS)))
+def test_an_out_of_range_axis_raises_naming_the_axis_and_the_ndim(case, op):
+    """NumPy and PyTorch raise on an axis outside [-ndim, ndim); so does every minivit op that takes an axis
+    (before the fix, reductions, permute, concat and stack took the axis modulo ndim)."""
+    import pytest
+    shape, axis = case
+    t = Tensor(_arrays(shape, 0), requires_grad=True)
+    with pytest.raises(ValueError, match=r"axis -?\d+ is out of range for a tensor with \d+ dimensions"):
+        AXIS_OPS[op](t, axis)
+
+
+@FAST
+@given(case=shape_and_axis(), seed=st.integers(0, 2 ** 16))
+def test_an_in_range_axis_of_concat_stack_and_softmax_matches_numpy(case, seed):
+    shape, axis, _ = case
+    if not isinstance(axis, int):
+        axis = 0
+    x = _arrays(shape, seed)
+    np.testing.assert_array_equal(ops.ConcatFn.apply(x, x, axis=axis).data, np.concatenate([x, x], axis=axis))
+    np.testing.assert_array_equal(ops.StackFn.apply(x, x, axis=axis).data, np.stack([x, x], axis=axis))
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    np.testing.assert_allclose(ops.SoftmaxFn.apply(x, axis=axis).data, e / e.sum(axis=axis, keepdims=True))

@@ -228,3 +228,163 @@ def test_anomaly_mode_names_the_op_in_forward_and_in_backward():
                                                      "gradient of input 0"):
             y.backward()
     (x * 2).sum().backward()  # outside the block nothing is checked
+
+
+# ------------------------------------------------------------------ dtype promotion (issue 17, item 8)
+def test_mixed_float_dtypes_promote_to_the_widest_in_every_op_and_gradients_keep_each_inputs_dtype():
+    """One rule: floating inputs of different precisions are promoted to the widest (NumPy's rule between
+    arrays); each gradient comes back in its input's dtype. F.linear(float32, float64) used to return float32."""
+    from minivit import functional as F
+    from minivit.tensor import concat, stack
+    rng = np.random.default_rng(0)
+    cases = {
+        "add": (lambda a, b: a + b, [(3, 4), (4,)]),
+        "mul": (lambda a, b: a * b, [(3, 4), (3, 4)]),
+        "div": (lambda a, b: a / b, [(3, 4), (3, 1)]),
+        "matmul": (lambda a, b: a @ b, [(3, 4), (4, 2)]),
+        "linear": (lambda a, b: F.linear(a, b), [(2, 3, 4), (5, 4)]),
+        "layer_norm": (lambda a, b: F.layer_norm(a, b, b), [(3, 4), (4,)]),
+        "attention": (lambda a, b: F.scaled_dot_product_attention(a, b, b), [(2, 3, 4), (2, 5, 4)]),
+        "concat": (lambda a, b: concat([a, b], axis=0), [(2, 3), (1, 3)]),
+        "stack": (lambda a, b: stack([a, b], axis=1), [(2, 3), (2, 3)]),
+    }
+    for name, (fn, shapes) in cases.items():
+        arrays = [rng.standard_normal(s) for s in shapes]
+        for low in (0, 1):
+            mixed = [Tensor(a.astype(np.float32) if i == low else a, requires_grad=True) for i, a in enumerate(arrays)]
+            wide = [Tensor(a.astype(np.float32).astype(np.float64) if i == low else a, requires_grad=True)
+                    for i, a in enumerate(arrays)]
+            y, y_ref = fn(*mixed), fn(*wide)
+            assert y.dtype == np.float64, name
+            np.testing.assert_allclose(y.data, y_ref.data, rtol=1e-12, err_msg=name)
+            upstream = rng.standard_normal(y.shape)
+            y.backward(upstream)
+            y_ref.backward(upstream)
+            for t, r in zip(mixed, wide):
+                assert t.grad.dtype == t.dtype, name
+                np.testing.assert_allclose(t.grad, r.grad.astype(t.dtype), rtol=1e-6, err_msg=name)
+    logits = Tensor(rng.standard_normal((4, 3)).astype(np.float32), requires_grad=True)
+    assert F.cross_entropy(logits, np.array([0, 1, 2, 0])).dtype == np.float32      # integer labels: no promotion
+    assert (logits * 2.0).dtype == np.float32 and (logits * np.float64(2.0)).dtype == np.float32
+    assert (logits + np.ones(3)).dtype == np.float64                                  # a float64 array promotes
+
+
+def test_a_double_vit_fed_float32_images_computes_in_float64():
+    from minivit import functional as F, nn
+    model = nn.VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=1,
+                                 num_heads=2).to(dtype=np.float64)
+    images = np.random.default_rng(1).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    logits = model(images)
+    assert logits.dtype == np.float64
+    np.testing.assert_array_equal(logits.data, model(images.astype(np.float64)).data)
+    F.cross_entropy(logits, np.array([0, 2])).backward()
+    assert all(p.grad.dtype == np.float64 for p in model.parameters())
+
+
+def test_second_derivatives_through_a_promotion():
+    import minivit
+    a = Tensor(np.array([1.5, -0.5], np.float32), requires_grad=True)
+    b = Tensor(np.array([2.0, 3.0]), requires_grad=True)
+    (ga,) = minivit.grad((a * b * b).sum(), [a], create_graph=True)
+    assert ga.dtype == np.float32
+    (gb,) = minivit.grad(ga.sum(), [b])
+    np.testing.assert_allclose(gb.data, 2 * b.data)
+
+
+# ------------------------------------------------------------------ PyTorch's spellings (issue 17, API list)
+def test_number_to_the_power_of_a_tensor_and_numpy_scalar_exponents():
+    x = Tensor(np.array([0.5, -1.0, 2.0]), requires_grad=True)
+    y = 2 ** x
+    np.testing.assert_allclose(y.data, 2.0 ** x.data, rtol=1e-15)
+    y.backward(np.array([1.0, 2.0, 3.0]))
+    np.testing.assert_allclose(x.grad, [1, 2, 3] * 2.0 ** x.data * np.log(2.0), rtol=1e-14)
+    assert (np.float32(3) ** Tensor(np.ones(2, np.float32))).dtype == np.float32
+    z = Tensor(np.array([1.5, -2.0]), requires_grad=True)
+    for exponent in (np.int64(2), np.float64(2.0), np.int32(2)):
+        out = z ** exponent
+        np.testing.assert_array_equal(out.data, z.data ** 2)
+    (z ** np.int64(3)).sum().backward()
+    np.testing.assert_allclose(z.grad, 3 * z.data ** 2)
+    t = Tensor(np.array([1.0, 2.0]), requires_grad=True)
+    (0 ** t).sum().backward()
+    np.testing.assert_array_equal(t.grad, [0.0, 0.0])                      # as PyTorch
+    with pytest.raises(TypeError, match="Python number exponent"):
+        z ** "2"
+
+
+def test_comparisons_give_boolean_tensors_without_gradient():
+    a = Tensor(np.array([1.0, 2.0, 3.0]), requires_grad=True)
+    b = Tensor(np.array([3.0, 2.0, 1.0]))
+    for op, ref in ((a < b, [1, 0, 0]), (a <= b, [1, 1, 0]), (a > b, [0, 0, 1]), (a >= b, [0, 1, 1]),
+                    (a == b, [0, 1, 0]), (a != b, [1, 0, 1]), (a > 1.5, [0, 1, 1]), (a == np.array(3.0), [0, 0, 1]),
+                    (2.0 < a, [0, 0, 1])):
+        assert isinstance(op, Tensor) and op.dtype == np.bool_ and not op.requires_grad
+        np.testing.assert_array_equal(op.data, np.array(ref, bool))
+    assert len({a, b}) == 2 and {a: 1}[a] == 1                              # still hashable, by identity
+
+
+def test_float_int_bool_and_item_of_one_element_tensors():
+    t = Tensor(np.array([[2.5]]))
+    assert float(t) == 2.5 and int(t) == 2 and bool(t) is True and t.item() == 2.5
+    assert bool(Tensor(np.zeros(1))) is False
+    assert float(Tensor(np.float32(1.5))) == 1.5
+    for f in (float, int, bool):
+        with pytest.raises(ValueError, match="ambiguous"):
+            f(Tensor(np.ones(3)))
+    with pytest.raises(ValueError, match="one element"):
+        Tensor(np.ones(2)).item()
+
+
+def test_dim_and_keepdim_beside_axis_and_keepdims():
+    from minivit import functional as F
+    from minivit.tensor import concat, stack
+    x = np.random.default_rng(0).standard_normal((2, 3, 4))
+    t = Tensor(x, requires_grad=True)
+    np.testing.assert_array_equal(t.sum(dim=1).data, x.sum(1))
+    np.testing.assert_array_equal(t.sum(dim=(0, 2), keepdim=True).data, x.sum((0, 2), keepdims=True))
+    np.testing.assert_array_equal(t.mean(dim=-1, keepdim=True).data, x.mean(-1, keepdims=True))
+    np.testing.assert_array_equal(t.max(axis=2).data, x.max(2))
+    values, indices = t.max(dim=1)
+    np.testing.assert_array_equal(values.data, x.max(1))
+    np.testing.assert_array_equal(indices.data, x.argmax(1))
+    assert t.max(dim=1, keepdim=True).values.shape == (2, 1, 4) and t.max(dim=1, keepdim=True).indices.shape == (2, 1, 4)
+    values.sum().backward()
+    np.testing.assert_array_equal(t.grad, (x == x.max(1, keepdims=True)).astype(float))
+    np.testing.assert_allclose(F.softmax(t, dim=1).data, F.softmax(t, axis=1).data)
+    np.testing.assert_allclose(F.log_softmax(t, dim=0).data, F.log_softmax(t, axis=0).data)
+    assert concat([t, t], dim=2).shape == (2, 3, 8) and stack([t, t], dim=1).shape == (2, 2, 3, 4)
+    with pytest.raises(TypeError, match="not both"):
+        t.sum(axis=1, dim=1)
+    with pytest.raises(TypeError, match="not both"):
+        F.softmax(t, axis=1, dim=1)
+
+
+def test_dim_spellings_match_torch():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(1).standard_normal((3, 4))
+    t, r = Tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
+    ours = t.sum(dim=0, keepdim=True) * t.mean(dim=1, keepdim=True) + t.max(dim=1, keepdim=True).values + 2 ** t
+    ref = r.sum(dim=0, keepdim=True) * r.mean(dim=1, keepdim=True) + r.max(dim=1, keepdim=True).values + 2 ** r
+    upstream = np.random.default_rng(2).standard_normal((3, 4))
+    ours.backward(upstream)
+    ref.backward(torch.from_numpy(upstream))
+    np.testing.assert_allclose(ours.data, ref.detach().numpy(), rtol=1e-10)
+    np.testing.assert_allclose(t.grad, r.grad.numpy(), rtol=1e-10)
+    np.testing.assert_array_equal(t.max(dim=1).indices.data, r.max(dim=1).indices.numpy())
+    np.testing.assert_array_equal((t > 0).data, (r > 0).numpy())
+
+
+def test_the_out_of_range_axes_of_issue_17_raise():
+    """Item 1's reproductions: each used to answer with another axis (axis % ndim)."""
+    from minivit.tensor import concat, stack
+    t = Tensor(np.arange(12.0).reshape(3, 4))
+    for attempt in (lambda: t.sum(2), lambda: t.max(5), lambda: t.mean(-3), lambda: concat([t, t], axis=2),
+                    lambda: stack([t, t], axis=3), lambda: t.permute(3, 0)):
+        with pytest.raises(ValueError, match="out of range for a tensor with"):
+            attempt()
+
+
+def test_integer_logits_get_a_named_error():
+    from minivit import functional as F
+    with pytest.raises(TypeError, match="logits must be floating-point"):
+        F.cross_entropy(np.zeros((2, 3), np.int64), np.array([0, 1]))

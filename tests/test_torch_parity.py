@@ -155,3 +155,70 @@ def test_timm_vit_loads_into_minivit_and_matches_it():
     for name, p in ref.named_parameters():
         ours = dict(model.named_parameters())[name].grad
         np.testing.assert_allclose(ours, p.grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 3.0, float("inf")])
+def test_clip_grad_norm_with_a_norm_type_matches_torch(norm_type):
+    gs = [R.standard_normal((3, 4)) * 5, R.standard_normal(7)]
+    ps = [nn.Parameter(np.zeros_like(g)) for g in gs]
+    tps = [torch.nn.Parameter(torch.zeros(g.shape, dtype=torch.float64)) for g in gs]
+    for p, tp, g in zip(ps, tps, gs):
+        p.grad, tp.grad = g.copy(), torch.from_numpy(g.copy())
+    norm = optim.clip_grad_norm_(ps, 1.0, norm_type=norm_type)
+    tnorm = torch.nn.utils.clip_grad_norm_(tps, 1.0, norm_type=norm_type)
+    np.testing.assert_allclose(float(norm), tnorm.item(), rtol=1e-10)
+    for p, tp in zip(ps, tps):
+        np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=1e-10)
+
+
+_W5 = R.uniform(0.5, 2.0, 5)
+_LABELS = np.array([0, 4, -100, 2, 2, 1, -100, 3])
+_PROBS = R.dirichlet(np.ones(5), 8)
+CROSS_ENTROPY = {
+    "weight": (dict(weight=_W5), _LABELS.clip(0)),
+    "ignore_index": (dict(), _LABELS),
+    "weight_ignore_smoothing": (dict(weight=_W5, label_smoothing=0.2), _LABELS),
+    "ignore_smoothing": (dict(label_smoothing=0.1), _LABELS),
+    "ignore_other_index_sum": (dict(ignore_index=2, reduction="sum"), _LABELS.clip(0)),
+    "weight_none": (dict(weight=_W5, reduction="none"), _LABELS),
+    "probabilities": (dict(), _PROBS),
+    "probabilities_weight_smoothing": (dict(weight=_W5, label_smoothing=0.15), _PROBS),
+    "probabilities_none": (dict(reduction="none", weight=_W5), _PROBS),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name", CROSS_ENTROPY)
+def test_cross_entropy_weight_ignore_index_and_probabilities_match_torch(name, dtype):
+    kwargs, target = CROSS_ENTROPY[name]
+    x = R.standard_normal((8, 5))
+    ours = {k: (v.astype(dtype) if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
+    theirs = {k: (torch.from_numpy(v.astype(dtype)) if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
+    if target.dtype.kind == "f":
+        _compare(lambda a, t: F.cross_entropy(a, t, **ours), lambda a, t: TF.cross_entropy(a, t, **theirs),
+                 [x, target], dtype)                              # the gradient in the probabilities too
+    else:
+        _compare(lambda a, t: F.cross_entropy(a, t, **ours), lambda a, t: TF.cross_entropy(a, t, **theirs),
+                 [x, target], dtype, label_positions={1})
+
+
+_MASK_Q, _MASK_K = R.standard_normal((2, 3, 5, 4)), R.standard_normal((2, 3, 7, 4))
+_MASK_V = R.standard_normal((2, 3, 7, 6))
+_BOOL_MASK = R.random((3, 5, 7)) < 0.7
+_BOOL_MASK[..., 0] = True                                       # every query sees at least one key
+ATTENTION_MASKS = {
+    "bool": dict(attn_mask=_BOOL_MASK),
+    "float": dict(attn_mask=R.standard_normal((2, 1, 5, 7))),
+    "causal": dict(is_causal=True),
+    "causal_scale": dict(is_causal=True, scale=0.3),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name", ATTENTION_MASKS)
+def test_attention_with_a_mask_matches_torch(name, dtype):
+    kwargs = ATTENTION_MASKS[name]
+    ours = {k: (v.astype(dtype) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v) for k, v in kwargs.items()}
+    theirs = {k: (torch.from_numpy(ours[k]) if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
+    _compare(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **ours),
+             lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, **theirs), [_MASK_Q, _MASK_K, _MASK_V], dtype)

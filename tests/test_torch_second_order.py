@@ -67,9 +67,9 @@ def _theirs(fn, arrays, U, V):
 CASES = {**{k: v for k, v in OPS.items()}, **PRIMITIVES}
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_second_derivatives_match_torch(name):
-    ours, theirs, arrays = CASES[name]
+def assert_second_derivatives_match_torch(ours, theirs, arrays, tol=TOL):
+    """The first derivatives (with a random upstream U) and the second (with random directions V) of ``ours``
+    against those of ``theirs``, the same function in PyTorch, on the same arrays."""
     with torch.no_grad():
         out_shape = tuple(theirs(*[torch.from_numpy(a) for a in arrays]).shape)
     U = R.standard_normal(out_shape)
@@ -77,13 +77,18 @@ def test_second_derivatives_match_torch(name):
     first, second = _ours(ours, arrays, U, V)
     first_ref, second_ref = _theirs(theirs, arrays, U, V)
     for i, (a, b) in enumerate(zip(first, first_ref)):
-        np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL, err_msg=f"first derivative {i}")
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=f"first derivative {i}")
     for i, (a, b) in enumerate(zip(second, second_ref)):
         if b is None:   # torch: that input enters the gradient linearly, so its second derivative is 0
-            assert a is None or np.abs(a).max() <= TOL, f"second derivative {i}"
+            assert a is None or np.abs(a).max() <= tol, f"second derivative {i}"
         else:
             scale = max(np.abs(b).max(), 1.0)
-            np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL * scale, err_msg=f"second derivative {i}")
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale, err_msg=f"second derivative {i}")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_second_derivatives_match_torch(name):
+    assert_second_derivatives_match_torch(*CASES[name])
 
 
 def test_gradient_penalty_of_a_vit_critic_matches_torch_in_every_parameter():

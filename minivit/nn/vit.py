@@ -54,6 +54,8 @@ class PatchEmbed(Module):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, rng=None):
         super().__init__()
+        if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size <= 0:
+            raise ValueError(f"PatchEmbed: patch_size must be a positive integer, got {patch_size!r}")
         self.img_size, self.patch_size, self.in_chans = _pair(img_size), patch_size, in_chans
         H, W = self.img_size
         if H % patch_size or W % patch_size:
@@ -63,6 +65,12 @@ class PatchEmbed(Module):
         self.proj = PatchProjection(in_chans, embed_dim, patch_size, rng or init.default_rng())
 
     def forward(self, images):
+        if not hasattr(images, "dtype") or not hasattr(images, "ndim"):
+            raise TypeError(f"PatchEmbed: images must be an array or a Tensor (B, C, H, W), got "
+                            f"{type(images).__name__}; wrap a list with np.asarray(..., dtype=np.float32)")
+        if images.dtype.kind != "f":
+            raise TypeError(f"PatchEmbed: images must be floating-point, got dtype {images.dtype}; convert "
+                            "8-bit images with images.astype(np.float32) / 255 (and normalise as in training)")
         expected = (self.in_chans, *self.img_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"PatchEmbed: expected images (B, {', '.join(map(str, expected))}), "
@@ -146,7 +154,8 @@ class VisionTransformer(Module):
         img_size: image side (int) or (H, W).
         patch_size: patch side P; the image must divide into whole patches.
         in_chans: image channels C.
-        num_classes: K, the width of the head.
+        num_classes: K, the width of the head; 0 for no head (as timm): the model then returns the pooled
+            (B, D) features.
         global_pool: 'token' (the class token's output) or 'avg' (mean of the patch tokens, then fc_norm).
         embed_dim: token width D.
         depth: number of blocks.
@@ -175,6 +184,9 @@ class VisionTransformer(Module):
             raise ValueError(f"VisionTransformer: pos_embed must be 'learn' or 'sincos', got {pos_embed!r}")
         if embed_dim % num_heads:
             raise ValueError(f"VisionTransformer: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 0:
+            raise ValueError(f"VisionTransformer: num_classes must be an integer >= 0 (0: no head, pooled "
+                             f"features out), got {num_classes!r}")
         rng = np.random.default_rng(seed)
         self.num_classes, self.global_pool, self.embed_dim = num_classes, global_pool, embed_dim
         self.num_prefix_tokens = 1 if class_token else 0
@@ -208,7 +220,7 @@ class VisionTransformer(Module):
         else:
             self.norm, self.fc_norm = LayerNorm(embed_dim, eps=1e-6), Identity()
         self.head_drop = Dropout(drop_rate, seed=seed + 2)
-        self.head = Linear(embed_dim, num_classes, rng=rng)
+        self.head = Linear(embed_dim, num_classes, rng=rng) if num_classes > 0 else Identity()
 
         # timm's init: every Linear weight N(0, 0.02^2) truncated, biases zero; the patch projection keeps
         # PyTorch's Conv2d default.
@@ -234,7 +246,8 @@ class VisionTransformer(Module):
         return self.norm(x)
 
     def forward_head(self, x, pre_logits=False):
-        """(B, N, D) tokens -> (B, K) logits (or the pooled (B, D) features with ``pre_logits``)."""
+        """(B, N, D) tokens -> (B, K) logits (or the pooled (B, D) features with ``pre_logits`` or without a head,
+        num_classes=0)."""
         if self.global_pool == "avg":
             x = x[:, self.num_prefix_tokens:].mean(axis=1)                    # (B, D)
         else:

@@ -8,7 +8,8 @@ import importlib
 import inspect
 import pkgutil
 
-from minivit.ops.arithmetic import AddFn, DivFn, ErfFn, ExpFn, LogFn, MatMulFn, MulFn, NegFn, PowFn, SubFn, TanhFn
+from minivit.ops.arithmetic import (AddFn, CastFn, DivFn, ErfFn, ExpFn, LogFn, MatMulFn, MulFn, NegFn, PowFn, RPowFn,
+                                   SubFn, TanhFn)
 from minivit.ops.shape import ConcatFn, GetItemFn, IndexAddFn, PermuteFn, ReshapeFn, StackFn
 from minivit.ops.reduce import BroadcastToFn, MaxFn, MeanFn, SumFn
 from minivit.ops.linear import LinearFn
@@ -20,14 +21,16 @@ from minivit.ops.loss import CrossEntropyFn
 from minivit.ops.patch import PatchifyFn, UnpatchifyFn
 from minivit.ops.logistic import BinaryCrossEntropyWithLogitsFn, LogSigmoidFn, SigmoidFn, SoftplusFn
 from minivit.ops.l2attention import L2AttentionFn
+from minivit.ops.vae import BernoulliLogLikelihoodFn, GaussianKLFn, GaussianLogLikelihoodFn, ReparameterizeFn
 
 __all__ = [
-    "AddFn", "SubFn", "MulFn", "DivFn", "NegFn", "PowFn", "ExpFn", "LogFn", "TanhFn", "ErfFn", "MatMulFn",
+    "AddFn", "SubFn", "CastFn", "MulFn", "DivFn", "NegFn", "PowFn", "RPowFn", "ExpFn", "LogFn", "TanhFn", "ErfFn", "MatMulFn",
     "ReshapeFn", "PermuteFn", "GetItemFn", "IndexAddFn", "ConcatFn", "StackFn",
     "SumFn", "MeanFn", "MaxFn", "BroadcastToFn",
     "LinearFn", "GELUFn", "DropoutFn", "SoftmaxFn", "LogSoftmaxFn", "LayerNormFn",
     "ScaledDotProductAttentionFn", "MultiHeadSelfAttentionFn", "CrossEntropyFn", "PatchifyFn", "UnpatchifyFn",
     "SigmoidFn", "SoftplusFn", "LogSigmoidFn", "BinaryCrossEntropyWithLogitsFn", "L2AttentionFn",
+    "ReparameterizeFn", "GaussianKLFn", "BernoulliLogLikelihoodFn", "GaussianLogLikelihoodFn",
     "all_ops",
 ]
 

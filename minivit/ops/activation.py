@@ -15,10 +15,10 @@ The composed versions build GELU from primitives; the op evaluates it and its de
 
 import math
 
-from minivit.backend import erf, get_array_module, parallel_rows
+from minivit.backend import erfc, gelu_float32, get_array_module, parallel_rows
 from minivit.function import Function
 from minivit.ops.arithmetic import ErfFn
-from minivit.tensor import Tensor
+from minivit.tensor import Tensor, is_grad_enabled
 
 _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -40,12 +40,15 @@ def gelu_tanh_composed(x):
 
 
 def gelu_exact(x, y, cdf):
-    """y = x * Phi(x) and cdf = Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2, written into y and cdf."""
+    """y = x * Phi(x) and cdf = Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2, written into y and cdf.
+
+    erfc, not 1 + erf: for x far below 0, 1 + erf(x / sqrt 2) cancels to 0 long before Phi(x) underflows."""
     xp = get_array_module(x)
-    erf(xp.multiply(x, _SQRT_HALF, out=y), out=cdf)                     # y holds x / sqrt 2 for a moment
-    cdf += 1.0
+    erfc(xp.multiply(x, -_SQRT_HALF, out=y), out=cdf)                   # y holds -x / sqrt 2 for a moment
     cdf *= 0.5
-    xp.multiply(x, cdf, out=y)
+    with xp.errstate(invalid="ignore"):
+        xp.multiply(x, cdf, out=y)
+    y[xp.isneginf(x)] = -0.0                                            # the limit, not -inf * 0
 
 
 # dx = dy * (Phi(x) + x * phi(x)),  phi(x) = exp(-x^2/2) / sqrt(2 pi)
@@ -55,7 +58,7 @@ def gelu_exact_backward(x, cdf, dy, dx):
     xp.multiply(x, x, out=dx)
     dx *= -0.5
     xp.exp(dx, out=dx)
-    dx *= x
+    dx *= xp.maximum(x, -xp.finfo(x.dtype).max)                         # -inf * exp(-inf) would be NaN
     dx *= _INV_SQRT_2PI                                                 # x phi(x)
     dx += cdf
     dx *= dy
@@ -64,6 +67,10 @@ def gelu_exact_backward(x, cdf, dy, dx):
 # --------------------------------------------------------------------------------------------------- the ops
 class GELUFn(Function):
     """y = x * Phi(x), Phi the standard normal CDF: Phi(x) = (1 + erf(x / sqrt 2)) / 2 (exact, as timm).
+
+    Computed without the cancellation of 1 + erf for negative x (erfc in float64, backend.gelu_float32 in float32
+    on the CPU), so that it stays within a few ulp of the exact value over the whole range: GELU(-1e30) = -0.0,
+    GELU(+inf) = +inf, GELU(-inf) = -0.0 (the limit; PyTorch gives NaN at both infinities).
 
     With approximate='tanh': y = x/2 * (1 + tanh(u)), u = sqrt(2/pi) * (x + 0.044715 x^3); it differs from the
     exact form by up to about 5e-4.
@@ -80,14 +87,22 @@ class GELUFn(Function):
             self.t = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
             return 0.5 * x * (1 + self.t)
         flat = x.reshape(-1)
-        y, self.cdf = xp.empty_like(flat), xp.empty_like(flat)
+        y = xp.empty_like(flat)
+        # float32 on the CPU: y and the derivative dy/dx in one pass (backward is then one product); elsewhere
+        # Phi(x), from which backward computes the derivative.
+        self.fused = xp.__name__ == "numpy" and x.dtype == xp.float32
+        want_grad = is_grad_enabled() and any(self.needs_input_grad)
+        self.saved = None if self.fused and not want_grad else xp.empty_like(flat)
 
         def part(r):
-            gelu_exact(flat[r], y[r], self.cdf[r])
+            if self.fused:
+                gelu_float32(flat[r], y[r], None if self.saved is None else self.saved[r])
+            else:
+                gelu_exact(flat[r], y[r], self.saved[r])
         parallel_rows(len(flat), part, xp, block=self.BLOCK)
         return y.reshape(x.shape)
 
-    # exact: see gelu_exact_backward
+    # exact: dx = dy * (Phi(x) + x phi(x)), see gelu_exact_backward and backend.gelu_float32
     # tanh:  dx = dy * ((1 + t)/2 + x/2 * (1 - t^2) * sqrt(2/pi) * (1 + 3 * 0.044715 x^2))
     def backward(self, dy):
         xp = get_array_module(dy)
@@ -99,7 +114,10 @@ class GELUFn(Function):
         dx = xp.empty_like(flat)
 
         def part(r):
-            gelu_exact_backward(flat[r], self.cdf[r], dy_flat[r], dx[r])
+            if self.fused:
+                xp.multiply(dy_flat[r], self.saved[r], out=dx[r])              # saved = dy/dx
+            else:
+                gelu_exact_backward(flat[r], self.saved[r], dy_flat[r], dx[r])
         parallel_rows(len(flat), part, xp, block=self.BLOCK)
         return (dx.reshape(x.shape),)
 

@@ -78,6 +78,21 @@ class DivFn(Function):
         return da, db
 
 
+class CastFn(Function):
+    """y = x converted to ``dtype`` (a NumPy dtype).  Shapes: x -> y (same)"""
+
+    def forward(self, x, *, dtype):
+        self.x_dtype = x.dtype
+        return x.astype(dtype)
+
+    # dx = dy converted back to x's dtype
+    def backward(self, dy):
+        return (dy.astype(self.x_dtype),)
+
+    def backward_graph(self, dy):
+        return (CastFn.apply(dy, dtype=self.x_dtype),)
+
+
 class NegFn(Function):
     """y = -x.  Shapes: x -> y (same)"""
 
@@ -109,6 +124,29 @@ class PowFn(Function):
         if self.p == 0:
             return (dy * 0,)
         return (dy * (self.p * x ** (self.p - 1)),)
+
+
+class RPowFn(Function):
+    """y = base ** x for a constant number base (2 ** t).  Shapes: x -> y (same)"""
+
+    def forward(self, x, *, base):
+        xp = get_array_module(x)
+        self.base = base
+        self.y = xp.power(xp.asarray(base, dtype=x.dtype), x)
+        return self.y
+
+    # dx = dy * y * ln(base);  for base = 0 the output is 0 (x > 0) and PyTorch's dx = 0 is kept
+    def backward(self, dy):
+        if self.base == 0:
+            return (dy * 0,)
+        return (dy * self.y * math.log(self.base) if self.base > 0 else dy * self.y * math.nan,)
+
+    def backward_graph(self, dy):
+        (x,) = self.parents
+        if self.base == 0:
+            return (dy * 0,)
+        log_base = math.log(self.base) if self.base > 0 else math.nan
+        return (dy * RPowFn.apply(x, base=self.base) * log_base,)
 
 
 class ExpFn(Function):

@@ -21,6 +21,7 @@ from minivit.backend import get_array_module, parallel_rows, sum_last
 from minivit.function import Function, unbroadcast
 from minivit.ops.shape import StackFn
 from minivit.ops.softmax import SoftmaxFn, softmax_composed
+from minivit.tensor import Tensor
 
 
 # ------------------------------------------------------------------------------------------ readable version
@@ -72,26 +73,45 @@ def transposed_copy(a, scale):
     return xp.multiply(a.swapaxes(-1, -2), scale, out=out)
 
 
-def attention_forward(q, k, v, scale, y=None, p=None):
-    """y = softmax(q k^T * scale) v and p = softmax(q k^T * scale), written into ``y`` and ``p`` when given.
+def attention_forward(q, k, v, scale, y=None, p=None, bias=None):
+    """y = softmax(q k^T * scale + bias) v and p = softmax(q k^T * scale + bias), written into ``y`` and ``p``
+    when given; ``bias`` (an additive mask: -inf where a query may not look) is optional.
 
-    Shapes: q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv) -> y (..., Nq, dv), p (..., Nq, Nk)
+    Shapes: q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv), bias broadcastable to (..., Nq, Nk)
+            -> y (..., Nq, dv), p (..., Nq, Nk)
     """
     xp = get_array_module(q)
     kt = transposed_copy(k, scale)                                       # (..., d, Nk)
     p = xp.matmul(q, kt, out=p)                                          # the scores s = q k^T * scale
+    if bias is not None:
+        p += bias
     # Softmax does not change when a row is shifted; the usual shift by the row max only keeps exp from
-    # overflowing. Scores of a working model are far from exp's limits, so on the CPU try without it (two passes
-    # fewer over the largest array of the step) and shift only if some row's sum overflowed or vanished. On the
+    # overflowing and the small probabilities from underflowing. Scores of a working model are far from exp's
+    # limits, so on the CPU try without it (two passes fewer over the largest array of the step) and shift only
+    # the rows that need it. Unshifted, p_j = exp(s_j) / total loses nothing when 1 <= total < 1e30: no exp
+    # overflowed, and an exp(s_j) that underflowed below the normal range gives p_j <= exp(s_j), itself below
+    # it, as the shifted form would. Other rows (all scores negative, or huge) are redone with the shift. On the
     # GPU that check would wait for the device, so the shift is always made there.
-    shift = xp.__name__ != "numpy"
+    shift = xp.__name__ != "numpy" or bias is not None                  # a mask: always shift (simpler)
     if not shift:
-        with xp.errstate(over="ignore", under="ignore"):   # an overflow here only sends us to the shift below
+        with xp.errstate(over="ignore", under="ignore"):   # an overflow here only sends the row to the shift
             xp.exp(p, out=p)
         total = sum_last(p)
-        shift = not bool(((total > 1e-30) & (total < 1e30)).all())
-        if shift:
-            xp.matmul(q, kt, out=p)                                      # the scores again, to shift them
+        ok = (total >= 1.0) & (total < 1e30)
+        if not bool(ok.all()):
+            bad = xp.nonzero(~ok[..., 0])                                # the rows to redo: (..., Nq) indices
+            if 8 * len(bad[0]) > ok.size:                                # many: all scores again, shifted
+                shift = True
+                xp.matmul(q, kt, out=p)
+            else:
+                batch = p.shape[:-2]
+                q_rows = xp.broadcast_to(q, batch + q.shape[-2:])[bad]                      # (n, d)
+                kt_rows = xp.broadcast_to(kt, batch + kt.shape[-2:])[bad[:-1]]              # (n, d, Nk)
+                s = (q_rows[:, None, :] @ kt_rows)[:, 0]                                     # (n, Nk)
+                s -= s.max(axis=-1, keepdims=True)
+                xp.exp(s, out=s)
+                p[bad] = s
+                total[bad] = s.sum(axis=-1, keepdims=True)
     if shift:
         p -= p.max(axis=-1, keepdims=True)
         xp.exp(p, out=p)
@@ -114,10 +134,11 @@ def attention_backward(dy, q, k, v, p, y, scale, dq=None, dk=None, dv=None):
             xp.matmul(p.swapaxes(-1, -2), dy, out=dv))
 
 
-def attention_backward_graph(dy, q, k, v, scale):
+def attention_backward_graph(dy, q, k, v, scale, bias=None):
     """attention_backward on Tensors, with p recomputed from q and k: gradients that can be differentiated again.
     Shapes as attention_forward; returns (dq, dk, dv) in the broadcast batch shape."""
-    p = SoftmaxFn.apply((q @ k.transpose(-1, -2)) * scale, axis=-1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    p = SoftmaxFn.apply(scores if bias is None else scores + Tensor(bias), axis=-1)
     dv = p.transpose(-1, -2) @ dy
     dp = dy @ v.transpose(-1, -2)
     ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
@@ -126,16 +147,19 @@ def attention_backward_graph(dy, q, k, v, scale):
 
 # --------------------------------------------------------------------------------------------------- the ops
 class ScaledDotProductAttentionFn(Function):
-    """y = softmax(q k^T * scale) v, the softmax over keys; scale = 1/sqrt(d) unless given.
+    """y = softmax(q k^T * scale + bias) v, the softmax over keys; scale = 1/sqrt(d) unless given; ``bias`` an
+    optional constant additive mask (-inf where a query may not look), broadcastable to (..., Nq, Nk).
 
-    The attention probabilities p = softmax(q k^T * scale) are kept as ``self.p`` (for backward and for pictures).
+    The attention probabilities p = softmax(q k^T * scale + bias) are kept as ``self.p`` (for backward and for
+    pictures).
 
     Shapes: q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv) -> y (..., Nq, dv); p (..., Nq, Nk)
     """
 
-    def forward(self, q, k, v, *, scale=None):
+    def forward(self, q, k, v, *, scale=None, bias=None):
         self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        self.y, self.p = attention_forward(q, k, v, self.scale)
+        self.bias = bias
+        self.y, self.p = attention_forward(q, k, v, self.scale, bias=bias)
         self.q, self.k, self.v = q, k, v
         return self.y
 
@@ -145,7 +169,7 @@ class ScaledDotProductAttentionFn(Function):
         return tuple(unbroadcast(g, x.shape) for g, x in zip(grads, (self.q, self.k, self.v)))
 
     def backward_graph(self, dy):
-        grads = attention_backward_graph(dy, *self.parents, self.scale)
+        grads = attention_backward_graph(dy, *self.parents, self.scale, bias=self.bias)
         return tuple(unbroadcast(g, x.shape) for g, x in zip(grads, self.parents))
 
 

@@ -13,6 +13,7 @@ above, and the row kernels after it do so in place, a block of rows per thread.
 
 from minivit.backend import get_array_module, parallel_rows, sum_last, sum_rows
 from minivit.function import Function
+from minivit.tensor import Tensor
 
 
 # ------------------------------------------------------------------------------------------ readable version
@@ -34,13 +35,33 @@ def layer_norm_rows(x, w, b, eps, y, xhat, rstd):
     xhat = (x - mean) * rstd, rstd = 1 / sqrt(var + eps), y = xhat w + b."""
     xp = get_array_module(x)
     D = x.shape[-1]
-    xp.subtract(x, sum_last(x) * (1.0 / D), out=xhat)                  # x - mean
-    xp.multiply(xhat, xhat, out=y)                                      # y holds the squares for a moment
-    var = sum_last(y) * (1.0 / D)
-    xp.divide(1.0, xp.sqrt(var + eps), out=rstd)
-    xhat *= rstd
+    with xp.errstate(over="ignore", invalid="ignore", divide="ignore"):   # huge rows: handled below
+        xp.subtract(x, sum_last(x) * (1.0 / D), out=xhat)              # x - mean
+        xp.multiply(xhat, xhat, out=y)                                  # y holds the squares for a moment
+        var = sum_last(y) * (1.0 / D)
+        xp.divide(1.0, xp.sqrt(var + eps), out=rstd)
+        xhat *= rstd
+    # A row whose squares (or sum) overflow gets var = inf and rstd = 0: xhat would be 0 and y the bias. Such rows
+    # are redone on a scaled copy. The test reads one number per row (on the CPU only: on the GPU it would wait
+    # for the device).
+    if xp.__name__ == "numpy" and not xp.isfinite(var).all():
+        bad = ~xp.isfinite(var[:, 0])
+        xhat[bad], rstd[bad] = layer_norm_scaled(x[bad], eps)
     xp.multiply(xhat, w, out=y)
     y += b
+
+
+def layer_norm_scaled(x, eps):
+    """(xhat, rstd) of rows x (M, D) whose squares would overflow: computed on x / s with s = max |x| per row,
+    using xhat(x) = xhat(x / s) with eps / s^2 in place of eps, and rstd(x) = rstd(x / s) / s."""
+    xp = get_array_module(x)
+    with xp.errstate(over="ignore", invalid="ignore"):
+        s = xp.abs(x).max(axis=-1, keepdims=True)
+        s[(s == 0) | ~xp.isfinite(s)] = 1                               # a row with inf or NaN stays NaN below
+        xs = x / s
+        xs -= xs.mean(axis=-1, keepdims=True)
+        rstd_s = 1.0 / xp.sqrt((xs * xs).mean(axis=-1, keepdims=True) + eps / s / s)
+        return xs * rstd_s, rstd_s / s
 
 
 # g = dy * w ;  dx = rstd * (g - mean(g) - xhat * mean(g * xhat))      (means over the last axis)
@@ -93,10 +114,16 @@ class LayerNormFn(Function):
         return dx.reshape(dy.shape), sum(p[0] for p in parts), sum(p[1] for p in parts)
 
     # The same formulas on Tensors, with xhat and rstd recomputed from x so that their derivatives count.
+    # Each row is divided by a constant s (its largest deviation when that is huge, else 1) before squaring, so
+    # that the squares cannot overflow: rstd = ((xc/s)^2 mean + eps/s^2)^-1/2 / s is the same function of x.
     def backward_graph(self, dy):
         x, w, _ = self.parents
+        xp = get_array_module(x.data)
         xc = x - x.mean(axis=-1, keepdims=True)
-        rstd = ((xc * xc).mean(axis=-1, keepdims=True) + self.eps) ** -0.5
+        big = xp.abs(xc.data).max(axis=-1, keepdims=True)
+        s = Tensor(xp.where(big > 1e15, big, 1.0).astype(x.dtype))
+        xs = xc / s
+        rstd = ((xs * xs).mean(axis=-1, keepdims=True) + self.eps / s / s) ** -0.5 / s
         xhat = xc * rstd
         g = dy * w
         dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))

@@ -14,7 +14,7 @@ the ops after them compute it by the formulas above in one pass.
 """
 
 from minivit.backend import get_array_module
-from minivit.function import Function
+from minivit.function import Function, normalize_axis
 
 
 # ------------------------------------------------------------------------------------------ readable version
@@ -42,6 +42,7 @@ class SoftmaxFn(Function):
 
     def forward(self, x, *, axis=-1):
         xp = get_array_module(x)
+        axis = normalize_axis(axis, x.ndim, "softmax")
         e = xp.exp(x - x.max(axis=axis, keepdims=True))  # shift by the max: exp never overflows
         e /= e.sum(axis=axis, keepdims=True)
         self.y, self.axis = e, axis
@@ -66,6 +67,7 @@ class LogSoftmaxFn(Function):
 
     def forward(self, x, *, axis=-1):
         xp = get_array_module(x)
+        axis = normalize_axis(axis, x.ndim, "log_softmax")
         shifted = x - x.max(axis=axis, keepdims=True)
         y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
         self.y, self.axis = y, axis
