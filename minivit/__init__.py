@@ -6,9 +6,10 @@ from minivit.tensor import Tensor, concat, enable_grad, is_grad_enabled, no_grad
 from minivit.autograd import grad, hvp
 from minivit import functional, nn, optim
 from minivit.gradcheck import gradcheck, gradgradcheck
+from minivit.amp import GradScaler, autocast
 
 __version__ = "0.1.0"
 
 __all__ = ["Tensor", "no_grad", "enable_grad", "set_grad_enabled", "is_grad_enabled", "concat", "stack", "grad",
            "hvp", "manual_seed", "set_num_threads", "functional", "nn", "optim", "gradcheck", "gradgradcheck",
-           "__version__"]
+           "autocast", "GradScaler", "__version__"]

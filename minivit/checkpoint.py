@@ -143,6 +143,7 @@ class Checkpoint:
     config: dict
     optimizer_state: dict = None
     schedule_state: dict = None
+    scaler_state: dict = None   # the loss scaler of a mixed-precision run (minivit.amp.GradScaler)
     rng_state: dict = None
     train_settings: dict = field(default_factory=dict)
     epoch: int = 0
@@ -150,7 +151,7 @@ class Checkpoint:
 
 
 def save_checkpoint(path, model, optimizer=None, schedule=None, rng_state=None, train_settings=None, epoch=0,
-                    history=()):
+                    history=(), scaler=None):
     """Write model, optimizer, schedule, random states and progress to one safetensors file, atomically."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "config": json.dumps(model.config), "epoch": str(int(epoch)),
@@ -160,6 +161,8 @@ def save_checkpoint(path, model, optimizer=None, schedule=None, rng_state=None, 
         meta["optimizer"] = _pack_optimizer(optimizer, "optimizer", tensors)
     if schedule is not None:
         meta["schedule"] = json.dumps(schedule.state_dict())
+    if scaler is not None:
+        meta["scaler"] = json.dumps(scaler.state_dict())
     return save_tensors(path, tensors, meta)
 
 
@@ -255,6 +258,8 @@ def _parse_checkpoint(path, tensors, meta):
             ckpt.optimizer_state = _unpack_optimizer(meta["optimizer"], "optimizer", tensors)
         if "schedule" in meta:
             ckpt.schedule_state = json.loads(meta["schedule"])
+        if "scaler" in meta:
+            ckpt.scaler_state = json.loads(meta["scaler"])
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: damaged checkpoint metadata ({type(e).__name__}: {e})") from e
     return ckpt

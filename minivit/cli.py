@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from minivit import allocator, art, checkpoint, data, gan_train, painters, parallel, vae_train
+from minivit import allocator, art, checkpoint, data, distributed, gan_train, painters, vae_train
 from minivit.rundir import RunLocked
 from minivit.train import (PRESETS, STOP, SettingsError, TrainingDiverged, TrainSettings, evaluate_checkpoint,
                            flag, settings_for, train)
@@ -84,6 +84,8 @@ def _parser():
     _add_settings_flags(t, TRAIN_FLAGS, tiny)
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crops and flips (default: off; on in the cifar10 preset)")
+    t.add_argument("--amp", action="store_true", default=None, help="mixed precision: matrix products in float16 "
+                   "with loss scaling (fast on a GPU; on a CPU NumPy's float16 products are far slower)")
     _add_run_flags(t, out="runs/<preset>-<time>", resume="a checkpoint (or a run folder)")
 
     e = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint or an exported .safetensors file: "
@@ -250,7 +252,7 @@ def _checkpoint_path(path):
 
 def run_train(args):
     overrides = {field: getattr(args, name[2:].replace("-", "_")) for name, (field, _, _) in TRAIN_FLAGS.items()}
-    overrides.update(augment=args.augment, anomaly=args.anomaly or None, verify=args.verify)
+    overrides.update(augment=args.augment, anomaly=args.anomaly or None, verify=args.verify, amp=args.amp)
     if args.resume is not None:
         settings = TrainSettings(**_resume_settings(overrides, RESUME_FLAGS))
         ckpt = _checkpoint_path(args.resume)
@@ -353,7 +355,7 @@ def main(argv=None):
     try:
         args = _parser().parse_args(argv)
         allocator.tune_malloc()
-        parallel.set_num_threads()  # every core
+        distributed.set_num_threads()  # every core (shared out among the ranks under mpiexec)
         # `kill` stops a run as Ctrl-C does, at the next step: the lock is released, the message says what is saved
         signal.signal(signal.SIGTERM, STOP.handler)
         signal.signal(signal.SIGINT, STOP.handler)
@@ -378,6 +380,7 @@ def main(argv=None):
             run_sample(args)
     except KeyboardInterrupt as err:
         print(f"\nminivit: interrupted; {err or 'the command did not finish'}", file=sys.stderr)
+        distributed.end_job_on_error(130)  # ranks may stop at different steps: end them all
         return 130
     except Exception as err:
         if args is not None and args.debug:
@@ -385,6 +388,7 @@ def main(argv=None):
         code, text = _describe(err)
         one_line = " ".join(line.strip() for line in text.splitlines())
         print(f"minivit: error: {one_line}", file=sys.stderr)
+        distributed.end_job_on_error(code)  # under mpiexec the other ranks would wait for this one forever
         return code
     return 0
 

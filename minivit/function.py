@@ -41,6 +41,8 @@ class Function:
         tensors = tuple(x if isinstance(x, Tensor) else Tensor(x) for x in inputs)
         if len(tensors) > 1:
             tensors = promote(tensors)
+        if autocast_policy is not None:
+            tensors = autocast_policy(self, tensors)
         arrays = tuple(t.data for t in tensors)
         devices.check_same_device(arrays, type(self).__name__)
         self.needs_input_grad = tuple(t.requires_grad for t in tensors)
@@ -61,6 +63,11 @@ class Function:
     def backward_graph(self, dy):
         raise NotImplementedError(f"{type(self).__name__} has no backward_graph, so its gradient cannot be "
                                   "differentiated (create_graph=True)")
+
+
+# Inside ``minivit.amp.autocast``: policy(fn, tensors) -> the tensors the op runs on, cast to the dtype that the
+# op's entry in the policy table asks for (None outside autocast: then an op costs one test).
+autocast_policy = None
 
 
 # ------------------------------------------------------------------------------------------------- hooks

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minivit import checkpoint, data, devices, optim, rng, viz
+from minivit import amp, checkpoint, data, devices, distributed, optim, rng, viz
 from minivit import functional as F
 from minivit.function import detect_anomaly
 from minivit.nn import Dropout, VisionTransformer
@@ -55,6 +55,7 @@ class TrainSettings:
     limit: int = 0            # use only the first `limit` train and test images (0: all)
     device: str = "cpu"
     anomaly: bool = False
+    amp: bool = False         # mixed precision: autocast to float16 and a dynamic loss scaler (minivit.amp)
     verify: bool = True       # check data files against the published SHA-256 (False: your own files)
 
 
@@ -321,9 +322,13 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
     out_dir = Path(out_dir)
     paths = {"checkpoint": out_dir / checkpoint.CHECKPOINT_NAME, "metrics": out_dir / "metrics.jsonl",
              "curves": out_dir / "curves.png"}
-    with RunFolder(out_dir, log):
+    world = distributed.world()  # under mpiexec: rank 0 owns the folder and writes; the others only compute
+    if not world.is_main:
+        log, progress = (lambda *args: None), False
+    with RunFolder(out_dir, log) if world.is_main else contextlib.nullcontext():
         log(f"run folder: {out_dir}")
-        ckpt, saved_epoch = start_run(out_dir, paths, resume, overwrite)
+        # rank 0 checks the folder and reads the checkpoint; every rank gets what it found
+        ckpt, saved_epoch = world.broadcast(start_run(out_dir, paths, resume, overwrite) if world.is_main else None)
         if ckpt is not None:
             s = validate(TrainSettings(**{**resumed_settings(ckpt, s, epochs, resume), "anomaly": s.anomaly}))
         try:
@@ -334,27 +339,35 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
                 f"{len(run.data.test_labels)} test images), ViT patch {s.patch_size} width {s.embed_dim} depth "
                 f"{s.depth} heads {s.num_heads} ({run.model.num_parameters():,} parameters), "
                 f"{plural(s.epochs, 'epoch')} of {plural(len(run.loader), 'step')} on {s.device}")
+            if s.amp and devices.normalize_device(s.device) == "cpu":
+                log("--amp on the CPU: NumPy's float16 matrix products have no BLAS path; a step is about 50x "
+                    "slower than in float32 (AMP pays on a GPU)")
             ds, info, model, history = run.data, run.data.info, run.model, run.history
             anomaly = detect_anomaly() if s.anomaly else contextlib.nullcontext()
             STOP.watching = True
             with anomaly:
                 for epoch in range(len(history), s.epochs):
-                    history.append(train_epoch(model, run.opt, run.sched, run.loader, epoch, s, progress))
-                    result = evaluate(model, ds.test_images, ds.test_labels, info.mean, info.std, device=s.device)
+                    history.append(train_epoch(model, run.opt, run.sched, run.loader, epoch, s, progress,
+                                                run.scaler))
+                    result = world.broadcast(evaluate(model, ds.test_images, ds.test_labels, info.mean, info.std,
+                                                      device=s.device) if world.is_main else None)
                     history[-1].update(test_loss=result["loss"], test_acc=result["acc"])
                     STOP.check()
                     h = history[-1]
                     log(f"epoch {epoch + 1:3d}/{s.epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.2%}  "
                         f"test loss {h['test_loss']:.4f} acc {h['test_acc']:.2%}  {h['epoch_time_s']:.1f}s "
                         f"({h['images_per_s']:.0f} img/s)")
-                    checkpoint.save_checkpoint(paths["checkpoint"], model, run.opt, run.sched,
-                                               rng_state=_rng_state(model), train_settings=dataclasses.asdict(s),
-                                               epoch=epoch + 1, history=history)
-                    saved_epoch = epoch + 1
-                    write_reports(paths, history)
+                    if world.is_main:
+                        checkpoint.save_checkpoint(paths["checkpoint"], model, run.opt, run.sched,
+                                                   rng_state=_rng_state(model), train_settings=dataclasses.asdict(s),
+                                                   epoch=epoch + 1, history=history,
+                                                   scaler=run.scaler if s.amp else None)
+                        saved_epoch = epoch + 1
+                        write_reports(paths, history)
                     STOP.check()
         except KeyboardInterrupt:
-            raise TrainingInterrupted(saved_state(paths["checkpoint"], saved_epoch, s.epochs, out_dir)) from None
+            raise TrainingInterrupted(saved_state(paths["checkpoint"], saved_epoch, s.epochs, out_dir) if world.is_main
+                                      else f"rank {world.rank} stopped (rank 0 saves the run)") from None
         finally:
             STOP.watching = STOP.asked = False
     final = history[-1]
@@ -373,26 +386,40 @@ class _Run:
     opt: optim.AdamW
     sched: optim.WarmupCosine
     history: list             # one row of metrics per finished epoch
+    scaler: amp.GradScaler    # a pass-through unless --amp
 
 
 def _prepare(s, ckpt, progress):
     """Data, model, optimizer and schedule as ``s`` says, in the state of checkpoint ``ckpt`` if there is one."""
     ds = load_data(s, progress)
     info = ds.info
+    _check_split(s, len(ds.train_labels), distributed.world().size)
     loader = data.DataLoader(ds.train_images, ds.train_labels, s.batch_size, info.mean, info.std, shuffle=True,
                              seed=s.seed, augment=s.augment, pad=info.shape[1] // 8)
     model = build_model(s, info).to(device=s.device)
     opt = optim.AdamW(optim.param_groups_weight_decay(model, s.weight_decay), lr=s.lr)
     total_steps = s.epochs * len(loader)
     sched = optim.WarmupCosine(opt, round(s.warmup_epochs * len(loader)), total_steps, s.min_lr)
+    scaler = amp.GradScaler(enabled=s.amp)
     if ckpt is None:
         rng.manual_seed(s.seed)
-        return _Run(ds, loader, model, opt, sched, [])
+        distributed.world().broadcast_parameters(model.parameters())  # every rank starts from rank 0's weights
+        return _Run(ds, loader, model, opt, sched, [], scaler)
     model.load_state_dict(ckpt.model_state)
     opt.load_state_dict(ckpt.optimizer_state)
     sched.load_state_dict({**ckpt.schedule_state, "total_steps": total_steps})  # stretched when the run is extended
     _restore_rng_state(model, ckpt.rng_state)
-    return _Run(ds, loader, model, opt, sched, list(ckpt.history))
+    scaler.load_state_dict(ckpt.scaler_state)
+    return _Run(ds, loader, model, opt, sched, list(ckpt.history), scaler)
+
+
+def _check_split(s, images, ranks):
+    """Every batch, the last one too, must give each of the ``ranks`` processes at least one image."""
+    last = images % s.batch_size or s.batch_size
+    if min(s.batch_size, last) < ranks:
+        raise SettingsError(f"--batch-size {s.batch_size} over {images} images leaves a batch of "
+                            f"{plural(min(s.batch_size, last), 'image')}, too few to split among {ranks} ranks: "
+                            "choose a --batch-size (or --limit) that leaves at least one image per rank in every batch")
 
 
 def start_run(out_dir, paths, resume, overwrite):
@@ -422,9 +449,18 @@ def resumed_settings(ckpt, s, epochs, resume):
             "verify": s.verify and saved.get("verify", True), "epochs": total}
 
 
-def train_epoch(model, opt, sched, loader, epoch, s, progress):
-    """One pass over the training set; returns the epoch's row of metrics (without the test set's)."""
+def train_epoch(model, opt, sched, loader, epoch, s, progress, scaler=None):
+    """One pass over the training set; returns the epoch's row of metrics (without the test set's).
+
+    Under mpiexec each rank takes its shard of every batch and the gradients are averaged over the ranks
+    (``minivit.distributed``): the step is the one a single process makes on the whole batch. With ``s.amp`` the
+    forward runs under autocast and ``scaler`` (an amp.GradScaler) scales the loss and skips a step whose
+    gradients overflowed.
+    """
     from tqdm import tqdm
+    scaler = scaler or amp.GradScaler(enabled=False)
+    world = distributed.world()
+    comm_start = world.comm_seconds
     t0 = time.perf_counter()
     seen = correct = 0
     loss_sum = 0.0
@@ -432,19 +468,26 @@ def train_epoch(model, opt, sched, loader, epoch, s, progress):
     bar = tqdm(loader.epoch(epoch), total=steps, desc=f"epoch {epoch + 1}/{s.epochs}", disable=not progress,
                leave=False, unit="batch")
     for i, (x, y) in enumerate(bar):
+        part = distributed.shard(len(y), world.rank, world.size)
+        share = (part.stop - part.start) / len(y)  # this rank's weight in the mean loss of the whole batch
+        x, y = x[part], y[part]
         x, y_dev = devices.to_device(x, s.device), devices.to_device(y, s.device)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y_dev, label_smoothing=s.label_smoothing)
+        with amp.autocast(enabled=s.amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y_dev, label_smoothing=s.label_smoothing)
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDiverged(
                 f"the loss became {value} at step {epoch * steps + i + 1} (epoch {epoch + 1}, "
                 f"batch {i + 1}); lower --lr, or add --anomaly to name the first op that went non-finite")
         opt.zero_grad()
-        loss.backward()
+        scaler.scale(loss).backward()
+        world.allreduce_gradients(model.parameters(), share)
+        scaler.unscale_(opt)
         if s.clip_grad:
             optim.clip_grad_norm_(model.parameters(), s.clip_grad)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         seen += len(y)
         loss_sum += value * len(y)
@@ -453,10 +496,14 @@ def train_epoch(model, opt, sched, loader, epoch, s, progress):
                         img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         STOP.check()
     bar.close()
+    seen, loss_sum, correct = world.sum([seen, loss_sum, correct])
     train_time = time.perf_counter() - t0
-    return {"epoch": epoch + 1, "step": (epoch + 1) * steps, "train_loss": loss_sum / seen,
-            "train_acc": correct / seen, "test_loss": None, "test_acc": None, "lr": opt.param_groups[0]["lr"],
-            "epoch_time_s": train_time, "images_per_s": seen / train_time}
+    row = {"epoch": epoch + 1, "step": (epoch + 1) * steps, "train_loss": loss_sum / seen,
+           "train_acc": correct / seen, "test_loss": None, "test_acc": None, "lr": opt.param_groups[0]["lr"],
+           "epoch_time_s": train_time, "images_per_s": seen / train_time}
+    if world.size > 1:
+        row.update(ranks=world.size, comm_time_s=world.comm_seconds - comm_start)
+    return row
 
 
 def evaluate_checkpoint(path, out_dir=None, data_dir=None, device="cpu", log=print, progress=True, verify=True):

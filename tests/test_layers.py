@@ -14,9 +14,10 @@ import minivit
 LAYERS = [
     ["devices", "parallel", "allocator", "rng", "kernels"],          # arrays and devices, threads, memory, seeds
     ["tensor", "function", "autograd", "ops"],                       # the engine: tensors, ops, the graph walk
-    ["functional", "composed", "gradcheck", "profile", "gan"],       # what users call on the engine
+    ["functional", "composed", "gradcheck", "profile", "gan", "amp"],  # what users call on the engine
     ["nn", "optim"],                                                 # layers, models, optimizers
-    ["checkpoint", "rundir", "data", "viz", "trace", "testing", "art", "gan_metrics"],   # tools around models
+    ["checkpoint", "rundir", "data", "viz", "trace", "testing", "art", "gan_metrics",   # tools around models
+     "distributed"],
     ["train", "vae_train", "gan_train", "painters", "cli", "__main__"],   # the applications
     ["exercises"],                                                   # the lessons' checks
 ]
