@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from minivit import exercises as ex
-from minivit.exercises import ExerciseError
+from minivit.lessons import exercises as ex
+from minivit.lessons.exercises import ExerciseError
 
 
 def stub(*args):

@@ -19,7 +19,7 @@ LAYERS = [
     ["checkpoint", "rundir", "data", "viz", "trace", "testing", "art", "gan_metrics",   # tools around models
      "distributed"],
     ["train", "vae_train", "gan_train", "painters", "cli", "__main__"],   # the applications
-    ["exercises"],                                                   # the lessons' checks
+    ["lessons"],                                                     # the lessons' checks (lessons/exercises.py)
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
 ROOT = pathlib.Path(minivit.__file__).parent
