@@ -21,10 +21,11 @@ _ERF_Q = (1.0, 0.5040990183965843, 0.11736978479064743, 0.016256923799364942, 0.
           7.187574017141514e-05, 2.5508169385203164e-07)
 
 
-# erfc(a) = t exp(-a^2 + E(t)), t = 1 / (1 + a/2), for every a >= 0, with a relative error below 1.2e-7
-# (Numerical Recipes' erfcc, a Chebyshev fit).
-_ERFC_E = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398, 1.48851587,
-           -0.82215223, 0.17087277)
+# erfc(a) = t exp(-a^2 + E(t)), t = 1 / (1 + a/2), for every a >= 0: E a polynomial of degree 9 in t, fitted here
+# (least squares on Chebyshev nodes of t in (0, 1], reweighted towards minimax) to E(t) = log(erfcx(a) / t):
+# relative error below 1.01e-7 for 0 <= a <= 26, where erfc underflows float64.
+_ERFC_E = (-1.2655122202657105, 1.0000226613856302, 0.3741248036827946, 0.09639023624562613, -0.1839760740864289,
+           0.2713780877321008, -1.1211413569328024, 1.4732925081661439, -0.8133429461408048, 0.1687642147891925)
 
 
 # The same for the normal tail, with u = |x|: Phi(-u) = exp(-u^2/2) t F(t), t = 1 / (1 + u / (2 sqrt 2)), F a
@@ -62,7 +63,7 @@ def _erf_rational(x, out=None):
 
 
 def _erfc_positive(a):
-    """erfc(a) for a >= 0 (float32 or float64), relative error below 1.2e-7 plus the rounding of a^2."""
+    """erfc(a) for a >= 0 (float32 or float64), relative error below 1.01e-7 plus the rounding of a^2."""
     t = 1.0 / (1.0 + 0.5 * a)
     with np.errstate(over="ignore", invalid="ignore"):
         return t * np.exp(_horner(t, _ERFC_E) - a * a)
