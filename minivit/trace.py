@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minivit.devices import asnumpy
+from minivit.ops.attention import merge_heads, split_heads
 
 
 @dataclass
@@ -78,14 +79,13 @@ def attention_trace(x, w_qkv, b_qkv, num_heads):
         raise ValueError(f"attention_trace: width {D} is not divisible by num_heads {num_heads}")
     hd = D // num_heads
     qkv = x @ w.T + (0 if b is None else b)
-    heads = qkv.reshape(B, N, 3, num_heads, hd).transpose(2, 0, 3, 1, 4)
-    q, k, v = heads[0], heads[1], heads[2]
+    q, k, v = split_heads(qkv, num_heads)                               # (B, nh, N, hd) each
     scores = q @ k.swapaxes(-1, -2)
     scaled = scores / math.sqrt(hd)
     shifted = scaled - scaled.max(axis=-1, keepdims=True)
     probs = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
     out = probs @ v
-    merged = out.transpose(0, 2, 1, 3).reshape(B, N, D)
+    merged = merge_heads(out)                                           # (B, N, D)
     steps = [Step("x", "the input tokens", x),
              Step("qkv", "x W_qkv^T + b_qkv: queries, keys and values side by side", qkv),
              Step("q", "queries per head: qkv[..., :D] split into heads (B, nh, N, hd)", q),
