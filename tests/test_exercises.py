@@ -605,3 +605,49 @@ def test_softmax_double_backward_passes_tensors_and_explains_a_missing_gradient(
         lambda y, dy, v: tuple(Tensor(g) for g in softmax_double_backward(y, dy, v))).passed
     text = str(ex.check_softmax_double_backward(lambda y, dy, v: softmax_double_backward(y, dy, v)[0]))
     assert "return 2 gradients (dx, ddy), got 1" in text
+
+
+# ------------------------------------------------------------------------------------------------ lesson 20
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def discriminator_loss_backward(real, fake, slip=None):
+    """(dreal, dfake) of L_D = -mean(log sigmoid(real)) - mean(log(1 - sigmoid(fake))); ``slip`` plants a mistake."""
+    dreal, dfake = (_sigmoid(real) - 1) / len(real), _sigmoid(fake) / len(fake)
+    if slip == "sign":
+        return -dreal, -dfake
+    if slip == "factor":
+        return dreal * len(real), dfake * len(fake)
+    if slip == "sigmoid for real":
+        return _sigmoid(real) / len(real), dfake
+    if slip == "probabilities":
+        return -1 / (len(real) * _sigmoid(real)), 1 / (len(fake) * (1 - _sigmoid(fake)))
+    return dreal, dfake
+
+
+DISCRIMINATOR_LOSS_SLIPS = {            # planted slip: words its feedback must contain
+    "sign": "opposite sign: a sign flip",
+    "factor": "a missing 1/B_real?",
+    "sigmoid for real": "dreal is sigmoid(l) / B, the fake term's gradient",
+    "probabilities": "the gradient with respect to the probabilities D = sigmoid(l)",
+}
+
+EXERCISES["discriminator_loss_backward"] = (
+    ex.check_discriminator_loss_backward, discriminator_loss_backward,
+    [lambda r, f, slip=slip: discriminator_loss_backward(r, f, slip) for slip in DISCRIMINATOR_LOSS_SLIPS])
+PLANTED["discriminator_loss_backward"] = [
+    (slip, lambda r, f, slip=slip: discriminator_loss_backward(r, f, slip), words)
+    for slip, words in DISCRIMINATOR_LOSS_SLIPS.items()]
+
+
+def test_discriminator_loss_backward_names_both_terms_and_accepts_tensors():
+    from minivit import Tensor
+    assert ex.check_discriminator_loss_backward(
+        lambda r, f: tuple(Tensor(g) for g in discriminator_loss_backward(r, f))).passed
+    # one 1/B for both terms: the second case has batches of 4 real and 7 fake logits
+    text = str(ex.check_discriminator_loss_backward(
+        lambda r, f: ((_sigmoid(r) - 1) / len(r), _sigmoid(f) / len(r))))
+    assert "case 2, dfake" in text and "case 2: dreal right" in text, text
+    text = str(ex.check_discriminator_loss_backward(lambda r, f: discriminator_loss_backward(r, f)[0]))
+    assert "return 2 gradients (dreal, dfake), got 1" in text

@@ -1339,3 +1339,53 @@ def _diagnose_softmax_double_backward(fn, x, dy, v):
                 lines.append(why)
                 break
     return lines
+
+
+# ------------------------------------------------------------------------------------------------ lesson 20
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))                 # sigmoid without overflow for large |x|
+
+
+def _discriminator_loss(real, fake):
+    """L_D = -mean(log sigmoid(real)) - mean(log sigmoid(-fake)) in float64, stable for large logits."""
+    return np.logaddexp(0.0, -real).mean() + np.logaddexp(0.0, fake).mean()
+
+
+def reference_discriminator_loss_backward(real_logits, fake_logits):
+    """Lesson 20's exercise as the library computes it: the lesson runs on it while the exercise is open."""
+    return (_sigmoid(real_logits) - 1.0) / len(real_logits), _sigmoid(fake_logits) / len(fake_logits)
+
+
+def check_discriminator_loss_backward(fn):
+    """fn(real_logits (B_r,), fake_logits (B_f,)) -> (dreal, dfake), the gradients of
+    L_D = -mean(log sigmoid(real_logits)) - mean(log(1 - sigmoid(fake_logits))) with respect to the logits."""
+    rng = _rng(20)
+    cases = [[rng.standard_normal(6) * 2, rng.standard_normal(6) * 2],
+             [rng.standard_normal(4) * 3, rng.standard_normal(7) * 3]]     # unequal batches: each term its own 1/B
+
+    def real_probability_mistake(arrays, y, dy):           # dL/dD instead of dL/dl: D = sigmoid(l) is not the input
+        return -dy / (len(arrays[0]) * _sigmoid(arrays[0]))
+
+    def fake_probability_mistake(arrays, y, dy):
+        return dy / (len(arrays[1]) * (1.0 - _sigmoid(arrays[1])))
+    def _times(grads, dy):                                  # the loss is a scalar: scale by the upstream dy
+        if not isinstance(grads, (tuple, list)):
+            return grads
+        return tuple(None if g is None else _array(g) * dy for g in grads)
+    probabilities = ("the gradient with respect to the probabilities D = sigmoid(l) (-1/(B D) and 1/(B (1 - D))), "
+                     "not the logits: multiply by dD/dl = D (1 - D)")
+    return _gate("discriminator_loss_backward",
+                 ("d/dl of -log sigmoid(l) and of -log(1 - sigmoid(l)); each term is a mean over its own batch",
+                  "dreal = (sigmoid(real_logits) - 1) / B_real, dfake = sigmoid(fake_logits) / B_fake"),
+                 _discriminator_loss, lambda xs, y, dy: _times(_call(fn, xs[0], xs[1]), dy),
+                 cases, ("real", "fake"),
+                 factors=lambda arrays: [(len(arrays[0]), "B_real")] if len(arrays[0]) == len(arrays[1]) else
+                 [(len(arrays[0]), "B_real"), (len(arrays[1]), "B_fake")],
+                 mistakes=[("real", "dreal is sigmoid(l) / B, the fake term's gradient: -log sigmoid(l) has the "
+                            "gradient sigmoid(l) - 1 (negative: raising a real logit lowers the loss)",
+                            lambda arrays, y, dy: dy * _sigmoid(arrays[0]) / len(arrays[0])),
+                           ("real", "dreal is " + probabilities, real_probability_mistake),
+                           ("fake", "dfake is " + probabilities, fake_probability_mistake),
+                           ("fake", "dfake is (sigmoid(l) - 1) / B, the real term's gradient: -log(1 - sigmoid(l)) "
+                            "= -log sigmoid(-l) has the gradient sigmoid(l)",
+                            lambda arrays, y, dy: dy * (_sigmoid(arrays[1]) - 1) / len(arrays[1]))])
