@@ -93,8 +93,8 @@ def main():
 
     lines = [f"ViT VAE, tiny preset ({len(ds.train_labels)} train / {len(ds.test_labels)} test images of "
              f"{s.dataset}), seed {s.seed}, float32, torch {torch.__version__} with {torch.get_num_threads()} threads",
-             "", "| epoch | test -ELBO minivit (nats) | test -ELBO torch (nats) | difference | train time so far, minivit (s) "
-             "| train time so far, torch (s) |", "|---|---|---|---|---|---|"]
+             "", "| epoch | test -ELBO minivit (nats) | test -ELBO torch (nats) | difference "
+             "| train time so far, minivit (s) | train time so far, torch (s) |", "|---|---|---|---|---|---|"]
     lines += [f"| {e} | {a:.2f} | {b:.2f} | {a - b:+.2f} | {ta:.1f} | {tb:.1f} |" for e, a, b, ta, tb in rows]
     table = "\n".join(lines)
     print(table)
