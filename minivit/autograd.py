@@ -144,18 +144,18 @@ def _call_backward(fn, g, create_graph, needed):
     saved = fn.needs_input_grad
     if needed is not None:
         fn.needs_input_grad = tuple(w and id(p) in needed for w, p in zip(saved, fn.parents))
+    kind = "backward_graph" if create_graph else "backward"
+    method = f"{type(fn).__name__}.{kind}"            # for the error messages
     try:
-        method = fn.backward_graph if create_graph else fn.backward
-        input_grads = run_with_hooks(fn, "backward", lambda: method(g), g)
+        input_grads = run_with_hooks(fn, "backward", lambda: getattr(fn, kind)(g), g)
     finally:
         fn.needs_input_grad = saved
-    name = type(fn).__name__
     if not isinstance(input_grads, tuple) or len(input_grads) != len(fn.parents):
-        raise RuntimeError(f"{name}.{'backward_graph' if create_graph else 'backward'} must return a tuple of "
-                           f"{len(fn.parents)} gradients (one per input, None where not needed)")
+        raise RuntimeError(f"{method} must return a tuple of {len(fn.parents)} gradients (one per input, None "
+                           "where not needed)")
     for i, (parent, pg) in enumerate(zip(fn.parents, input_grads)):
         if pg is not None and parent.requires_grad and tuple(pg.shape) != tuple(parent.shape):
-            raise RuntimeError(f"{name}.backward returned a gradient of shape {tuple(pg.shape)} for input {i} of "
+            raise RuntimeError(f"{method} returned a gradient of shape {tuple(pg.shape)} for input {i} of "
                                f"shape {parent.shape}")
     return input_grads
 
