@@ -14,7 +14,8 @@ image with p zeros added on each side, each window flattened in (C, k, k) order,
 
     xpad = x with p zeros on each side of H and W                          (B, C, H+2p, W+2p)
     y[b, r*gw + c, (ch, i, j)] = xpad[b, ch, r*s + i, c*s + j]             (B, gh*gw, C*k*k)
-        for r < gh, c < gw, i < k, j < k,   gh = (H + 2p - k)//s + 1,  gw = (W + 2p - k)//s + 1
+        for r < gh, c < gw, i < k, j < k,   gh = (H + 2p - k)//s + 1,  gw = (W + 2p - k)//s + 1,
+        the window's entries (ch, i, j) at ch*k*k + i*k + j
 
 With k == s and p == 0 this is patchify. Every output is one input pixel (or a padding zero), so unfold is
 linear, y = U x, and its derivative is the adjoint U^T, called fold (col2im): each window's gradient is added
@@ -23,6 +24,9 @@ padding is cropped off:
 
     dxpad[b, ch, r*s + i, c*s + j] += dy[b, r*gw + c, (ch, i, j)]          for every r, c, i, j
     dx = dxpad[:, :, p:p+H, p:p+W]                                         (B, C, H, W)
+
+A pixel that no window reaches (the last rows or columns when the windows do not end at the edge, or the gaps
+when k < s) gets a zero gradient.
 
 For one kernel offset (i, j) the pixels r*s + i, c*s + j of all windows form one strided slice,
 xpad[:, :, i::s, j::s] cut to gh x gw, so both directions are k*k slices: copied out (unfold) or added back
@@ -122,7 +126,7 @@ def unfold_composed(x, kernel_size, stride, padding):
     B, C, H, W = x.shape
     k, s, p = kernel_size, stride, padding
     gh, gw = window_grid((H, W), k, s, p)
-    xpad = IndexAddFn.apply(x, index=_inside_padding((H, W), p), shape=(B, C, H + 2 * p, W + 2 * p))
+    xpad = IndexAddFn.apply(x, index=_inside_padding((H, W), p), shape=(B, C, H + 2 * p, W + 2 * p))  # zero border
     pieces = [xpad[_offset_index(i, j, (gh, gw), s)] for i in range(k) for j in range(k)]  # k*k of (B, C, gh, gw)
     y = StackFn.apply(*pieces, axis=2).reshape(B, C, k, k, gh, gw)
     return y.permute(0, 4, 5, 1, 2, 3).reshape(B, gh * gw, C * k * k)       # (B, gh, gw, C, k, k) flattened
