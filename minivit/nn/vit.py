@@ -44,7 +44,7 @@ class PatchProjection(Module):
         super().__init__()
         self.patch_size = patch_size
         self.patch_kernel = check_patch_kernel(patch_kernel, patch_size, "PatchProjection")
-        k = patch_size if patch_kernel is None else patch_kernel
+        k = patch_size if self.patch_kernel is None else self.patch_kernel
         self.padding = (k - patch_size) // 2
         self.weight = Parameter(np.zeros((embed_dim, in_chans, k, k), dtype=np.float32))
         self.bias = Parameter(np.zeros(embed_dim, dtype=np.float32))
@@ -54,7 +54,7 @@ class PatchProjection(Module):
 
     def forward(self, images):
         D, k = self.weight.shape[0], self.weight.shape[2]
-        if k == self.patch_size:
+        if k == self.patch_size:                                                        # no overlap
             patches = F.patchify(images, self.patch_size)                               # (B, Np, C*P*P)
         else:
             patches = F.unfold_patches(images, k, self.patch_size, self.padding)        # (B, Np, C*k*k)
