@@ -1386,3 +1386,154 @@ def check_discriminator_loss_backward(fn):
                            ("fake", "dfake is (sigmoid(l) - 1) / B, the real term's gradient: -log(1 - sigmoid(l)) "
                             "= -log sigmoid(-l) has the gradient sigmoid(l)",
                             lambda arrays, y, dy: dy * (_sigmoid(arrays[1]) - 1) / len(arrays[1]))])
+
+
+# ------------------------------------------------------------------------------------------------ lesson 26
+class _Gradients:
+    """Just enough of an optimizer for ``GradScaler``: one parameter group whose parameters hold the gradients,
+    and a ``step`` that only notes it was called."""
+
+    def __init__(self, grads):
+        from types import SimpleNamespace
+        self.param_groups = [{"params": [SimpleNamespace(grad=np.array(g)) for g in grads]}]
+        self.stepped = False
+
+    def step(self):
+        self.stepped = True
+
+
+def reference_scaler_update(grads, scale, clean_steps, growth_interval):
+    """Lesson 26's exercise done by ``minivit.GradScaler`` itself (factors 2 and 0.5): the lesson runs on it while
+    the exercise is open. -> (unscaled float32 gradients, skip, new scale, new clean-step count)."""
+    from minivit.amp import GradScaler
+    scaler = GradScaler(init_scale=scale, growth_interval=growth_interval)
+    scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": clean_steps})
+    optimizer = _Gradients(grads)
+    scaler.step(optimizer)
+    scaler.update()
+    unscaled = [p.grad for p in optimizer.param_groups[0]["params"]]
+    return unscaled, not optimizer.stepped, scaler.get_scale(), scaler.state_dict()["_growth_tracker"]
+
+
+def _scaler_steps(growth_interval):
+    """A scripted run: (float16 gradients of a scaled loss, the scale they were made with, the clean-step count
+    before the step) per step, with an Inf on two steps and a NaN on one, and gradients small enough that
+    dividing them by the scale in float16 would flush them to zero."""
+    from minivit.amp import GradScaler
+    rng = _rng(26)
+    scaler = GradScaler(init_scale=2.0**15, growth_interval=growth_interval)
+    bad = {4: np.inf, 7: np.nan, 8: -np.inf}
+    steps = []
+    for t in range(13):
+        true = [rng.standard_normal(6) * 10.0 ** rng.uniform(-9, -3, 6), rng.standard_normal(4) * 1e-5]
+        scaled = [(g * scaler.get_scale()).astype(np.float16) for g in true]
+        if t in bad:
+            scaled[t % 2][t % 3] = bad[t]
+        steps.append((scaled, scaler.get_scale(), scaler.state_dict()["_growth_tracker"]))
+        optimizer = _Gradients(scaled)
+        scaler.step(optimizer)
+        scaler.update()
+    return steps
+
+
+def check_scaler_update(fn):
+    """fn(grads, scale, clean_steps, growth_interval) -> (unscaled float32 grads, skip, new scale, new clean_steps):
+    one step of a dynamic loss scaler with GradScaler's rules (growth factor 2, backoff factor 0.5)."""
+    interval = 3
+
+    def body():
+        passed = []
+        for t, (scaled, scale, clean) in enumerate(_scaler_steps(interval), start=1):
+            overflow = not all(np.isfinite(g).all() for g in scaled)
+            expected_grads, expected_skip, expected_scale, expected_clean = reference_scaler_update(
+                scaled, scale, clean, interval)
+            result = _call(fn, [g.copy() for g in scaled], scale, clean, interval)
+            if not isinstance(result, (tuple, list)) or len(result) != 4:
+                return ["return a tuple (grads, skip, scale, clean_steps)"], ""
+            grads, skip, new_scale, new_clean = result
+            where = (f"step {t} (scale {scale:g}, {clean} clean step{'' if clean == 1 else 's'} so far, "
+                     f"growth_interval {interval}, "
+                     f"{'an Inf or NaN in the gradients' if overflow else 'all gradients finite'})")
+            problems = _scaler_step_problems(scaled, scale, overflow, (grads, skip, new_scale, new_clean),
+                                             (expected_grads, expected_skip, expected_scale, expected_clean))
+            if problems:
+                return [f"{where}:"] + [f"  {p}" for p in problems] + (
+                    [f"step{'s 1-' if t > 2 else ' '}{t - 1} {'were' if t > 2 else 'was'} right"] if passed else []), ""
+            passed.append(t)
+        return [], (f"{len(passed)} steps agree with minivit.GradScaler (two Infs and a NaN skipped, the scale "
+                    f"halved after each and doubled after {interval} clean steps)")
+    return _run("scaler_update", ("check the gradients for Inf/NaN first; the scale and the counter change "
+                                  "differently on an overflow step and on a clean one",
+                                  "found = any(not np.isfinite(g).all() for g in grads); grads = [g.astype("
+                                  "np.float32) / scale for g in grads]; if found: return grads, True, scale * 0.5, "
+                                  "0; clean_steps += 1; if clean_steps == growth_interval: return grads, False, "
+                                  "scale * 2, 0; return grads, False, scale, clean_steps"), body)
+
+
+def _scaler_step_problems(scaled, scale, overflow, got, expected):
+    grads, skip, new_scale, new_clean = got
+    expected_grads, expected_skip, expected_scale, expected_clean = expected
+    problems = []
+    if bool(skip) != expected_skip:
+        if overflow:
+            kinds = {"NaN" if np.isnan(g).any() else "Inf" for g in scaled if not np.isfinite(g).all()}
+            problems.append(f"skip is False, but a gradient holds {', '.join(sorted(kinds))}: the step must be "
+                            "skipped (its update would write Inf or NaN into the weights)"
+                            + (" (np.isinf misses NaN: np.isfinite catches both)" if kinds == {"NaN"} else ""))
+        else:
+            problems.append("skip is True, but every gradient is finite: skip only on Inf or NaN")
+    if not overflow:
+        problems += _unscale_problems(grads, scaled, scale, expected_grads)
+    if new_scale != expected_scale:
+        if overflow and new_scale == scale * 2:
+            problems.append(f"the scale grew to {new_scale:g} on an overflow step: an overflow halves it "
+                            f"(to {expected_scale:g}), whatever the count of clean steps")
+        elif overflow and new_scale == scale:
+            problems.append(f"the scale stayed {scale:g} after an overflow: halve it, or the next step "
+                            "overflows again")
+        elif not overflow and new_scale == scale * 2:
+            problems.append(f"the scale doubled after {expected_clean} clean steps; it grows only when the "
+                            "count reaches growth_interval (an off-by-one in the comparison?)")
+        elif not overflow and new_scale == scale and expected_scale == scale * 2:
+            problems.append("this was the growth_interval-th clean step in a row: the scale should double now")
+        elif not overflow and new_scale == scale * 0.5:
+            problems.append("the scale was halved on a clean step: only an Inf or NaN halves it")
+        else:
+            problems.append(f"new scale {new_scale!r}, expected {expected_scale:g}")
+    if new_clean != expected_clean:
+        if overflow:
+            problems.append(f"the clean-step count is {new_clean} after an overflow: reset it to 0, so that "
+                            "the scale grows only after growth_interval clean steps in a row")
+        elif expected_scale == scale * 2:
+            problems.append(f"the clean-step count is {new_clean!r} after the scale grew: start counting again "
+                            "from 0")
+        else:
+            problems.append(f"the clean-step count is {new_clean!r}, expected {expected_clean} (one more per "
+                            "clean step, 0 after the scale grows or after an overflow)")
+    return problems
+
+
+def _unscale_problems(grads, scaled, scale, expected):
+    """What is wrong with the unscaled gradients of a clean step, or []."""
+    if not isinstance(grads, (list, tuple)) or len(grads) != len(expected):
+        return [f"return the gradients as a list of {len(expected)} arrays, one per input gradient"]
+    for i, (g, s, e) in enumerate(zip(grads, scaled, expected)):
+        g = _array(g)
+        if g.shape != e.shape:
+            return [f"gradient {i} has shape {g.shape}, expected {e.shape}"]
+        if np.allclose(g, s.astype(np.float32), rtol=1e-6, atol=0):
+            return [f"gradient {i} is still the scaled one (S = {scale:g} times too large): divide by the scale "
+                    "before the optimizer sees it"]
+        if np.allclose(g, e * scale * scale, rtol=1e-3, atol=0):
+            return [f"gradient {i} was multiplied by the scale again instead of divided by it"]
+        if g.dtype != np.float32:
+            flushed = int(((g == 0) & (e != 0)).sum())
+            return [f"gradient {i} is {g.dtype}, not float32" + (
+                f": dividing by {scale:g} in float16 flushed {flushed} of its {g.size} values to zero again "
+                "(convert to float32 first, then divide)" if flushed else
+                ": the optimizer works on float32 gradients")]
+        line = _compare(f"gradient {i}", g, e, rtol=1e-6, atol=0)
+        if line:
+            return [line]
+    return []
+
