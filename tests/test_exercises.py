@@ -696,3 +696,38 @@ def test_the_reference_scaler_update_is_grad_scaler_and_each_slip_is_named():
         text = str(ex.check_scaler_update(lambda *a, slip=slip: scaler_update(*a, slip=slip)))
         assert "[FAILED]" in text and words in text, f"{slip}: not named {words!r}:\n{text}"
 
+
+# lesson 27: the ring all-reduce, simulated; each slip -> the words its feedback must contain
+def ring_allreduce(arrays, slip=None):
+    n = len(arrays)
+    buffers = arrays if slip == "in place" else [np.array(a, copy=True) for a in arrays]
+    chunks = np.array_split(np.arange(len(buffers[0])), n)
+    shift = 1 if slip == "off by one" else 0
+    for step in range(n - 1):
+        sent = [buffers[r][chunks[(r - step - shift) % n]].copy() for r in range(n)]
+        for r in range(n):
+            buffers[(r + 1) % n][chunks[(r - step - shift) % n]] += sent[r]
+    for step in range(n - 1 if slip != "no all-gather" else 0):
+        sent = [buffers[r][chunks[(r + 1 - step) % n]].copy() for r in range(n)]
+        for r in range(n):
+            buffers[(r + 1) % n][chunks[(r + 1 - step) % n]] = sent[r]
+    return [b / n for b in buffers] if slip == "mean" else buffers
+
+
+RING_SLIPS = {
+    "mean": "every rank holds the mean, not the sum",
+    "off by one": "an off-by-one in the chunk index",
+    "no all-gather": "the all-gather phase (N - 1 more steps passing the finished chunks round the ring) is missing",
+    "in place": "changed the arrays it was given",
+}
+EXERCISES["ring_allreduce"] = (ex.check_ring_allreduce, ring_allreduce,
+                               [lambda a, slip=slip: ring_allreduce(a, slip) for slip in RING_SLIPS])
+
+
+def test_the_reference_ring_allreduce_sums_and_each_slip_is_named():
+    arrays = [np.random.default_rng(r).standard_normal(11) for r in range(4)]
+    for got in ex.reference_ring_allreduce(arrays):
+        assert np.allclose(got, sum(arrays), rtol=1e-14, atol=1e-14)
+    for slip, words in RING_SLIPS.items():
+        text = str(ex.check_ring_allreduce(lambda a, slip=slip: ring_allreduce(a, slip)))
+        assert "[FAILED]" in text and words in text, f"{slip}: not named {words!r}:\n{text}"

@@ -1537,3 +1537,99 @@ def _unscale_problems(grads, scaled, scale, expected):
             return [line]
     return []
 
+
+# ------------------------------------------------------------------------------------------------ lesson 27
+def reference_ring_allreduce(arrays):
+    """Lesson 27's exercise: the ring all-reduce of one 1-D array per rank, simulated (the lesson runs on it while
+    the exercise is open). Chunk c of every array is ``np.array_split``'s piece c of N. -> one array per rank,
+    each the sum of all of them."""
+    n = len(arrays)
+    buffers = [np.array(a, copy=True) for a in arrays]
+    chunks = np.array_split(np.arange(len(buffers[0])), n)
+    for step in range(n - 1):                               # reduce-scatter: after it rank r owns chunk r + 1
+        sent = [buffers[r][chunks[(r - step) % n]].copy() for r in range(n)]
+        for r in range(n):
+            buffers[(r + 1) % n][chunks[(r - step) % n]] += sent[r]
+    for step in range(n - 1):                               # all-gather: the finished chunks go round once
+        sent = [buffers[r][chunks[(r + 1 - step) % n]].copy() for r in range(n)]
+        for r in range(n):
+            buffers[(r + 1) % n][chunks[(r + 1 - step) % n]] = sent[r]
+    return buffers
+
+
+def _ranks_in(coefficient, n):
+    """The ranks whose arrays a sum holds, read from its coefficient (rank r's array is 2^r x the same base),
+    or None when the coefficient is no such sum (a rank counted twice, a mean)."""
+    k = int(round(coefficient))
+    if abs(coefficient - k) > 1e-9 or not 0 <= k < 2 ** n:
+        return None
+    return [r for r in range(n) if k >> r & 1]
+
+
+def check_ring_allreduce(fn):
+    """fn(arrays) -> a list with one array per rank, each the element-wise sum of ``arrays`` (a list of N 1-D
+    arrays of equal length), computed as a ring all-reduce: N - 1 reduce-scatter steps, N - 1 all-gather steps."""
+    def body():
+        rng = _rng(27)
+        passed = []
+        for n, length in [(2, 6), (3, 12), (4, 10), (5, 23), (1, 4)]:
+            base = rng.integers(1, 10, length).astype(np.float64)
+            arrays = [base * 2.0 ** r for r in range(n)]       # every subset of ranks sums to its own multiple
+            expected = sum(arrays)
+            given = [a.copy() for a in arrays]
+            result = _call(fn, given)
+            label = f"{n} ranks, arrays of {length}"
+            if not isinstance(result, (list, tuple)) or len(result) != n:
+                got = len(result) if isinstance(result, (list, tuple)) else type(result).__name__
+                return [f"{label}: return a list of {n} arrays (one per rank), got {got}"], ""
+            result = [_array(r).astype(np.float64) for r in result]
+            if not all(np.array_equal(g, a) for g, a in zip(given, arrays)):
+                return [f"{label}: your function changed the arrays it was given: work on copies (the lesson "
+                        "goes on using the gradients it passes in)"], ""
+            problems = _ring_problems(result, expected, base, n, length)
+            if problems:
+                return [f"{label}:"] + [f"  {p}" for p in problems] + (
+                    ["passed before it: " + "; ".join(passed)] if passed else []), ""
+            passed.append(label)
+        return [], f"every rank holds the sum, on {len(passed)} rings (1 to 5 ranks, lengths not divisible by N)"
+    return _run("ring_allreduce", ("first pass partial sums round the ring so that each rank completes one chunk "
+                                   "(reduce-scatter), then pass the completed chunks round (all-gather)",
+                                   "chunks = np.array_split(np.arange(length), N); reduce-scatter, step s = 0..N-2: "
+                                   "rank r sends chunk (r - s) % N to rank (r + 1) % N, which adds it; all-gather, "
+                                   "step s = 0..N-2: rank r sends chunk (r + 1 - s) % N to rank (r + 1) % N, which "
+                                   "stores it"), body)
+
+
+def _ring_problems(result, expected, base, n, length):
+    for r, got in enumerate(result):
+        if got.shape != expected.shape:
+            return [f"rank {r}'s array has shape {got.shape}, expected {expected.shape}"]
+    if all(np.allclose(got, expected, rtol=1e-12, atol=0) for got in result):
+        return []
+    if all(np.allclose(got, expected / n, rtol=1e-12, atol=0) for got in result):
+        return ["every rank holds the mean, not the sum: an all-reduce sums; the weights (1/N, or each shard's "
+                "b_r / B) are applied to each rank's gradient before it"]
+    chunks = np.array_split(np.arange(length), n)
+    lines, finished = [], []
+    for r, got in enumerate(result):
+        complete = [c for c, idx in enumerate(chunks) if np.allclose(got[idx], expected[idx], rtol=1e-12, atol=0)]
+        finished.append(len(complete))
+        if len(complete) == n:
+            continue
+        described = []
+        for c in (c for c in range(n) if c not in complete):
+            coefficients = got[chunks[c]] / base[chunks[c]]
+            ranks = _ranks_in(coefficients[0], n) if np.allclose(coefficients, coefficients[0]) else None
+            described.append(f"chunk {c} holds " + (f"the sum of ranks {ranks}" if ranks is not None else
+                                                     "values that are no sum of the ranks' own chunk: a piece "
+                                                     "of another chunk was added in"))
+        lines.append(f"rank {r} has the full sum in chunk(s) {complete if complete else 'none'}; "
+                     + "; ".join(described))
+    if finished == [1] * n:
+        lines.append("each rank has finished exactly one chunk: that is where reduce-scatter ends; the all-gather "
+                     "phase (N - 1 more steps passing the finished chunks round the ring) is missing")
+    else:
+        lines.append("some sums miss a rank or count one twice: at reduce-scatter step s, rank r sends chunk "
+                     "(r - s) % N to rank r + 1, which adds it to its own; an off-by-one in the chunk index adds a "
+                     "partial sum to the wrong chunk")
+    return lines[:3] + lines[-1:] if len(lines) > 4 else lines
