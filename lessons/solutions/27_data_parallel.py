@@ -4,7 +4,7 @@ import numpy as np
 
 
 def ring_allreduce(arrays):
-    # -> a list of N arrays, each the sum of the N input arrays, by reduce-scatter then all-gather on a ring
+    """-> a list of N arrays, each the sum of the N input arrays, by reduce-scatter then all-gather on a ring"""
     n = len(arrays)
     buffers = [np.array(a, copy=True) for a in arrays]         # each rank's own buffer
     chunks = np.array_split(np.arange(len(buffers[0])), n)
