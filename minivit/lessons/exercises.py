@@ -1386,3 +1386,250 @@ def check_discriminator_loss_backward(fn):
                            ("fake", "dfake is (sigmoid(l) - 1) / B, the real term's gradient: -log(1 - sigmoid(l)) "
                             "= -log sigmoid(-l) has the gradient sigmoid(l)",
                             lambda arrays, y, dy: dy * (_sigmoid(arrays[1]) - 1) / len(arrays[1]))])
+
+
+# ------------------------------------------------------------------------------------------------ lesson 26
+class _Gradients:
+    """Just enough of an optimizer for ``GradScaler``: one parameter group whose parameters hold the gradients,
+    and a ``step`` that only notes it was called."""
+
+    def __init__(self, grads):
+        from types import SimpleNamespace
+        self.param_groups = [{"params": [SimpleNamespace(grad=np.array(g)) for g in grads]}]
+        self.stepped = False
+
+    def step(self):
+        self.stepped = True
+
+
+def reference_scaler_update(grads, scale, clean_steps, growth_interval):
+    """Lesson 26's exercise done by ``minivit.GradScaler`` itself (factors 2 and 0.5): the lesson runs on it while
+    the exercise is open. -> (unscaled float32 gradients, skip, new scale, new clean-step count)."""
+    from minivit.amp import GradScaler
+    scaler = GradScaler(init_scale=scale, growth_interval=growth_interval)
+    scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": clean_steps})
+    optimizer = _Gradients(grads)
+    scaler.step(optimizer)
+    scaler.update()
+    unscaled = [p.grad for p in optimizer.param_groups[0]["params"]]
+    return unscaled, not optimizer.stepped, scaler.get_scale(), scaler.state_dict()["_growth_tracker"]
+
+
+def _scaler_steps(growth_interval):
+    """A scripted run: (float16 gradients of a scaled loss, the scale they were made with, the clean-step count
+    before the step) per step, with an Inf on two steps and a NaN on one, and gradients small enough that
+    dividing them by the scale in float16 would flush them to zero."""
+    from minivit.amp import GradScaler
+    rng = _rng(26)
+    scaler = GradScaler(init_scale=2.0**15, growth_interval=growth_interval)
+    bad = {4: np.inf, 7: np.nan, 8: -np.inf}
+    steps = []
+    for t in range(13):
+        true = [rng.standard_normal(6) * 10.0 ** rng.uniform(-9, -3, 6), rng.standard_normal(4) * 1e-5]
+        scaled = [(g * scaler.get_scale()).astype(np.float16) for g in true]
+        if t in bad:
+            scaled[t % 2][t % 3] = bad[t]
+        steps.append((scaled, scaler.get_scale(), scaler.state_dict()["_growth_tracker"]))
+        optimizer = _Gradients(scaled)
+        scaler.step(optimizer)
+        scaler.update()
+    return steps
+
+
+def check_scaler_update(fn):
+    """fn(grads, scale, clean_steps, growth_interval) -> (unscaled float32 grads, skip, new scale, new clean_steps):
+    one step of a dynamic loss scaler with GradScaler's rules (growth factor 2, backoff factor 0.5)."""
+    interval = 3
+
+    def body():
+        passed = []
+        for t, (scaled, scale, clean) in enumerate(_scaler_steps(interval), start=1):
+            overflow = not all(np.isfinite(g).all() for g in scaled)
+            expected_grads, expected_skip, expected_scale, expected_clean = reference_scaler_update(
+                scaled, scale, clean, interval)
+            result = _call(fn, [g.copy() for g in scaled], scale, clean, interval)
+            if not isinstance(result, (tuple, list)) or len(result) != 4:
+                return ["return a tuple (grads, skip, scale, clean_steps)"], ""
+            grads, skip, new_scale, new_clean = result
+            where = (f"step {t} (scale {scale:g}, {clean} clean step{'' if clean == 1 else 's'} so far, "
+                     f"growth_interval {interval}, "
+                     f"{'an Inf or NaN in the gradients' if overflow else 'all gradients finite'})")
+            problems = _scaler_step_problems(scaled, scale, overflow, (grads, skip, new_scale, new_clean),
+                                             (expected_grads, expected_skip, expected_scale, expected_clean))
+            if problems:
+                return [f"{where}:"] + [f"  {p}" for p in problems] + (
+                    [f"step{'s 1-' if t > 2 else ' '}{t - 1} {'were' if t > 2 else 'was'} right"] if passed else []), ""
+            passed.append(t)
+        return [], (f"{len(passed)} steps agree with minivit.GradScaler (two Infs and a NaN skipped, the scale "
+                    f"halved after each and doubled after {interval} clean steps)")
+    return _run("scaler_update", ("check the gradients for Inf/NaN first; the scale and the counter change "
+                                  "differently on an overflow step and on a clean one",
+                                  "found = any(not np.isfinite(g).all() for g in grads); grads = [g.astype("
+                                  "np.float32) / scale for g in grads]; if found: return grads, True, scale * 0.5, "
+                                  "0; clean_steps += 1; if clean_steps == growth_interval: return grads, False, "
+                                  "scale * 2, 0; return grads, False, scale, clean_steps"), body)
+
+
+def _scaler_step_problems(scaled, scale, overflow, got, expected):
+    grads, skip, new_scale, new_clean = got
+    expected_grads, expected_skip, expected_scale, expected_clean = expected
+    problems = []
+    if bool(skip) != expected_skip:
+        if overflow:
+            kinds = {"NaN" if np.isnan(g).any() else "Inf" for g in scaled if not np.isfinite(g).all()}
+            problems.append(f"skip is False, but a gradient holds {', '.join(sorted(kinds))}: the step must be "
+                            "skipped (its update would write Inf or NaN into the weights)"
+                            + (" (np.isinf misses NaN: np.isfinite catches both)" if kinds == {"NaN"} else ""))
+        else:
+            problems.append("skip is True, but every gradient is finite: skip only on Inf or NaN")
+    if not overflow:
+        problems += _unscale_problems(grads, scaled, scale, expected_grads)
+    if new_scale != expected_scale:
+        if overflow and new_scale == scale * 2:
+            problems.append(f"the scale grew to {new_scale:g} on an overflow step: an overflow halves it "
+                            f"(to {expected_scale:g}), whatever the count of clean steps")
+        elif overflow and new_scale == scale:
+            problems.append(f"the scale stayed {scale:g} after an overflow: halve it, or the next step "
+                            "overflows again")
+        elif not overflow and new_scale == scale * 2:
+            problems.append(f"the scale doubled after {expected_clean} clean steps; it grows only when the "
+                            "count reaches growth_interval (an off-by-one in the comparison?)")
+        elif not overflow and new_scale == scale and expected_scale == scale * 2:
+            problems.append("this was the growth_interval-th clean step in a row: the scale should double now")
+        elif not overflow and new_scale == scale * 0.5:
+            problems.append("the scale was halved on a clean step: only an Inf or NaN halves it")
+        else:
+            problems.append(f"new scale {new_scale!r}, expected {expected_scale:g}")
+    if new_clean != expected_clean:
+        if overflow:
+            problems.append(f"the clean-step count is {new_clean} after an overflow: reset it to 0, so that "
+                            "the scale grows only after growth_interval clean steps in a row")
+        elif expected_scale == scale * 2:
+            problems.append(f"the clean-step count is {new_clean!r} after the scale grew: start counting again "
+                            "from 0")
+        else:
+            problems.append(f"the clean-step count is {new_clean!r}, expected {expected_clean} (one more per "
+                            "clean step, 0 after the scale grows or after an overflow)")
+    return problems
+
+
+def _unscale_problems(grads, scaled, scale, expected):
+    """What is wrong with the unscaled gradients of a clean step, or []."""
+    if not isinstance(grads, (list, tuple)) or len(grads) != len(expected):
+        return [f"return the gradients as a list of {len(expected)} arrays, one per input gradient"]
+    for i, (g, s, e) in enumerate(zip(grads, scaled, expected)):
+        g = _array(g)
+        if g.shape != e.shape:
+            return [f"gradient {i} has shape {g.shape}, expected {e.shape}"]
+        if np.allclose(g, s.astype(np.float32), rtol=1e-6, atol=0):
+            return [f"gradient {i} is still the scaled one (S = {scale:g} times too large): divide by the scale "
+                    "before the optimizer sees it"]
+        if np.allclose(g, e * scale * scale, rtol=1e-3, atol=0):
+            return [f"gradient {i} was multiplied by the scale again instead of divided by it"]
+        if g.dtype != np.float32:
+            flushed = int(((g == 0) & (e != 0)).sum())
+            return [f"gradient {i} is {g.dtype}, not float32" + (
+                f": dividing by {scale:g} in float16 flushed {flushed} of its {g.size} values to zero again "
+                "(convert to float32 first, then divide)" if flushed else
+                ": the optimizer works on float32 gradients")]
+        line = _compare(f"gradient {i}", g, e, rtol=1e-6, atol=0)
+        if line:
+            return [line]
+    return []
+
+
+# ------------------------------------------------------------------------------------------------ lesson 27
+def reference_ring_allreduce(arrays):
+    """Lesson 27's exercise: the ring all-reduce of one 1-D array per rank, simulated (the lesson runs on it while
+    the exercise is open). Chunk c of every array is ``np.array_split``'s piece c of N. -> one array per rank,
+    each the sum of all of them."""
+    n = len(arrays)
+    buffers = [np.array(a, copy=True) for a in arrays]
+    chunks = np.array_split(np.arange(len(buffers[0])), n)
+    for step in range(n - 1):                               # reduce-scatter: after it rank r owns chunk r + 1
+        sent = [buffers[r][chunks[(r - step) % n]].copy() for r in range(n)]
+        for r in range(n):
+            buffers[(r + 1) % n][chunks[(r - step) % n]] += sent[r]
+    for step in range(n - 1):                               # all-gather: the finished chunks go round once
+        sent = [buffers[r][chunks[(r + 1 - step) % n]].copy() for r in range(n)]
+        for r in range(n):
+            buffers[(r + 1) % n][chunks[(r + 1 - step) % n]] = sent[r]
+    return buffers
+
+
+def _ranks_in(coefficient, n):
+    """The ranks whose arrays a sum holds, read from its coefficient (rank r's array is 2^r x the same base),
+    or None when the coefficient is no such sum (a rank counted twice, a mean)."""
+    k = int(round(coefficient))
+    if abs(coefficient - k) > 1e-9 or not 0 <= k < 2 ** n:
+        return None
+    return [r for r in range(n) if k >> r & 1]
+
+
+def check_ring_allreduce(fn):
+    """fn(arrays) -> a list with one array per rank, each the element-wise sum of ``arrays`` (a list of N 1-D
+    arrays of equal length), computed as a ring all-reduce: N - 1 reduce-scatter steps, N - 1 all-gather steps."""
+    def body():
+        rng = _rng(27)
+        passed = []
+        for n, length in [(2, 6), (3, 12), (4, 10), (5, 23), (1, 4)]:
+            base = rng.integers(1, 10, length).astype(np.float64)
+            arrays = [base * 2.0 ** r for r in range(n)]       # every subset of ranks sums to its own multiple
+            expected = sum(arrays)
+            given = [a.copy() for a in arrays]
+            result = _call(fn, given)
+            label = f"{n} ranks, arrays of {length}"
+            if not isinstance(result, (list, tuple)) or len(result) != n:
+                got = len(result) if isinstance(result, (list, tuple)) else type(result).__name__
+                return [f"{label}: return a list of {n} arrays (one per rank), got {got}"], ""
+            result = [_array(r).astype(np.float64) for r in result]
+            if not all(np.array_equal(g, a) for g, a in zip(given, arrays)):
+                return [f"{label}: your function changed the arrays it was given: work on copies (the lesson "
+                        "goes on using the gradients it passes in)"], ""
+            problems = _ring_problems(result, expected, base, n, length)
+            if problems:
+                return [f"{label}:"] + [f"  {p}" for p in problems] + (
+                    ["passed before it: " + "; ".join(passed)] if passed else []), ""
+            passed.append(label)
+        return [], f"every rank holds the sum, on {len(passed)} rings (1 to 5 ranks, lengths not divisible by N)"
+    return _run("ring_allreduce", ("first pass partial sums round the ring so that each rank completes one chunk "
+                                   "(reduce-scatter), then pass the completed chunks round (all-gather)",
+                                   "chunks = np.array_split(np.arange(length), N); reduce-scatter, step s = 0..N-2: "
+                                   "rank r sends chunk (r - s) % N to rank (r + 1) % N, which adds it; all-gather, "
+                                   "step s = 0..N-2: rank r sends chunk (r + 1 - s) % N to rank (r + 1) % N, which "
+                                   "stores it"), body)
+
+
+def _ring_problems(result, expected, base, n, length):
+    for r, got in enumerate(result):
+        if got.shape != expected.shape:
+            return [f"rank {r}'s array has shape {got.shape}, expected {expected.shape}"]
+    if all(np.allclose(got, expected, rtol=1e-12, atol=0) for got in result):
+        return []
+    if all(np.allclose(got, expected / n, rtol=1e-12, atol=0) for got in result):
+        return ["every rank holds the mean, not the sum: an all-reduce sums; the weights (1/N, or each shard's "
+                "b_r / B) are applied to each rank's gradient before it"]
+    chunks = np.array_split(np.arange(length), n)
+    lines, finished = [], []
+    for r, got in enumerate(result):
+        complete = [c for c, idx in enumerate(chunks) if np.allclose(got[idx], expected[idx], rtol=1e-12, atol=0)]
+        finished.append(len(complete))
+        if len(complete) == n:
+            continue
+        described = []
+        for c in (c for c in range(n) if c not in complete):
+            coefficients = got[chunks[c]] / base[chunks[c]]
+            ranks = _ranks_in(coefficients[0], n) if np.allclose(coefficients, coefficients[0]) else None
+            described.append(f"chunk {c} holds " + (f"the sum of ranks {ranks}" if ranks is not None else
+                                                     "values that are no sum of the ranks' own chunk: a piece "
+                                                     "of another chunk was added in"))
+        lines.append(f"rank {r} has the full sum in chunk(s) {complete if complete else 'none'}; "
+                     + "; ".join(described))
+    if finished == [1] * n:
+        lines.append("each rank has finished exactly one chunk: that is where reduce-scatter ends; the all-gather "
+                     "phase (N - 1 more steps passing the finished chunks round the ring) is missing")
+    else:
+        lines.append("some sums miss a rank or count one twice: at reduce-scatter step s, rank r sends chunk "
+                     "(r - s) % N to rank r + 1, which adds it to its own; an off-by-one in the chunk index adds a "
+                     "partial sum to the wrong chunk")
+    return lines[:3] + lines[-1:] if len(lines) > 4 else lines
