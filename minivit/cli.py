@@ -31,6 +31,8 @@ TRAIN_FLAGS = {
     "--label-smoothing": ("label_smoothing", float, "label smoothing of the cross-entropy, in [0, 1)"),
     "--clip-grad": ("clip_grad", float, "clip the global gradient norm to this (0: off)"),
     "--patch-size": ("patch_size", int, "patch side in pixels"),
+    "--patch-kernel": ("patch_kernel", int, "side of overlapping windows centred on the patches, a convolutional "
+                       "tokeniser (0: the patches themselves)"),
     "--embed-dim": ("embed_dim", int, "token width"),
     "--depth": ("depth", int, "number of transformer blocks"),
     "--num-heads": ("num_heads", int, "attention heads"),

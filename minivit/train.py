@@ -44,6 +44,7 @@ class TrainSettings:
     clip_grad: float = 1.0
     augment: bool = False
     patch_size: int = 7
+    patch_kernel: int = 0     # side of overlapping patch windows centred on each patch (0: the patch itself)
     embed_dim: int = 64
     depth: int = 4
     num_heads: int = 4
@@ -143,7 +144,7 @@ RANGES = {
     "num_heads": Range(1), "limit": Range(0), "seed": Range(0, 2**32 - 1, high_included=True),
     "lr": Range(0, low_included=False), "min_lr": Range(0), "weight_decay": Range(0), "warmup_epochs": Range(0),
     "label_smoothing": Range(0, 1), "clip_grad": Range(0), "mlp_ratio": Range(0, low_included=False),
-    "drop_rate": Range(0, 1), "val_size": Range(0), "ema": Range(0, 1),
+    "drop_rate": Range(0, 1), "val_size": Range(0), "ema": Range(0, 1), "patch_kernel": Range(0),
 }
 CHOICES = {"global_pool": ("token", "avg"), "pos_embed": ("learn", "sincos")}
 
@@ -175,7 +176,7 @@ def settings_for(preset, **overrides):
 
 def validate(s):
     """Check settings before any work starts; raise SettingsError naming every flag that is wrong and why."""
-    return check_settings(s, RANGES, CHOICES, relations)
+    return check_settings(s, RANGES, CHOICES, lambda s: relations(s) + patch_kernel_problems(s))
 
 
 def check_settings(s, ranges, choices, relations):
@@ -226,12 +227,21 @@ def relations(s):
     return problems
 
 
+def patch_kernel_problems(s):
+    """An overlapping window must cover its patch and stick out equally on both sides."""
+    k, P = s.patch_kernel, s.patch_size
+    if k and (k < P or (k - P) % 2):
+        return [f"--patch-kernel {k} must be 0 (no overlap) or at least --patch-size {P} with an even difference "
+                "(windows centred on the patches)"]
+    return []
+
+
 def build_model(s, info):
     C, H, _ = info.shape
     return VisionTransformer(img_size=H, patch_size=s.patch_size, in_chans=C, num_classes=len(info.classes),
                              global_pool=s.global_pool, class_token=s.global_pool == "token", embed_dim=s.embed_dim,
                              depth=s.depth, num_heads=s.num_heads, mlp_ratio=s.mlp_ratio, pos_embed=s.pos_embed,
-                             drop_rate=s.drop_rate, seed=s.seed)
+                             drop_rate=s.drop_rate, patch_kernel=s.patch_kernel or None, seed=s.seed)
 
 
 def load_data(s, progress=True, val_size=0):

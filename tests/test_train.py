@@ -110,6 +110,8 @@ def test_a_validation_split_is_judged_each_epoch_and_the_test_set_once_with_the_
     (["--seed", "-1"], "--seed -1 is out of range: expected [0, 4294967295]"),
     (["--label-smoothing", "1"], "--label-smoothing 1.0 is out of range: expected [0, 1)"),
     (["--limit", "-5"], "--limit -5 is out of range: expected >= 0"),
+    (["--patch-kernel", "5"], "--patch-kernel 5 must be 0 (no overlap) or at least --patch-size 7 with an even"),
+    (["--ema", "1.5"], "--ema 1.5 is out of range: expected [0, 1)"),
 ])
 def test_bad_flags_are_one_line_errors_with_exit_code_2(flags, message, capsys, tmp_path):
     code, out, err = run_cli(capsys, "train", "--out", tmp_path / "x", *flags)
