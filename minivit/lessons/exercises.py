@@ -1476,3 +1476,54 @@ def check_gaussian_kl(fn):
                                 "kl = 0.5 * (mu**2 + exp(logvar) - logvar - 1).sum() / B, dmu = mu / B, "
                                 "dlogvar = 0.5 * (exp(logvar) - 1) / B, with B = mu.shape[0]"), body)
 
+
+# ------------------------------------------------------------------------------------------------ lesson 24
+def _gram(tokens):
+    return tokens.swapaxes(-1, -2) @ tokens / tokens.shape[-2]
+
+
+def check_gram_backward(fn):
+    """fn(tokens (B, N, D), dgram (B, D, D)) -> dtokens (B, N, D): the gradient of sum(dgram * G) with
+    G = tokens^T tokens / N for each image of the batch (``minivit.art.gram_matrix``)."""
+    rng = _rng(24)
+    cases = [[rng.standard_normal((2, 5, 3))], [rng.standard_normal((3, 4, 6))]]     # N != D, B != D
+
+    def n_tokens(arrays):
+        return arrays[0].shape[-2]
+
+    def one_half(arrays, y, dy):                         # only the T dG term, as if G were linear in T
+        return arrays[0] @ dy / n_tokens(arrays)
+
+    def other_half(arrays, y, dy):
+        return arrays[0] @ dy.swapaxes(-1, -2) / n_tokens(arrays)
+
+    def doubled(arrays, y, dy):                          # right only for a symmetric dG
+        return 2 * arrays[0] @ dy / n_tokens(arrays)
+
+    def over_width(arrays, y, dy):
+        return arrays[0] @ (dy + dy.swapaxes(-1, -2)) / arrays[0].shape[-1]
+
+    half = ("G = T^T T / N holds T twice, so its gradient has two terms: T dG^T / N and T dG / N; you have only "
+            "one of them (they are equal only when dG is symmetric, and the upstream gradient need not be)")
+    hints = ("write G[a, b] = 1/N sum_n T[n, a] T[n, b] and differentiate with respect to T[n, c]: c can be a or b; "
+             "on a batch transpose the last two axes with swapaxes(-1, -2), not .T",
+             "dtokens = tokens @ (dgram + dgram.swapaxes(-1, -2)) / N, with N = tokens.shape[-2]")
+
+    def body():
+        problems, worst = _gradient_gate(
+            _gram, lambda xs, y, dy: fn(xs[0], dy), cases, ("tokens",),
+            factors=lambda arrays: [(n_tokens(arrays), "N"), (2, "2")],
+            mistakes=[("tokens", half, one_half), ("tokens", half, other_half),
+                      ("tokens", "2 T dG / N is right only for a symmetric dG: the two terms are T dG^T / N and "
+                       "T dG / N", doubled)])
+        if problems:                                     # a ratio N / D is too odd for the general diagnosis
+            tokens = cases[0][0]
+            dy = np.random.default_rng(100).standard_normal((tokens.shape[0],) + (tokens.shape[-1],) * 2)
+            got = _array(_call(fn, tokens.copy(), dy))
+            if got.shape == tokens.shape and _close(got, over_width([tokens], None, dy)):
+                problems.insert(0, "case 1: divided by D, the width of a token, instead of N, the number of "
+                                   "tokens the Gram matrix averages over")
+        return problems, (f"matches finite differences on {len(cases)} cases (largest relative error "
+                          f"{worst:.1e})")
+    return _run("gram_backward", hints, body)
+
