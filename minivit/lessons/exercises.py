@@ -1527,3 +1527,40 @@ def check_gram_backward(fn):
                           f"{worst:.1e})")
     return _run("gram_backward", hints, body)
 
+
+# ------------------------------------------------------------------------------------------------ lesson 25
+def reference_stitch_tiles(maps):
+    """Lesson 25's exercise as the library computes it (``painters.tile_attention``): (rows, cols, h, w) ->
+    (rows h, cols w)."""
+    rows, cols, h, w = maps.shape
+    return maps.transpose(0, 2, 1, 3).reshape(rows * h, cols * w)
+
+
+def check_stitch_tiles(fn):
+    """fn(maps (rows, cols, h, w)) -> (rows h, cols w): the map of tile (r, c) placed at rows r h .. (r + 1) h and
+    columns c w .. (c + 1) w of one picture."""
+    def body():
+        rows, cols, h, w = 2, 3, 4, 5                         # every size different, so that no swap goes unseen
+        maps = np.arange(rows * cols * h * w, dtype=np.float64).reshape(rows, cols, h, w)
+        expected = reference_stitch_tiles(maps)
+        got = _array(_call(fn, maps.copy()))
+        if got.shape == expected.shape and np.array_equal(got, expected):
+            return [], "each tile in its place, on a 2 x 3 grid of 4 x 5 tiles"
+        slips = [(maps.reshape(rows * h, cols * w),
+                  "a reshape alone reads the numbers in memory order, (row, col, y, x), so a line of your picture "
+                  "holds several lines of one tile side by side instead of one line of each tile of the row; "
+                  "bring the axes into the order (row, y, col, x) first (transpose), then reshape"),
+                 (reference_stitch_tiles(maps).T,
+                  "your picture is the right one transposed (its rows are the columns)"),
+                 (maps.transpose(1, 2, 0, 3).reshape(cols * h, rows * w),
+                  "the grid of tiles is transposed: tile (r, c) belongs in tile-row r and tile-column c")]
+        for wrong, why in slips:
+            if got.shape == wrong.shape and np.array_equal(got, wrong):
+                return [f"on a grid of {rows} x {cols} tiles of {h} x {w}: {why}"], ""
+        line = _compare(f"stitched map ({rows} x {cols} tiles of {h} x {w})", got, expected)
+        named = diagnose("map", got, expected)
+        named = named and named.replace("your gradient dmap", "your map").replace("dmap", "your map")
+        return [line] + ([named] if named else []), ""
+    return _run("stitch_tiles", ("tile (r, c) covers rows r h .. (r + 1) h and columns c w .. (c + 1) w; a "
+                                 "reshape alone keeps the axes in the order (row, col, y, x)",
+                                 "maps.transpose(0, 2, 1, 3).reshape(rows * h, cols * w)"), body)
