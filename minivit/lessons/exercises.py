@@ -1388,6 +1388,184 @@ def check_discriminator_loss_backward(fn):
                             lambda arrays, y, dy: dy * (_sigmoid(arrays[1]) - 1) / len(arrays[1]))])
 
 
+# ------------------------------------------------------------------------------------------------ lesson 23
+def _kl_mean_and_grads(mu, logvar):
+    """The batch mean of KL(N(mu, e^logvar) || N(0, I)), each image's KL summed over the latent axis, and its
+    gradients: (kl, dmu, dlogvar)."""
+    B, variance = mu.shape[0], np.exp(logvar)
+    return 0.5 * (mu * mu + variance - logvar - 1).sum() / B, mu / B, 0.5 * (variance - 1) / B
+
+
+def _kl_mistakes(mu, logvar):
+    """(description, (kl, dmu, dlogvar)) for the slips the check names."""
+    B, L = mu.shape
+    kl, dmu, dlogvar = _kl_mean_and_grads(mu, logvar)
+    sigma = logvar                                           # the log-variance read as a standard deviation
+    return [
+        ("the 1/2 in front is missing: KL = 1/2 sum(mu^2 + e^v - v - 1)", (2 * kl, 2 * dmu, 2 * dlogvar)),
+        ("summed over the batch instead of averaged: divide by B, the batch size", (B * kl, B * dmu, B * dlogvar)),
+        ("averaged over the latent axis too: the KL of one image is a sum over its L latent numbers; only the "
+         "batch is averaged", (kl / L, dmu / L, dlogvar / L)),
+        ("e^v is used as the standard deviation: v is the log-variance, so the variance is e^v and the standard "
+         "deviation e^(v/2); with sigma = e^v the formula becomes 1/2 (mu^2 + e^(2v) - 2v - 1)",
+         (0.5 * (mu * mu + np.exp(2 * logvar) - 2 * logvar - 1).sum() / B, dmu, (np.exp(2 * logvar) - 1) / B)),
+        ("the second input is used as sigma, 1/2 (mu^2 + s^2 - log s^2 - 1) with s = logvar: it is the "
+         "log-variance v, so s^2 = e^v and log s^2 = v",
+         (0.5 * (mu * mu + sigma ** 2 - np.log(sigma ** 2) - 1).sum() / B, dmu, (sigma - 1 / sigma) / B)),
+        ("the log-variance term has the wrong sign: log q(z) holds -1/2 log s^2 = -v/2 (a wider q has a lower "
+         "density everywhere), so the bracket of the KL holds -v",
+         (kl + logvar.sum() / B, dmu, 0.5 * (np.exp(logvar) + 1) / B)),
+        ("the -1 is missing: it comes from E_q[(z - mu)^2] / s^2 = 1 in -log q, and makes the KL of q = p zero",
+         (kl + 0.5 * L, dmu, dlogvar)),
+        ("this is the gradient with respect to the variance s^2 = e^v, not the log-variance: multiply by "
+         "ds^2/dv = e^v", (kl, dmu, 0.5 * (1 - np.exp(-logvar)) / B)),
+        ("the derivative of the -v term (-1/2 per element, before the 1/B) is missing",
+         (kl, dmu, 0.5 * np.exp(logvar) / B)),
+    ]
+
+
+def _kl_value_for_grad(mu, logvar):
+    return _kl_mean_and_grads(mu, logvar)[0]
+
+
+def check_gaussian_kl(fn):
+    """fn(mu (B, L), logvar (B, L)) -> (kl, dmu, dlogvar): kl = mean over the batch of KL(N(mu, e^logvar) ||
+    N(0, I)) summed over the latent axis (a float), and its gradients with respect to mu and logvar."""
+    rng = _rng(23)
+    cases = [(rng.standard_normal((4, 3)), rng.standard_normal((4, 3)) * 0.8),
+             (rng.standard_normal((5, 2)) * 1.5, rng.standard_normal((5, 2)) - 0.5)]
+
+    def body():
+        problems, worst = [], 0.0
+        for c, (mu, logvar) in enumerate(cases):
+            got = _call(fn, mu.copy(), logvar.copy())
+            if not isinstance(got, (tuple, list)) or len(got) != 3:
+                return [f"return three things, (kl, dmu, dlogvar); got {type(got).__name__}"
+                        + (f" of length {len(got)}" if isinstance(got, (tuple, list)) else "")], ""
+            B, L = mu.shape
+            expected_value = _kl_value_for_grad(mu, logvar)
+            expected = numeric_gradients(_kl_value_for_grad, [mu, logvar], np.array(1.0), 2)
+            mistakes = _kl_mistakes(mu, logvar)
+            label = f"case {c + 1} (B = {B}, L = {L})"
+            value = _array(got[0])
+            if value.size != 1:
+                problems.append(f"{label}: kl has shape {value.shape}; it is one number, the mean over the batch "
+                                f"of each image's KL (summed over the latent axis)")
+            elif not math.isclose(float(value), expected_value, rel_tol=1e-6, abs_tol=1e-9):
+                why = next((d for d, m in mistakes if math.isclose(float(value), m[0], rel_tol=1e-6)), None)
+                problems.append(f"{label}: kl is {float(value):.6g}, expected {expected_value:.6g}"
+                                + (f": {why}" if why else ""))
+            for k, (name, e) in enumerate((("mu", expected[0]), ("logvar", expected[1]))):
+                g = got[k + 1]
+                if g is None:
+                    problems.append(f"{label}: d{name} is None")
+                    continue
+                g = _array(g).astype(np.float64)
+                if _close(g, e, rtol=1e-5, atol=1e-7):
+                    worst = max(worst, float((np.abs(g - e) / np.maximum(np.abs(g) + np.abs(e), 1e-12)).max()))
+                    continue
+                why = next((d for d, m in mistakes if g.shape == e.shape and _close(g, m[k + 1], 1e-5, 1e-7)), None)
+                why = why or diagnose(name, g, e, factors=[(B, "B"), (2, "2")])
+                problems.append(f"{label}, d{name}: " + (why or _worst_line(f"d{name}", g, e)))
+            if problems:
+                return problems, ""
+        return problems, (f"value and both gradients right on {len(cases)} cases (largest relative error of the "
+                          f"gradients against finite differences {worst:.1e})")
+    return _run("gaussian_kl", ("write KL = E_q[log q(z) - log p(z)] with both densities as Gaussians; "
+                                "E_q[(z - mu)^2] = e^v and E_q[z^2] = mu^2 + e^v do the rest",
+                                "kl = 0.5 * (mu**2 + exp(logvar) - logvar - 1).sum() / B, dmu = mu / B, "
+                                "dlogvar = 0.5 * (exp(logvar) - 1) / B, with B = mu.shape[0]"), body)
+
+
+# ------------------------------------------------------------------------------------------------ lesson 24
+def _gram(tokens):
+    return tokens.swapaxes(-1, -2) @ tokens / tokens.shape[-2]
+
+
+def check_gram_backward(fn):
+    """fn(tokens (B, N, D), dgram (B, D, D)) -> dtokens (B, N, D): the gradient of sum(dgram * G) with
+    G = tokens^T tokens / N for each image of the batch (``minivit.art.gram_matrix``)."""
+    rng = _rng(24)
+    cases = [[rng.standard_normal((2, 5, 3))], [rng.standard_normal((3, 4, 6))]]     # N != D, B != D
+
+    def n_tokens(arrays):
+        return arrays[0].shape[-2]
+
+    def one_half(arrays, y, dy):                         # only the T dG term, as if G were linear in T
+        return arrays[0] @ dy / n_tokens(arrays)
+
+    def other_half(arrays, y, dy):
+        return arrays[0] @ dy.swapaxes(-1, -2) / n_tokens(arrays)
+
+    def doubled(arrays, y, dy):                          # right only for a symmetric dG
+        return 2 * arrays[0] @ dy / n_tokens(arrays)
+
+    def over_width(arrays, y, dy):
+        return arrays[0] @ (dy + dy.swapaxes(-1, -2)) / arrays[0].shape[-1]
+
+    half = ("G = T^T T / N holds T twice, so its gradient has two terms: T dG^T / N and T dG / N; you have only "
+            "one of them (they are equal only when dG is symmetric, and the upstream gradient need not be)")
+    hints = ("write G[a, b] = 1/N sum_n T[n, a] T[n, b] and differentiate with respect to T[n, c]: c can be a or b; "
+             "on a batch transpose the last two axes with swapaxes(-1, -2), not .T",
+             "dtokens = tokens @ (dgram + dgram.swapaxes(-1, -2)) / N, with N = tokens.shape[-2]")
+
+    def body():
+        problems, worst = _gradient_gate(
+            _gram, lambda xs, y, dy: fn(xs[0], dy), cases, ("tokens",),
+            factors=lambda arrays: [(n_tokens(arrays), "N"), (2, "2")],
+            mistakes=[("tokens", half, one_half), ("tokens", half, other_half),
+                      ("tokens", "2 T dG / N is right only for a symmetric dG: the two terms are T dG^T / N and "
+                       "T dG / N", doubled)])
+        if problems:                                     # a ratio N / D is too odd for the general diagnosis
+            tokens = cases[0][0]
+            dy = np.random.default_rng(100).standard_normal((tokens.shape[0],) + (tokens.shape[-1],) * 2)
+            got = _array(_call(fn, tokens.copy(), dy))
+            if got.shape == tokens.shape and _close(got, over_width([tokens], None, dy)):
+                problems.insert(0, "case 1: divided by D, the width of a token, instead of N, the number of "
+                                   "tokens the Gram matrix averages over")
+        return problems, (f"matches finite differences on {len(cases)} cases (largest relative error "
+                          f"{worst:.1e})")
+    return _run("gram_backward", hints, body)
+
+
+# ------------------------------------------------------------------------------------------------ lesson 25
+def reference_stitch_tiles(maps):
+    """Lesson 25's exercise as the library computes it (``painters.tile_attention``): (rows, cols, h, w) ->
+    (rows h, cols w)."""
+    rows, cols, h, w = maps.shape
+    return maps.transpose(0, 2, 1, 3).reshape(rows * h, cols * w)
+
+
+def check_stitch_tiles(fn):
+    """fn(maps (rows, cols, h, w)) -> (rows h, cols w): the map of tile (r, c) placed at rows r h .. (r + 1) h and
+    columns c w .. (c + 1) w of one picture."""
+    def body():
+        rows, cols, h, w = 2, 3, 4, 5                         # every size different, so that no swap goes unseen
+        maps = np.arange(rows * cols * h * w, dtype=np.float64).reshape(rows, cols, h, w)
+        expected = reference_stitch_tiles(maps)
+        got = _array(_call(fn, maps.copy()))
+        if got.shape == expected.shape and np.array_equal(got, expected):
+            return [], "each tile in its place, on a 2 x 3 grid of 4 x 5 tiles"
+        slips = [(maps.reshape(rows * h, cols * w),
+                  "a reshape alone reads the numbers in memory order, (row, col, y, x), so a line of your picture "
+                  "holds several lines of one tile side by side instead of one line of each tile of the row; "
+                  "bring the axes into the order (row, y, col, x) first (transpose), then reshape"),
+                 (reference_stitch_tiles(maps).T,
+                  "your picture is the right one transposed (its rows are the columns)"),
+                 (maps.transpose(1, 2, 0, 3).reshape(cols * h, rows * w),
+                  "the grid of tiles is transposed: tile (r, c) belongs in tile-row r and tile-column c")]
+        for wrong, why in slips:
+            if got.shape == wrong.shape and np.array_equal(got, wrong):
+                return [f"on a grid of {rows} x {cols} tiles of {h} x {w}: {why}"], ""
+        line = _compare(f"stitched map ({rows} x {cols} tiles of {h} x {w})", got, expected)
+        named = diagnose("map", got, expected)
+        named = named and named.replace("your gradient dmap", "your map").replace("dmap", "your map")
+        return [line] + ([named] if named else []), ""
+    return _run("stitch_tiles", ("tile (r, c) covers rows r h .. (r + 1) h and columns c w .. (c + 1) w; a "
+                                 "reshape alone keeps the axes in the order (row, col, y, x)",
+                                 "maps.transpose(0, 2, 1, 3).reshape(rows * h, cols * w)"), body)
+
+
 # ------------------------------------------------------------------------------------------------ lesson 26
 class _Gradients:
     """Just enough of an optimizer for ``GradScaler``: one parameter group whose parameters hold the gradients,
