@@ -42,6 +42,8 @@ TRAIN_FLAGS = {
     "--drop-rate": ("drop_rate", float, "dropout before the head, in [0, 1)"),
     "--seed": ("seed", int, "seeds weights, shuffling and dropout (0 to 2**32 - 1)"),
     "--limit": ("limit", int, "use only the first N train and test images (0: all)"),
+    "--crop-pad": ("crop_pad", int, "zero padding before --augment's random crops (-1: an eighth of the image "
+                   "side; 0: flips only)"),
     "--val-size": ("val_size", int, "hold out the last N training images to evaluate on each epoch; the test set "
                    "is then evaluated once, at the end (0: the test set each epoch)"),
     "--ema": ("ema", float, "decay of a moving average of the weights, which is evaluated and saved (0: off)"),
@@ -88,7 +90,7 @@ def _parser():
                    "the embedded Fashion-MNIST subset)")
     _add_settings_flags(t, TRAIN_FLAGS, tiny)
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="random crops and flips (default: off; on in the cifar10 preset)")
+                   help="random crops and flips (default: off; on in the fashion15 and cifar10 presets)")
     t.add_argument("--amp", action="store_true", default=None, help="mixed precision: matrix products in float16 "
                    "with loss scaling (fast on a GPU; on a CPU NumPy's float16 products are far slower)")
     _add_run_flags(t, out="runs/<preset>-<time>", resume="a checkpoint (or a run folder)")

@@ -48,6 +48,7 @@ class DatasetInfo:
     urls: tuple = ()               # base URLs to download the files from, tried in order
     embedded: bool = False         # ships inside the package
     repacked_sha256: dict = field(default_factory=dict)  # SHA-256 of known-good copies packaged otherwise
+    train_size: int = 0            # images in the published training split
 
     def is_known(self, filename, digest):
         """Whether ``digest`` is the SHA-256 of the published ``filename`` or of a known-good copy of it."""
@@ -68,7 +69,8 @@ DATASETS = {
             "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
             "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
             "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
-            "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"}),
+            "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"},
+        train_size=60000),
     "mnist": DatasetInfo(
         "mnist", tuple(str(i) for i in range(10)), (1, 28, 28), (0.1307,), (0.3081,),
         IDX_FILES["train"] + IDX_FILES["test"],
@@ -76,13 +78,14 @@ DATASETS = {
          "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
          "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
          "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"},
-        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/")),
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"),
+        train_size=60000),
     "cifar10": DatasetInfo(
         "cifar10", ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
         (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
         ("cifar-10-python.tar.gz",),
         {"cifar-10-python.tar.gz": "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"},
-        ("https://www.cs.toronto.edu/~kriz/",)),
+        ("https://www.cs.toronto.edu/~kriz/",), train_size=50000),
     "fashion-mnist-mini": DatasetInfo(
         "fashion-mnist-mini", FASHION_CLASSES, (1, 28, 28), (0.2860,), (0.3530,),
         IDX_FILES["train"] + IDX_FILES["test"],
@@ -90,7 +93,7 @@ DATASETS = {
          "train-labels-idx1-ubyte.gz": "ae0d767c2f6dbbdea3abe9cbf56dacf5c2069a5513b4a9e0ff10b1923bc33661",
          "t10k-images-idx3-ubyte.gz": "04516f9d284037ea6cce7310aafaed77e8f8c1547f1127ef4aa754c46f47f8f5",
          "t10k-labels-idx1-ubyte.gz": "540f63e62544edb8406d1292429a47e6cdb42e4fa2eaa233f072b34e1f6bc46c"},
-        embedded=True),
+        embedded=True, train_size=5000),
 }
 
 

@@ -43,6 +43,7 @@ class TrainSettings:
     label_smoothing: float = 0.0
     clip_grad: float = 1.0
     augment: bool = False
+    crop_pad: int = -1        # zero padding before --augment's random crop (-1: an eighth of the side; 0: flips only)
     patch_size: int = 7
     patch_kernel: int = 0     # side of overlapping patch windows centred on each patch (0: the patch itself)
     embed_dim: int = 64
@@ -150,6 +151,7 @@ RANGES = {
     "lr": Range(0, low_included=False), "min_lr": Range(0), "weight_decay": Range(0), "warmup_epochs": Range(0),
     "label_smoothing": Range(0, 1), "clip_grad": Range(0), "mlp_ratio": Range(0, low_included=False),
     "drop_rate": Range(0, 1), "val_size": Range(0), "ema": Range(0, 1), "patch_kernel": Range(0),
+    "crop_pad": Range(-1),
 }
 CHOICES = {"global_pool": ("token", "avg"), "pos_embed": ("learn", "sincos")}
 
@@ -159,11 +161,21 @@ def flag(field):
     return "--" + {"global_pool": "pool"}.get(field, field).replace("_", "-")
 
 
+MIN_STEPS_PER_EPOCH = 250
+
+
 def settings_for(preset, **overrides):
     """The settings of a preset with some fields replaced (None values are ignored).
 
     A preset's warmup is a share of its run: when only ``epochs`` is changed, ``warmup_epochs`` is scaled with it
     (the cifar10 preset warms up for 5 of 50 epochs, so ``epochs=1`` warms up for 0.1 epoch).
+
+    A preset's batch size and warmup are made for its whole training set. When ``limit`` keeps fewer images than
+    ``MIN_STEPS_PER_EPOCH`` batches of that size, and the batch size is not given, the batch shrinks (to no less
+    than 32, a multiple of 8) so that an epoch, and so the warmup, keeps about that many steps, and the peak
+    learning rate (unless given) shrinks with the square root of the batch. Measured on 8,000 Fashion-MNIST
+    images, 10 epochs: batch 128 reaches 43%, 62%, 72% test accuracy after epochs 1-3 (63 steps an epoch);
+    batch 32 at half the learning rate 60%, 70%, 75%.
     """
     if preset not in PRESETS:
         raise SettingsError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
@@ -176,6 +188,14 @@ def settings_for(preset, **overrides):
     base = {**dataclasses.asdict(TrainSettings()), **PRESETS[preset]}
     if "epochs" in given and "warmup_epochs" not in given:
         values["warmup_epochs"] = base["warmup_epochs"] * given["epochs"] / base["epochs"]
+    full = data.dataset_info(values["dataset"]).train_size if values.get("dataset") in data.DATASETS else 0
+    images = values.get("limit") or 0
+    if 0 < images < full and "batch_size" not in given and images < MIN_STEPS_PER_EPOCH * values["batch_size"]:
+        batch = max(32, images // MIN_STEPS_PER_EPOCH // 8 * 8)
+        if batch < values["batch_size"]:
+            if "lr" not in given:
+                values["lr"] = values["lr"] * math.sqrt(batch / values["batch_size"])
+            values["batch_size"] = batch
     return validate(TrainSettings(**values))
 
 
@@ -230,6 +250,11 @@ def relations(s):
     if s.embed_dim % s.num_heads:
         problems.append(f"--embed-dim {s.embed_dim} is not divisible by --num-heads {s.num_heads}")
     return problems
+
+
+def crop_padding(s, info):
+    """The zero padding of the random crops: ``s.crop_pad``, or an eighth of the image side when it is -1."""
+    return info.shape[1] // 8 if s.crop_pad < 0 else s.crop_pad
 
 
 def patch_kernel_problems(s):
@@ -433,7 +458,7 @@ def _prepare(s, ckpt, progress):
     info = ds.info
     _check_split(s, len(ds.train_labels), distributed.world().size)
     loader = data.DataLoader(ds.train_images, ds.train_labels, s.batch_size, info.mean, info.std, shuffle=True,
-                             seed=s.seed, augment=s.augment, pad=info.shape[1] // 8)
+                             seed=s.seed, augment=s.augment, pad=crop_padding(s, info))
     model = build_model(s, info).to(device=s.device)
     opt = optim.AdamW(optim.param_groups_weight_decay(model, s.weight_decay), lr=s.lr)
     total_steps = s.epochs * len(loader)

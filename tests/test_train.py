@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from minivit import checkpoint, cli, data
+from minivit import train as train_module
 from minivit.train import SettingsError, TrainingDiverged, TrainSettings, settings_for, validate
 from tests.test_cli import assert_one_line_error, run_cli
 
@@ -127,6 +128,26 @@ def test_a_preset_scales_its_warmup_to_the_run_instead_of_refusing():
     assert settings_for("cifar10", epochs=1, warmup_epochs=0.5).warmup_epochs == 0.5  # the user's own value stays
     with pytest.raises(SettingsError, match=r"--warmup-epochs 3 is longer than the run \(--epochs 1\)"):
         settings_for("cifar10", epochs=1, warmup_epochs=3)
+
+
+def test_a_preset_on_a_cut_training_set_keeps_enough_steps_per_epoch():
+    full = settings_for("fashion")
+    cut = settings_for("fashion", limit=8000)   # 63 batches of 128: the warmup would be over in 63 steps
+    assert (cut.batch_size, cut.lr) == (32, pytest.approx(full.lr / 2)) and cut.warmup_epochs == full.warmup_epochs
+    assert 8000 // cut.batch_size >= 250
+    assert settings_for("fashion", limit=20000).batch_size == 80
+    assert settings_for("fashion", limit=8000, batch_size=128).batch_size == 128    # the user's own values stay
+    assert settings_for("fashion", limit=8000, lr=5e-3).lr == 5e-3
+    assert settings_for("fashion", limit=70000).batch_size == full.batch_size == 128
+    assert settings_for("tiny").batch_size == 64      # a preset on its whole data set is as written
+
+
+def test_crop_padding_defaults_to_an_eighth_of_the_side_and_zero_means_flips_only():
+    info = data.dataset_info("fashion-mnist")
+    assert train_module.crop_padding(settings_for("fashion15"), info) == 3
+    assert train_module.crop_padding(settings_for("fashion15", crop_pad=0), info) == 0
+    with pytest.raises(SettingsError, match="--crop-pad -2 is out of range"):
+        settings_for("fashion15", crop_pad=-2)
 
 
 def test_settings_of_the_wrong_type_are_named():
