@@ -755,3 +755,48 @@ EXERCISES["frechet_distance"] = (
 def test_frechet_distance_names_the_slip(slip):
     text = str(ex.check_frechet_distance(lambda m1, s1, m2, s2: frechet_distance(m1, s1, m2, s2, slip)))
     assert "[FAILED]" in text and FRECHET_SLIPS[slip] in text, text
+
+
+def sln_backward(h, gamma, beta, dy, eps, slip=None):
+    """(dh, dgamma, dbeta) of the self-modulated LayerNorm; ``slip`` plants one typical mistake."""
+    hc = h - h.mean(-1, keepdims=True)
+    rstd = 1 / np.sqrt((hc ** 2).mean(-1, keepdims=True) + eps)
+    hhat = hc * rstd
+    g = dy * (1.0 if slip == "no gamma" else gamma[:, None, :])
+    dh = rstd * (g - g.mean(-1, keepdims=True) - hhat * (g * hhat).mean(-1, keepdims=True))
+    dgamma, dbeta = (dy * hhat).sum(1), dy.sum(1)
+    if slip == "sign":
+        return -dh, -dgamma, -dbeta
+    if slip == "factor":
+        return dh, dgamma / h.shape[1], dbeta
+    if slip == "sum over batch":
+        return dh, (dy * hhat).sum((0, 1)), dbeta
+    return dh, dgamma, dbeta
+
+
+SLN_SLIPS = {                           # planted slip: words its feedback must contain
+    "sign": "opposite sign: a sign flip",
+    "factor": "an extra 1/T (the tokens) (a mean where the formula has a sum?)",
+    "no gamma": "dh is what it would be with gamma all ones",
+    "sum over batch": "the gradient for gamma has shape (4,), expected (2, 4)",
+}
+
+EXERCISES["sln_backward"] = (
+    ex.check_sln_backward, sln_backward,
+    [lambda h, g, b, dy, eps, slip=slip: sln_backward(h, g, b, dy, eps, slip) for slip in SLN_SLIPS])
+PLANTED["sln_backward"] = [
+    (slip, lambda h, g, b, dy, eps, slip=slip: sln_backward(h, g, b, dy, eps, slip), words)
+    for slip, words in SLN_SLIPS.items()]
+
+
+def test_sln_backward_agrees_with_its_reference_and_the_engine():
+    from minivit import Tensor
+    from minivit import functional as F
+    rng = np.random.default_rng(0)
+    h, gamma, beta, dy = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 4)), rng.standard_normal((2, 4)), \
+        rng.standard_normal((2, 3, 4))
+    ht, gt, bt = (Tensor(a, requires_grad=True) for a in (h, gamma, beta))
+    y = F.layer_norm(ht, Tensor(np.ones(4)), Tensor(np.zeros(4))) * gt.reshape(2, 1, 4) + bt.reshape(2, 1, 4)
+    y.backward(dy)
+    for mine, engine in zip(ex.reference_sln_backward(h, gamma, beta, dy, 1e-6), (ht.grad, gt.grad, bt.grad)):
+        np.testing.assert_allclose(mine, engine, rtol=1e-6, atol=1e-9)

@@ -1662,3 +1662,52 @@ def check_frechet_distance(fn):
                                      "root of S1 S2",
                                      "d = mu1 - mu2; r = scipy.linalg.sqrtm(S1 @ S2).real; "
                                      "return float(d @ d + np.trace(S1) + np.trace(S2) - 2 * np.trace(r))"), body)
+
+
+def _normalised(h, eps):
+    hc = h - h.mean(-1, keepdims=True)
+    return hc / np.sqrt((hc ** 2).mean(-1, keepdims=True) + eps)
+
+
+def reference_sln_backward(h, gamma, beta, dy, eps):
+    """(dh, dgamma, dbeta) of y = gamma[:, None] * LayerNorm(h) + beta[:, None]: lesson 22's exercise as the library
+    computes it (the lesson runs on it while the exercise is open)."""
+    per_sample = (h.shape[0],) + (1,) * (h.ndim - 2) + (h.shape[-1],)
+    tokens = tuple(range(1, h.ndim - 1))
+    hhat = _normalised(h, eps)
+    dh = _layer_norm_dx(h, 1.0, dy * gamma.reshape(per_sample), eps)
+    return dh, (dy * hhat).sum(axis=tokens), dy.sum(axis=tokens)
+
+
+def check_sln_backward(fn):
+    """fn(h (B, T, D), gamma (B, D), beta (B, D), dy, eps) -> (dh, dgamma, dbeta) for the self-modulated LayerNorm
+    y = gamma[:, None, :] * (h - mean) / sqrt(var + eps) + beta[:, None, :], one gamma and beta per sample."""
+    rng = _rng(220)
+    cases = [[rng.standard_normal((2, 3, 4)), 1 + 0.5 * rng.standard_normal((2, 4)), rng.standard_normal((2, 4))],
+             [rng.standard_normal((3, 2, 5)) * 2 + 1, 1 + 0.5 * rng.standard_normal((3, 5)),
+              rng.standard_normal((3, 5))]]
+
+    def forward(h, gamma, beta):
+        return gamma[:, None, :] * _normalised(h, 1e-6) + beta[:, None, :]
+
+    def along_hhat(g, arrays, y):               # LayerNorm ignores a shift of a token and a rescale of it
+        hc = arrays[0] - arrays[0].mean(-1, keepdims=True)
+        return np.abs((g * hc).sum(-1) / np.sqrt((hc ** 2).sum(-1))).max()
+    return _gate("sln_backward",
+                 ("gamma and beta are per sample and shared by that sample's tokens: their gradients sum over the "
+                  "tokens only; h's gradient is LayerNorm's backward with each sample's own gamma",
+                  "hhat = (h - mean) / sqrt(var + eps); dgamma = sum over tokens of dy * hhat, dbeta = sum over "
+                  "tokens of dy (shapes (B, D)); with g = dy * gamma[:, None, :]: dh = (g - mean(g) - hhat * "
+                  "mean(g * hhat)) / sqrt(var + eps), means over the last axis"),
+                 forward, lambda xs, y, dy: _call(fn, xs[0], xs[1], xs[2], dy, 1e-6), cases, ("h", "gamma", "beta"),
+                 factors=lambda arrays: [(arrays[0].shape[1], "T (the tokens)"), (arrays[0].shape[-1], "D")],
+                 invariants=[("h", "LayerNorm's dh sums to zero over each token's channels (shifting a token does "
+                              "not change y)", _rows_sum()),
+                             ("h", "LayerNorm's dh is orthogonal to h_hat for each token (scaling a token does not "
+                              "change y)", along_hhat)],
+                 mistakes=[("h", "dh is what it would be with gamma all ones: the gradient that reaches h_hat is "
+                             "dy * gamma, each sample with its own gamma",
+                            lambda a, y, dy: _layer_norm_dx(a[0], 1.0, dy)),
+                           ("h", "dh uses the first sample's gamma for every sample: gamma[:, None, :] gives each "
+                             "sample its own",
+                            lambda a, y, dy: _layer_norm_dx(a[0], a[1][0], dy))])
