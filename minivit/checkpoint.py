@@ -145,15 +145,19 @@ class Checkpoint:
     schedule_state: dict = None
     scaler_state: dict = None   # the loss scaler of a mixed-precision run (minivit.amp.GradScaler)
     rng_state: dict = None
+    ema_state: dict = None      # the moving average of the weights, when the run kept one (what it evaluated)
     train_settings: dict = field(default_factory=dict)
     epoch: int = 0
     history: list = field(default_factory=list)
 
 
 def save_checkpoint(path, model, optimizer=None, schedule=None, rng_state=None, train_settings=None, epoch=0,
-                    history=(), scaler=None):
-    """Write model, optimizer, schedule, random states and progress to one safetensors file, atomically."""
+                    history=(), scaler=None, ema=None):
+    """Write model, optimizer, schedule, random states and progress (and the moving average of the weights,
+    ``ema``, a model of the same architecture) to one safetensors file, atomically."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     meta = {"format": FORMAT, "config": json.dumps(model.config), "epoch": str(int(epoch)),
             "train_settings": json.dumps(train_settings or {}), "history": json.dumps(list(history)),
             "rng": json.dumps(rng_state or {})}
@@ -254,6 +258,8 @@ def _parse_checkpoint(path, tensors, meta):
             config=json.loads(meta["config"]), train_settings=json.loads(meta.get("train_settings", "{}")),
             epoch=int(meta.get("epoch", 0)), history=json.loads(meta.get("history", "[]")),
             rng_state=json.loads(meta.get("rng", "{}")))
+        ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+        ckpt.ema_state = ema or None
         if "optimizer" in meta:
             ckpt.optimizer_state = _unpack_optimizer(meta["optimizer"], "optimizer", tensors)
         if "schedule" in meta:
@@ -267,7 +273,8 @@ def _parse_checkpoint(path, tensors, meta):
 
 def model_from_checkpoint(path):
     """Build the VisionTransformer described by a checkpoint, or by an export that recorded its config, and load
-    its weights. Returns (model, Checkpoint); an export's Checkpoint has no optimizer or schedule."""
+    its weights: those the run evaluated, the moving average when it kept one. Returns (model, Checkpoint); an
+    export's Checkpoint has no optimizer or schedule."""
     from minivit.nn import VisionTransformer
     tensors, meta = load_tensors(path)
     if meta.get("format") == FORMAT:
@@ -283,7 +290,7 @@ def model_from_checkpoint(path):
                               "load it into a model you build with import_state_dict")
     try:
         model = VisionTransformer(**ckpt.config)
-        model.load_state_dict(ckpt.model_state)
+        model.load_state_dict(ckpt.ema_state or ckpt.model_state)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its config does not fit its tensors ({type(e).__name__}: {e})") from e
     return model, ckpt

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from minivit import allocator, art, checkpoint, data, distributed, gan_train, painters, vae_train
+from minivit import art, checkpoint, data, distributed, gan_train, painters, vae_train
 from minivit.rundir import RunLocked
 from minivit.train import (PRESETS, STOP, SettingsError, TrainingDiverged, TrainSettings, evaluate_checkpoint,
                            flag, settings_for, train)
@@ -31,6 +31,8 @@ TRAIN_FLAGS = {
     "--label-smoothing": ("label_smoothing", float, "label smoothing of the cross-entropy, in [0, 1)"),
     "--clip-grad": ("clip_grad", float, "clip the global gradient norm to this (0: off)"),
     "--patch-size": ("patch_size", int, "patch side in pixels"),
+    "--patch-kernel": ("patch_kernel", int, "side of overlapping windows centred on the patches, a convolutional "
+                       "tokeniser (0: the patches themselves)"),
     "--embed-dim": ("embed_dim", int, "token width"),
     "--depth": ("depth", int, "number of transformer blocks"),
     "--num-heads": ("num_heads", int, "attention heads"),
@@ -40,6 +42,9 @@ TRAIN_FLAGS = {
     "--drop-rate": ("drop_rate", float, "dropout before the head, in [0, 1)"),
     "--seed": ("seed", int, "seeds weights, shuffling and dropout (0 to 2**32 - 1)"),
     "--limit": ("limit", int, "use only the first N train and test images (0: all)"),
+    "--val-size": ("val_size", int, "hold out the last N training images to evaluate on each epoch; the test set "
+                   "is then evaluated once, at the end (0: the test set each epoch)"),
+    "--ema": ("ema", float, "decay of a moving average of the weights, which is evaluated and saved (0: off)"),
     "--device": ("device", str, "'cpu' or 'cuda'"),
 }
 # What --resume accepts besides the checkpoint's own settings.
@@ -350,12 +355,17 @@ def run_sample(args):
     return gan_train.sample(_checkpoint_path(args.run), n=args.n, seed=args.seed, out=args.out)
 
 
+def setup_process():
+    """What the command sets up before any work, beyond what ``import minivit`` already does (the allocator, and
+    threads on every core): under mpiexec, each rank's share of the cores, with NumPy's BLAS on one thread."""
+    distributed.set_num_threads()
+
+
 def main(argv=None):
     args = None
     try:
         args = _parser().parse_args(argv)
-        allocator.tune_malloc()
-        distributed.set_num_threads()  # every core (shared out among the ranks under mpiexec)
+        setup_process()
         # `kill` stops a run as Ctrl-C does, at the next step: the lock is released, the message says what is saved
         signal.signal(signal.SIGTERM, STOP.handler)
         signal.signal(signal.SIGINT, STOP.handler)

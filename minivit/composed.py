@@ -17,12 +17,12 @@ from minivit.ops.logistic import logsigmoid_composed as logsigmoid, sigmoid_comp
 from minivit.ops.logistic import softplus_composed as softplus
 from minivit.ops.loss import cross_entropy_composed as cross_entropy
 from minivit.ops.norm import layer_norm_composed as layer_norm
-from minivit.ops.patch import from_patches, to_patches
+from minivit.ops.patch import fold_composed, from_patches, to_patches, unfold_composed
 from minivit.ops.softmax import log_softmax_composed as log_softmax, softmax_composed as softmax
 
 __all__ = ["linear", "softmax", "log_softmax", "layer_norm", "gelu", "gelu_tanh", "scaled_dot_product_attention",
-           "multi_head_self_attention", "cross_entropy", "patchify", "unpatchify", "sigmoid", "softplus", "logsigmoid",
-           "binary_cross_entropy_with_logits", "l2_distance_attention"]
+           "multi_head_self_attention", "cross_entropy", "patchify", "unpatchify", "unfold_patches", "fold_patches",
+           "sigmoid", "softplus", "logsigmoid", "binary_cross_entropy_with_logits", "l2_distance_attention"]
 
 
 def patchify(images, patch_size):
@@ -33,3 +33,13 @@ def patchify(images, patch_size):
 def unpatchify(patches, patch_size, grid):
     """Patches back into images, by reshape and permute.  Shapes: (B, gh*gw, C*P*P) -> (B, C, gh*P, gw*P)"""
     return from_patches(patches, patch_size, grid)
+
+
+def unfold_patches(images, kernel_size, stride=None, padding=0):
+    """Overlapping windows, by padding and strided slicing.  Shapes: (B, C, H, W) -> (B, gh*gw, C*k*k)"""
+    return unfold_composed(images, kernel_size, kernel_size if stride is None else stride, padding)
+
+
+def fold_patches(patches, image_size, kernel_size, stride=None, padding=0):
+    """Windows added back into images, by strided index-adds and a crop.  Shapes: (B, gh*gw, C*k*k) -> (B, C, H, W)"""
+    return fold_composed(patches, tuple(image_size), kernel_size, kernel_size if stride is None else stride, padding)

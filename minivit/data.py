@@ -351,13 +351,16 @@ def dataset_info(name):
 
 @dataclass
 class Dataset:
-    """Both splits of a dataset as uint8 images (N, C, H, W) and int64 labels (N,)."""
+    """Both splits of a dataset as uint8 images (N, C, H, W) and int64 labels (N,), and a validation split when
+    one was held out of the training images."""
     info: DatasetInfo
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
     folder: Path
+    val_images: np.ndarray = None
+    val_labels: np.ndarray = None
 
 
 def load_dataset(name="fashion-mnist", data_dir=None, allow_download=True, progress=True, verify=True):

@@ -11,12 +11,14 @@ import numpy as np
 from minivit import devices, rng
 from minivit.ops import (CrossEntropyFn, DropoutFn, GELUFn, LayerNormFn, LinearFn, LogSoftmaxFn,
                          MultiHeadSelfAttentionFn, PatchifyFn, ScaledDotProductAttentionFn, SoftmaxFn, UnpatchifyFn)
+from minivit.ops import FoldFn, UnfoldFn
 from minivit.ops import BinaryCrossEntropyWithLogitsFn, L2AttentionFn, LogSigmoidFn, SigmoidFn, SoftplusFn
 from minivit.ops import BernoulliLogLikelihoodFn, GaussianKLFn, GaussianLogLikelihoodFn, ReparameterizeFn
 from minivit.tensor import Tensor, concat, stack, torch_names
 
 __all__ = ["linear", "gelu", "softmax", "log_softmax", "layer_norm", "scaled_dot_product_attention",
-           "multi_head_self_attention", "cross_entropy", "dropout", "patchify", "unpatchify", "concat", "stack",
+           "multi_head_self_attention", "cross_entropy", "dropout", "patchify", "unpatchify", "unfold_patches",
+           "fold_patches", "concat", "stack",
            "sigmoid", "softplus", "logsigmoid", "binary_cross_entropy_with_logits", "l2_distance_attention",
            "reparameterize", "gaussian_kl", "bernoulli_log_likelihood", "gaussian_log_likelihood"]
 
@@ -316,6 +318,65 @@ def unpatchify(patches, patch_size, grid=None):
     if grid[0] * grid[1] != Np:
         raise ValueError(f"unpatchify: grid {grid} holds {grid[0] * grid[1]} patches, got {Np}")
     return UnpatchifyFn.apply(patches, patch_size=patch_size, grid=tuple(grid))
+
+
+def _window_settings(name, kernel_size, stride, padding):
+    """(k, s, p) as ints, or a ValueError naming the setting, what it must be and what came."""
+    stride = kernel_size if stride is None else stride
+    for what, value, least in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{name}: {what} must be an integer >= {least}, got {value!r}")
+    return int(kernel_size), int(stride), int(padding)
+
+
+def _check_window_fits(name, image_size, k, p):
+    H, W = image_size
+    if H + 2 * p < k or W + 2 * p < k:
+        raise ValueError(f"{name}: expected an image of at least {k}x{k} after padding (kernel_size {k}), got "
+                         f"{H}x{W} with padding {p}, {H + 2 * p}x{W + 2 * p} padded")
+
+
+def unfold_patches(images, kernel_size, stride=None, padding=0):
+    """Cut images into (possibly overlapping) windows, each flattened in (C, k, k) order, windows in row-major
+    grid order: ``torch.nn.functional.unfold`` with its last two axes swapped.
+
+    Args:
+        images: (B, C, H, W).
+        kernel_size: window side k.
+        stride: step s between windows (default k: ``patchify``'s non-overlapping patches).
+        padding: zeros p added on each side of H and W.
+
+    Returns:
+        (B, gh*gw, C*k*k) with gh = (H + 2p - k)//s + 1 and gw = (W + 2p - k)//s + 1.
+    """
+    k, s, p = _window_settings("unfold_patches", kernel_size, stride, padding)
+    images = _tensor(images)
+    if images.ndim != 4:
+        raise ValueError(f"unfold_patches: images must be (B, C, H, W), got shape {images.shape}")
+    _check_window_fits("unfold_patches", images.shape[2:], k, p)
+    return UnfoldFn.apply(images, kernel_size=k, stride=s, padding=p)
+
+
+def fold_patches(patches, image_size, kernel_size, stride=None, padding=0):
+    """Add windows back into images: the adjoint of ``unfold_patches`` (and its backward). Pixels inside several
+    windows get the sum; the padding is cropped off.
+
+    Args:
+        patches: (B, gh*gw, C*k*k) with the grid of ``unfold_patches`` for these settings.
+        image_size: (H, W) of the images the windows were cut from.
+
+    Returns:
+        (B, C, H, W)
+    """
+    k, s, p = _window_settings("fold_patches", kernel_size, stride, padding)
+    H, W = (int(n) for n in image_size)
+    _check_window_fits("fold_patches", (H, W), k, p)
+    patches = _tensor(patches)
+    gh, gw = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    if patches.ndim != 3 or patches.shape[1] != gh * gw or patches.shape[2] % (k * k):
+        raise ValueError(f"fold_patches: expected patches (B, {gh * gw}, C*{k * k}) for a {H}x{W} image with "
+                         f"kernel_size {k}, stride {s}, padding {p}, got shape {patches.shape}")
+    return FoldFn.apply(patches, image_size=(H, W), kernel_size=k, stride=s, padding=p)
 
 
 def sigmoid(x):

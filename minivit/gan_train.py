@@ -54,7 +54,7 @@ class GanSettings:
     gp_weight: float = 10.0     # lambda of the gradient penalty (wgan-gp)
     spectral_norm: str = "improved"
     l2_attention: bool = True
-    ema: float = 0.999          # decay of the generator's moving average (0: no EMA generator); see ema_decay
+    ema: float = 0.999          # decay of the generator's moving average (0: no EMA generator); see optim.ema_decay
     latent_dim: int = 64
     patch_size: int = 7
     embed_dim: int = 64
@@ -146,19 +146,6 @@ def build_discriminator(s, info):
 def losses(name):
     """(discriminator loss(real logits, fake logits), generator loss(fake logits)) of a --loss name."""
     return gan.LOSSES["wasserstein" if name == "wgan-gp" else name]
-
-
-def ema_decay(decay, updates):
-    """The decay of the ``updates``-th EMA update: min(decay, (1 + t) / (10 + t)), so that the average forgets its
-    random start within the first few dozen steps instead of the 1 / (1 - decay) it would take at full decay."""
-    return min(decay, (1.0 + updates) / (10.0 + updates))
-
-
-def update_ema(ema, model, decay):
-    """ema <- decay ema + (1 - decay) model, parameter by parameter (the two have the same architecture)."""
-    for average, p in zip(ema.parameters(), model.parameters()):
-        average.data *= decay
-        average.data += (1.0 - decay) * p.data
 
 
 def to_pixels(images):
@@ -292,7 +279,7 @@ def _train_epoch(run, epoch, s, progress):
             counts["loss_g"] += 1
             run.opt_g.step()
             if run.ema is not None:
-                update_ema(run.ema, G, ema_decay(s.ema, step // s.n_critic))
+                optim.update_ema(run.ema, G, optim.ema_decay(s.ema, step // s.n_critic))
         bar.set_postfix(loss_d=f"{sums['loss_d'] / max(counts['loss_d'], 1):.3f}",
                         loss_g=f"{sums['loss_g'] / max(counts['loss_g'], 1):.3f}")
         STOP.check()

@@ -209,6 +209,21 @@ class WarmupCosine:
         self._apply()
 
 
+def ema_decay(decay, updates):
+    """The decay of the ``updates``-th update of a moving average: min(decay, (1 + t) / (10 + t)), so that the
+    average forgets its random start within the first few dozen steps instead of the 1 / (1 - decay) it would
+    take at full decay."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+def update_ema(ema, model, decay):
+    """ema <- decay ema + (1 - decay) model, parameter by parameter (the two have the same architecture): the
+    exponential moving average of the weights over the steps."""
+    for average, p in zip(ema.parameters(), model.parameters()):
+        average.data *= decay
+        average.data += (1.0 - decay) * p.data
+
+
 def clip_grad_norm_(parameters, max_norm, norm_type=2.0):
     """Scale all gradients in place so that their global norm is at most ``max_norm``, as PyTorch's.
 

@@ -10,7 +10,7 @@ each timing waits for the device, so the numbers are real but the step is slower
 import time
 from collections import defaultdict
 
-from minivit import allocator, devices, function
+from minivit import devices, function
 from minivit import functional as F
 
 
@@ -94,7 +94,6 @@ def profile_step(model, images, labels, optimizer=None, steps=3, warmup=1, label
 
     A step is forward, cross-entropy, backward and (if given) ``optimizer.step()``.
     """
-    allocator.tune_malloc()
     xp = devices.get_array_module(model.parameters()[0].data)
 
     def step(profiler=None):

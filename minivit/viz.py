@@ -55,9 +55,11 @@ def _save(fig, path):
 
 
 def plot_history(history, path=None):
-    """Loss and accuracy per epoch, train and test, from a list of metric dicts (as in metrics.jsonl)."""
-    return plot_curves(history, [("loss", "cross-entropy", [("train_loss", "train"), ("test_loss", "test")], 1),
-                                 ("accuracy", "accuracy (%)", [("train_acc", "train"), ("test_acc", "test")], 100)],
+    """Loss and accuracy per epoch, train, validation (when held out) and test, from a list of metric dicts (as
+    in metrics.jsonl)."""
+    splits = [("train", "train"), ("val", "validation"), ("test", "test")]
+    return plot_curves(history, [("loss", "cross-entropy", [(f"{k}_loss", label) for k, label in splits], 1),
+                                 ("accuracy", "accuracy (%)", [(f"{k}_acc", label) for k, label in splits], 100)],
                        path)
 
 
@@ -72,8 +74,10 @@ def plot_curves(history, panels, path=None):
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
     epochs = [h["epoch"] for h in history]
     for ax, (title, ylabel, curves, scale) in zip(axes, panels):
-        for key, label in curves:
-            ax.plot(epochs, [scale * h[key] for h in history], marker="o", label=label)
+        for key, label in curves:   # a metric only some epochs have (the test set at the end) is drawn where it is
+            points = [(e, scale * h[key]) for e, h in zip(epochs, history) if h.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=label)
         ax.set(xlabel="epoch", ylabel=ylabel, title=title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even for one epoch
         ax.set_xlim(min(epochs, default=1) - 0.5, max(epochs, default=1) + 0.5)

@@ -30,16 +30,25 @@ def test_flops_by_hand_for_one_block():
 def test_benchmark_runs_and_reports_every_column(tmp_path):
     out = tmp_path / "r.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--preset", "bench", "--batch", "4",
-           "--steps", "2", "--warmup", "1", "--pause", "0", "--json", str(out)]
+           "--steps", "2", "--warmup", "1", "--rounds", "1", "--json", str(out)]
     text = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
-    assert "| bench | 4 |" in text and "GEMM peak" in text
+    assert "| bench | 4 |" in text and "GEMM peak" in text and "import-only / command" in text
     result = json.loads(out.read_text())["results"][0]
     assert result["minivit"]["ms"] > 0 and result["minivit"]["peak_mb"] >= 0
+    assert len(result["minivit"]["round_medians"]) == 1 and result["minivit-cli"]["ms"] > 0
+    assert result["minivit"]["threads"] >= 1   # the library's default, in a process that only imported it
     try:
         import torch  # noqa: F401
     except ImportError:
         pytest.skip("PyTorch is not installed: the comparison columns are empty")
-    assert result["pytorch"]["ms"] > 0
-    low, high = result["paired_ratio_quartiles"]
+    assert result["pytorch"]["ms"] > 0 and result["pytorch"]["peak_mb"] >= 0
+    low, high = result["ratio_range"]
     assert 0 < low <= high
     assert re.search(r"\| \d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\) \|", text), text
+
+
+def test_paired_mode_runs_both_in_one_process(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--paired", "--preset", "bench", "--batch",
+           "4", "--steps", "2", "--warmup", "1", "--pause", "0", "--no-torch"]
+    text = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+    assert "both in one process" in text and "| bench | 4 |" in text

@@ -1,6 +1,10 @@
 """The helpers under the engine: devices, threads, the erf kernel, last-axis sums, and the profiler on the op hooks."""
 
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -41,8 +45,68 @@ def test_devices():
             devices.to_device(a, "cuda")
 
 
-def test_tune_malloc_applies_on_glibc():
-    assert allocator.tune_malloc() in (True, False)
+FAULTS = """
+import resource, numpy as np
+import minivit
+from minivit import allocator
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        arrays = [np.ones(1_000_000, np.float32) for _ in range(10)]   # 10 x 4 MB alive at once, then freed
+        del arrays
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+tuned, first = allocator.is_tuned(), faults()
+allocator.restore_malloc()
+print(tuned, first, allocator.is_tuned(), faults())
+"""
+
+
+def _fault_counts(env):
+    out = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env}).stdout.split()
+    return out[0] == "True", int(out[1]), out[2] == "True", int(out[3])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is glibc's")
+def test_import_keeps_freed_memory_for_reuse_and_restore_malloc_undoes_it():
+    # 10 arrays of 4 MB freed and made again 10 times: with the setting no page is faulted in anew
+    tuned, faults, still_tuned, restored_faults = _fault_counts({})
+    assert tuned and not still_tuned
+    assert faults < 1000, faults
+    assert restored_faults > 10 * 1000, restored_faults   # the memory went back to the system each round
+    tuned, faults, _, _ = _fault_counts({"MINIVIT_TUNE_MALLOC": "0"})
+    assert not tuned and faults > 10 * 1000
+
+
+def test_default_threads_use_every_core_shared_among_local_ranks(monkeypatch):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    monkeypatch.delenv("MINIVIT_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MPI_LOCALNRANKS", raising=False)
+    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
+    assert parallel.default_num_threads() == cores
+    monkeypatch.setenv("MPI_LOCALNRANKS", str(2 * cores))
+    assert parallel.default_num_threads() == 1
+    monkeypatch.setenv("MINIVIT_NUM_THREADS", "3")
+    assert parallel.default_num_threads() == 3
+    out = subprocess.run([sys.executable, "-c", "import minivit; print(minivit.get_num_threads())"],
+                         capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k not in ("MINIVIT_NUM_THREADS",
+                                                                              "MPI_LOCALNRANKS")}).stdout
+    assert int(out) == cores
+
+
+def test_numpy_blas_is_on_one_thread_inside_a_parallel_section_and_restored_after(two_threads):
+    blas = parallel._numpy_blas()
+    if blas is None:
+        pytest.skip("no controllable BLAS under NumPy")
+    blas.set_num_threads(2)
+    seen = parallel.parallel_rows(4, lambda rows: blas.get_num_threads())
+    assert seen == [1, 1]
+    assert blas.get_num_threads() == 2
+    with pytest.raises(ZeroDivisionError):
+        parallel.parallel_rows(4, lambda rows: 1 / 0)
+    assert blas.get_num_threads() == 2   # restored when a section fails too
 
 
 def test_profiler_times_every_op_forward_and_backward():

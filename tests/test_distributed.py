@@ -140,3 +140,10 @@ def test_ctrl_c_ends_every_rank_and_leaves_a_readable_checkpoint(tmp_path):
             job.kill()
     assert job.returncode != 0 and "interrupted" in err
     assert checkpoint.load_checkpoint(out / checkpoint.CHECKPOINT_NAME).epoch >= 1
+
+
+def test_the_allreduce_script_of_lesson_27_gives_two_ranks_the_gradient_of_the_whole_batch():
+    done = _run([ROOT / "lessons" / "27_allreduce.py"], 2, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "rank 0 of 2: images 0-5 (6 of 11)" in done.stdout and "rank 1 of 2: images 6-10 (5 of 11)" in done.stdout
+    assert "equal to rounding" in done.stdout

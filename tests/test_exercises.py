@@ -800,3 +800,83 @@ def test_sln_backward_agrees_with_its_reference_and_the_engine():
     y.backward(dy)
     for mine, engine in zip(ex.reference_sln_backward(h, gamma, beta, dy, 1e-6), (ht.grad, gt.grad, bt.grad)):
         np.testing.assert_allclose(mine, engine, rtol=1e-6, atol=1e-9)
+
+
+# lesson 26: one step of a dynamic loss scaler; each slip -> the words its feedback must contain
+def scaler_update(grads, scale, clean_steps, interval, slip=None):
+    found = any(not np.isfinite(g).all() for g in grads) if slip != "isinf only" else \
+        any(np.isinf(g).any() for g in grads)
+    unscaled = [g.astype(np.float32) for g in grads] if slip == "no unscale" else \
+        [g / np.float16(scale) for g in grads] if slip == "float16" else [g.astype(np.float32) / scale for g in grads]
+    if found:
+        return (unscaled, slip != "no skip", scale * (2 if slip == "grow on overflow" else 0.5),
+                clean_steps + 1 if slip == "counter kept" else 0)
+    clean_steps += 1
+    if clean_steps >= interval - (slip == "early growth"):
+        return unscaled, False, scale * 2, clean_steps if slip == "counter after growth" else 0
+    return unscaled, False, scale, clean_steps
+
+
+SCALER_SLIPS = {
+    "no skip": "skip is False, but a gradient holds Inf",
+    "isinf only": "np.isinf misses NaN",
+    "no unscale": "is still the scaled one",
+    "float16": "flushed",
+    "grow on overflow": "grew to 131072 on an overflow step",
+    "counter kept": "after an overflow: reset it to 0",
+    "early growth": "an off-by-one in the comparison",
+    "counter after growth": "after the scale grew: start counting again from 0",
+}
+EXERCISES["scaler_update"] = (ex.check_scaler_update, scaler_update,
+                              [lambda *a, slip=slip: scaler_update(*a, slip=slip) for slip in SCALER_SLIPS])
+
+
+def test_the_reference_scaler_update_is_grad_scaler_and_each_slip_is_named():
+    from minivit import GradScaler, optim
+    from minivit.tensor import Tensor
+    w = Tensor(np.ones(3, np.float32), requires_grad=True)
+    scaler, opt = GradScaler(init_scale=8.0, growth_interval=2), optim.SGD([w], lr=0.1)
+    w.grad = np.array([8.0, np.inf, 0.0], np.float32)
+    assert not scaler.step(opt)
+    scaler.update()
+    grads, skip, scale, clean = ex.reference_scaler_update([np.array([8.0, np.inf, 0.0], np.float16)], 8.0, 1, 2)
+    assert skip and scale == scaler.get_scale() == 4.0 and clean == 0 and grads[0].dtype == np.float32
+    for slip, words in SCALER_SLIPS.items():
+        text = str(ex.check_scaler_update(lambda *a, slip=slip: scaler_update(*a, slip=slip)))
+        assert "[FAILED]" in text and words in text, f"{slip}: not named {words!r}:\n{text}"
+
+
+# lesson 27: the ring all-reduce, simulated; each slip -> the words its feedback must contain
+def ring_allreduce(arrays, slip=None):
+    n = len(arrays)
+    buffers = arrays if slip == "in place" else [np.array(a, copy=True) for a in arrays]
+    chunks = np.array_split(np.arange(len(buffers[0])), n)
+    shift = 1 if slip == "off by one" else 0
+    for step in range(n - 1):
+        sent = [buffers[r][chunks[(r - step - shift) % n]].copy() for r in range(n)]
+        for r in range(n):
+            buffers[(r + 1) % n][chunks[(r - step - shift) % n]] += sent[r]
+    for step in range(n - 1 if slip != "no all-gather" else 0):
+        sent = [buffers[r][chunks[(r + 1 - step) % n]].copy() for r in range(n)]
+        for r in range(n):
+            buffers[(r + 1) % n][chunks[(r + 1 - step) % n]] = sent[r]
+    return [b / n for b in buffers] if slip == "mean" else buffers
+
+
+RING_SLIPS = {
+    "mean": "every rank holds the mean, not the sum",
+    "off by one": "an off-by-one in the chunk index",
+    "no all-gather": "the all-gather phase (N - 1 more steps passing the finished chunks round the ring) is missing",
+    "in place": "changed the arrays it was given",
+}
+EXERCISES["ring_allreduce"] = (ex.check_ring_allreduce, ring_allreduce,
+                               [lambda a, slip=slip: ring_allreduce(a, slip) for slip in RING_SLIPS])
+
+
+def test_the_reference_ring_allreduce_sums_and_each_slip_is_named():
+    arrays = [np.random.default_rng(r).standard_normal(11) for r in range(4)]
+    for got in ex.reference_ring_allreduce(arrays):
+        assert np.allclose(got, sum(arrays), rtol=1e-14, atol=1e-14)
+    for slip, words in RING_SLIPS.items():
+        text = str(ex.check_ring_allreduce(lambda a, slip=slip: ring_allreduce(a, slip)))
+        assert "[FAILED]" in text and words in text, f"{slip}: not named {words!r}:\n{text}"

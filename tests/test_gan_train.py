@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from minivit import checkpoint, cli, gan_train, nn
+from minivit import checkpoint, cli, gan_train, nn, optim
 from minivit.gan_train import GanSettings, train_gan
 from tests.test_cli import assert_one_line_error, run_cli
 
@@ -121,9 +121,9 @@ def test_resume_and_sample_refuse_what_they_cannot_do(capsys, tmp_path):
 
 
 def test_the_ema_follows_the_generator_and_forgets_its_start_early():
-    assert gan_train.ema_decay(0.999, 0) == pytest.approx(0.1)
-    assert gan_train.ema_decay(0.999, 10 ** 6) == 0.999
+    assert optim.ema_decay(0.999, 0) == pytest.approx(0.1)
+    assert optim.ema_decay(0.999, 10 ** 6) == 0.999
     model, ema = nn.Linear(3, 2), nn.Linear(3, 2)
     before = ema.weight.data.copy()
-    gan_train.update_ema(ema, model, 0.75)
+    optim.update_ema(ema, model, 0.75)
     np.testing.assert_allclose(ema.weight.data, 0.75 * before + 0.25 * model.weight.data, rtol=1e-6)

@@ -145,6 +145,18 @@ CASES = {
                    (lambda x: ops.PatchifyFn.apply(x, patch_size=2), [randn(1, 3, 4, 6)])],
     "UnpatchifyFn": [(lambda x: ops.UnpatchifyFn.apply(x, patch_size=2, grid=(2, 2)), [randn(2, 4, 4)]),
                      (lambda x: ops.UnpatchifyFn.apply(x, patch_size=2, grid=(2, 3)), [randn(1, 6, 12)])],
+    # (k, s, p): overlapping with padding, k == s (patchify), padding only, gaps between windows (k < s)
+    "UnfoldFn": [(lambda x: ops.UnfoldFn.apply(x, kernel_size=3, stride=2, padding=1), [randn(2, 1, 5, 5)]),
+                 (lambda x: ops.UnfoldFn.apply(x, kernel_size=4, stride=2, padding=1), [randn(1, 2, 6, 8)]),
+                 (lambda x: ops.UnfoldFn.apply(x, kernel_size=2, stride=2, padding=0), [randn(2, 3, 4, 6)]),
+                 (lambda x: ops.UnfoldFn.apply(x, kernel_size=3, stride=1, padding=2), [randn(1, 2, 3, 4)]),
+                 (lambda x: ops.UnfoldFn.apply(x, kernel_size=2, stride=3, padding=0), [randn(1, 1, 5, 7)])],
+    "FoldFn": [(lambda x: ops.FoldFn.apply(x, image_size=(5, 5), kernel_size=3, stride=2, padding=1),
+                [randn(2, 9, 9)]),
+               (lambda x: ops.FoldFn.apply(x, image_size=(6, 8), kernel_size=4, stride=2, padding=1),
+                [randn(1, 12, 32)]),
+               (lambda x: ops.FoldFn.apply(x, image_size=(4, 6), kernel_size=2, stride=2, padding=0),
+                [randn(2, 6, 12)])],
     "SigmoidFn": [(lambda x: ops.SigmoidFn.apply(x), [randn(3, 4) * 3]),
                   (lambda x: ops.SigmoidFn.apply(x), [randn(7)])],
     "SoftplusFn": [(lambda x: ops.SoftplusFn.apply(x), [randn(3, 4) * 3]),
@@ -305,6 +317,47 @@ def test_patchify_then_linear_equals_a_strided_convolution():
             window = x[:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4]
             conv[:, :, i, j] = np.einsum("bchw,dchw->bd", window, w) + b
     np.testing.assert_allclose(y, conv.reshape(2, 5, 4).transpose(0, 2, 1), rtol=1e-12)
+
+
+def _loop_unfold(x, k, s, p):
+    B, C, H, W = x.shape
+    xpad = np.zeros((B, C, H + 2 * p, W + 2 * p))
+    xpad[:, :, p:p + H, p:p + W] = x
+    rows = []
+    for r in range(0, H + 2 * p - k + 1, s):
+        for c in range(0, W + 2 * p - k + 1, s):
+            rows.append(xpad[:, :, r:r + k, c:c + k].reshape(B, -1))
+    return np.stack(rows, axis=1)
+
+
+@pytest.mark.parametrize("k, s, p, shape", [(3, 2, 1, (2, 1, 5, 5)), (4, 2, 1, (1, 2, 6, 8)), (3, 1, 0, (2, 3, 4, 7)),
+                                           (2, 3, 1, (1, 1, 7, 5)), (5, 5, 0, (1, 2, 10, 15))])
+def test_unfold_forward_matches_a_loop_over_windows_and_fold_is_its_adjoint(k, s, p, shape):
+    x = randn(*shape)
+    y = ops.UnfoldFn.apply(x, kernel_size=k, stride=s, padding=p).data
+    np.testing.assert_array_equal(y, _loop_unfold(x, k, s, p))
+    u = randn(*y.shape)                                         # <unfold(x), u> == <x, fold(u)>
+    folded = ops.FoldFn.apply(u, image_size=shape[2:], kernel_size=k, stride=s, padding=p).data
+    assert np.isclose(np.sum(y * u), np.sum(x * folded), rtol=1e-12)
+
+
+def test_unfold_with_kernel_equal_to_stride_and_no_padding_is_patchify():
+    x = randn(2, 3, 8, 12)
+    np.testing.assert_array_equal(ops.UnfoldFn.apply(x, kernel_size=4, stride=4, padding=0).data,
+                                  ops.PatchifyFn.apply(x, patch_size=4).data)
+    u = randn(2, 6, 48)
+    np.testing.assert_array_equal(ops.FoldFn.apply(u, image_size=(8, 12), kernel_size=4, stride=4, padding=0).data,
+                                  ops.UnpatchifyFn.apply(u, patch_size=4, grid=(2, 3)).data)
+
+
+def test_fold_sums_the_overlaps():
+    """fold(unfold(ones)) counts, for each pixel, the windows that hold it: windows start at 0 and 2 of 5 rows,
+    so rows 0, 1, 3, 4 lie in one window and row 2 in two (the same across)."""
+    ones = np.ones((1, 1, 5, 5))
+    counts = ops.FoldFn.apply(ops.UnfoldFn.apply(ones, kernel_size=3, stride=2, padding=0).data, image_size=(5, 5),
+                              kernel_size=3, stride=2, padding=0).data[0, 0]
+    per_axis = np.array([1, 1, 2, 1, 1])
+    np.testing.assert_array_equal(counts, np.outer(per_axis, per_axis))
 
 
 def test_dropout_keeps_the_expected_fraction_and_scales_the_rest():

@@ -63,6 +63,21 @@ OPS = {
     "unpatchify": (lambda x: F.unpatchify(x, 2, grid=(2, 3)),
                    lambda x: TF.fold(x.transpose(1, 2), (4, 6), kernel_size=2, stride=2),
                    [R.standard_normal((2, 6, 12))]),
+    # torch's unfold gives (B, C*k*k, L); ours (B, L, C*k*k)
+    "unfold_overlapping": (lambda x: F.unfold_patches(x, 3, 2, 1),
+                           lambda x: TF.unfold(x, 3, padding=1, stride=2).transpose(1, 2),
+                           [R.standard_normal((2, 3, 7, 6))]),
+    "unfold_stride_1": (lambda x: F.unfold_patches(x, 4, 1, 2),
+                        lambda x: TF.unfold(x, 4, padding=2, stride=1).transpose(1, 2),
+                        [R.standard_normal((1, 2, 5, 4))]),
+    "unfold_gaps": (lambda x: F.unfold_patches(x, 2, 3),
+                    lambda x: TF.unfold(x, 2, stride=3).transpose(1, 2), [R.standard_normal((2, 1, 7, 8))]),
+    "unfold_conv": (lambda x, w, b: F.linear(F.unfold_patches(x, 8, 4, 2), w.reshape(5, -1), b),
+                    lambda x, w, b: TF.conv2d(x, w, b, stride=4, padding=2).flatten(2).transpose(1, 2),
+                    [R.standard_normal((2, 3, 8, 12)), R.standard_normal((5, 3, 8, 8)), R.standard_normal(5)]),
+    "fold": (lambda x: F.fold_patches(x, (7, 6), 3, 2, 1),
+             lambda x: TF.fold(x.transpose(1, 2), (7, 6), 3, padding=1, stride=2),
+             [R.standard_normal((2, 12, 27))]),
 }
 
 
@@ -79,6 +94,8 @@ CONFIGS = {
                   mlp_ratio=2.0),
     "avg_tanh_nobias": dict(img_size=12, patch_size=4, in_chans=1, num_classes=4, embed_dim=12, depth=1, num_heads=3,
                             global_pool="avg", class_token=False, act_approximate="tanh", qkv_bias=False),
+    "overlapping_patches": dict(img_size=12, patch_size=4, patch_kernel=8, in_chans=3, num_classes=3, embed_dim=8,
+                                depth=1, num_heads=2, mlp_ratio=2.0),
 }
 
 

@@ -37,7 +37,7 @@ def test_cli_trains_evaluates_and_exports(tmp_path, capsys):
 
 
 def test_resume_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
-    flags = ["--epochs", "3", "--drop-rate", "0.2", "--pool", "avg"] + SMALL
+    flags = ["--epochs", "3", "--drop-rate", "0.2", "--pool", "avg", "--ema", "0.9"] + SMALL
     assert cli.main(["train", "--out", str(tmp_path / "straight")] + flags) == 0
 
     # The same run, interrupted right after the checkpoint of epoch 2 was written.
@@ -61,10 +61,31 @@ def test_resume_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path, 
     assert resumed.epoch == straight.epoch == 3
     for k, v in straight.model_state.items():
         np.testing.assert_array_equal(resumed.model_state[k], v, err_msg=k)
+        np.testing.assert_array_equal(resumed.ema_state[k], straight.ema_state[k], err_msg=k)
     for i, state in straight.optimizer_state["state"].items():
         np.testing.assert_array_equal(resumed.optimizer_state["state"][i]["exp_avg"], state["exp_avg"])
     assert [h["test_acc"] for h in resumed.history] == [h["test_acc"] for h in straight.history]
     assert len((cut / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_validation_split_is_judged_each_epoch_and_the_test_set_once_with_the_moving_average(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "2", "--val-size", "100", "--ema", "0.5", "--out", str(out)] + SMALL) == 0
+    printed = capsys.readouterr().out
+    assert "(200 train / 300 test images)" in printed   # --limit 300, the last 100 training images held out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= row["val_acc"] <= 1 for row in rows)
+    assert rows[0]["test_acc"] is None and 0 <= rows[1]["test_acc"] <= 1
+    ckpt = checkpoint.load_checkpoint(out / "checkpoint.safetensors")
+    assert any(not np.array_equal(ckpt.ema_state[k], v) for k, v in ckpt.model_state.items())
+    model, _ = checkpoint.model_from_checkpoint(out / "checkpoint.safetensors")   # the weights that were judged
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, ckpt.ema_state[k])
+    assert cli.main(["eval", str(out)]) == 0
+    assert abs(json.loads((out / "eval.json").read_text())["accuracy"] - rows[1]["test_acc"]) < 1e-9
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "y", "--val-size", "300", *SMALL)
+    assert code == 2
+    assert_one_line_error(err, "--val-size 300 leaves no training images: the training set has 300")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -89,6 +110,8 @@ def test_resume_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path, 
     (["--seed", "-1"], "--seed -1 is out of range: expected [0, 4294967295]"),
     (["--label-smoothing", "1"], "--label-smoothing 1.0 is out of range: expected [0, 1)"),
     (["--limit", "-5"], "--limit -5 is out of range: expected >= 0"),
+    (["--patch-kernel", "5"], "--patch-kernel 5 must be 0 (no overlap) or at least --patch-size 7 with an even"),
+    (["--ema", "1.5"], "--ema 1.5 is out of range: expected [0, 1)"),
 ])
 def test_bad_flags_are_one_line_errors_with_exit_code_2(flags, message, capsys, tmp_path):
     code, out, err = run_cli(capsys, "train", "--out", tmp_path / "x", *flags)

@@ -1711,3 +1711,428 @@ def check_sln_backward(fn):
                            ("h", "dh uses the first sample's gamma for every sample: gamma[:, None, :] gives each "
                              "sample its own",
                             lambda a, y, dy: _layer_norm_dx(a[0], a[1][0], dy))])
+
+
+# ------------------------------------------------------------------------------------------------ lesson 23
+def _kl_mean_and_grads(mu, logvar):
+    """The batch mean of KL(N(mu, e^logvar) || N(0, I)), each image's KL summed over the latent axis, and its
+    gradients: (kl, dmu, dlogvar)."""
+    B, variance = mu.shape[0], np.exp(logvar)
+    return 0.5 * (mu * mu + variance - logvar - 1).sum() / B, mu / B, 0.5 * (variance - 1) / B
+
+
+def _kl_mistakes(mu, logvar):
+    """(description, (kl, dmu, dlogvar)) for the slips the check names."""
+    B, L = mu.shape
+    kl, dmu, dlogvar = _kl_mean_and_grads(mu, logvar)
+    sigma = logvar                                           # the log-variance read as a standard deviation
+    return [
+        ("the 1/2 in front is missing: KL = 1/2 sum(mu^2 + e^v - v - 1)", (2 * kl, 2 * dmu, 2 * dlogvar)),
+        ("summed over the batch instead of averaged: divide by B, the batch size", (B * kl, B * dmu, B * dlogvar)),
+        ("averaged over the latent axis too: the KL of one image is a sum over its L latent numbers; only the "
+         "batch is averaged", (kl / L, dmu / L, dlogvar / L)),
+        ("e^v is used as the standard deviation: v is the log-variance, so the variance is e^v and the standard "
+         "deviation e^(v/2); with sigma = e^v the formula becomes 1/2 (mu^2 + e^(2v) - 2v - 1)",
+         (0.5 * (mu * mu + np.exp(2 * logvar) - 2 * logvar - 1).sum() / B, dmu, (np.exp(2 * logvar) - 1) / B)),
+        ("the second input is used as sigma, 1/2 (mu^2 + s^2 - log s^2 - 1) with s = logvar: it is the "
+         "log-variance v, so s^2 = e^v and log s^2 = v",
+         (0.5 * (mu * mu + sigma ** 2 - np.log(sigma ** 2) - 1).sum() / B, dmu, (sigma - 1 / sigma) / B)),
+        ("the log-variance term has the wrong sign: log q(z) holds -1/2 log s^2 = -v/2 (a wider q has a lower "
+         "density everywhere), so the bracket of the KL holds -v",
+         (kl + logvar.sum() / B, dmu, 0.5 * (np.exp(logvar) + 1) / B)),
+        ("the -1 is missing: it comes from E_q[(z - mu)^2] / s^2 = 1 in -log q, and makes the KL of q = p zero",
+         (kl + 0.5 * L, dmu, dlogvar)),
+        ("this is the gradient with respect to the variance s^2 = e^v, not the log-variance: multiply by "
+         "ds^2/dv = e^v", (kl, dmu, 0.5 * (1 - np.exp(-logvar)) / B)),
+        ("the derivative of the -v term (-1/2 per element, before the 1/B) is missing",
+         (kl, dmu, 0.5 * np.exp(logvar) / B)),
+    ]
+
+
+def _kl_value_for_grad(mu, logvar):
+    return _kl_mean_and_grads(mu, logvar)[0]
+
+
+def check_gaussian_kl(fn):
+    """fn(mu (B, L), logvar (B, L)) -> (kl, dmu, dlogvar): kl = mean over the batch of KL(N(mu, e^logvar) ||
+    N(0, I)) summed over the latent axis (a float), and its gradients with respect to mu and logvar."""
+    rng = _rng(23)
+    cases = [(rng.standard_normal((4, 3)), rng.standard_normal((4, 3)) * 0.8),
+             (rng.standard_normal((5, 2)) * 1.5, rng.standard_normal((5, 2)) - 0.5)]
+
+    def body():
+        problems, worst = [], 0.0
+        for c, (mu, logvar) in enumerate(cases):
+            got = _call(fn, mu.copy(), logvar.copy())
+            if not isinstance(got, (tuple, list)) or len(got) != 3:
+                return [f"return three things, (kl, dmu, dlogvar); got {type(got).__name__}"
+                        + (f" of length {len(got)}" if isinstance(got, (tuple, list)) else "")], ""
+            B, L = mu.shape
+            expected_value = _kl_value_for_grad(mu, logvar)
+            expected = numeric_gradients(_kl_value_for_grad, [mu, logvar], np.array(1.0), 2)
+            mistakes = _kl_mistakes(mu, logvar)
+            label = f"case {c + 1} (B = {B}, L = {L})"
+            value = _array(got[0])
+            if value.size != 1:
+                problems.append(f"{label}: kl has shape {value.shape}; it is one number, the mean over the batch "
+                                f"of each image's KL (summed over the latent axis)")
+            elif not math.isclose(float(value), expected_value, rel_tol=1e-6, abs_tol=1e-9):
+                why = next((d for d, m in mistakes if math.isclose(float(value), m[0], rel_tol=1e-6)), None)
+                problems.append(f"{label}: kl is {float(value):.6g}, expected {expected_value:.6g}"
+                                + (f": {why}" if why else ""))
+            for k, (name, e) in enumerate((("mu", expected[0]), ("logvar", expected[1]))):
+                g = got[k + 1]
+                if g is None:
+                    problems.append(f"{label}: d{name} is None")
+                    continue
+                g = _array(g).astype(np.float64)
+                if _close(g, e, rtol=1e-5, atol=1e-7):
+                    worst = max(worst, float((np.abs(g - e) / np.maximum(np.abs(g) + np.abs(e), 1e-12)).max()))
+                    continue
+                why = next((d for d, m in mistakes if g.shape == e.shape and _close(g, m[k + 1], 1e-5, 1e-7)), None)
+                why = why or diagnose(name, g, e, factors=[(B, "B"), (2, "2")])
+                problems.append(f"{label}, d{name}: " + (why or _worst_line(f"d{name}", g, e)))
+            if problems:
+                return problems, ""
+        return problems, (f"value and both gradients right on {len(cases)} cases (largest relative error of the "
+                          f"gradients against finite differences {worst:.1e})")
+    return _run("gaussian_kl", ("write KL = E_q[log q(z) - log p(z)] with both densities as Gaussians; "
+                                "E_q[(z - mu)^2] = e^v and E_q[z^2] = mu^2 + e^v do the rest",
+                                "kl = 0.5 * (mu**2 + exp(logvar) - logvar - 1).sum() / B, dmu = mu / B, "
+                                "dlogvar = 0.5 * (exp(logvar) - 1) / B, with B = mu.shape[0]"), body)
+
+
+# ------------------------------------------------------------------------------------------------ lesson 24
+def _gram(tokens):
+    return tokens.swapaxes(-1, -2) @ tokens / tokens.shape[-2]
+
+
+def check_gram_backward(fn):
+    """fn(tokens (B, N, D), dgram (B, D, D)) -> dtokens (B, N, D): the gradient of sum(dgram * G) with
+    G = tokens^T tokens / N for each image of the batch (``minivit.art.gram_matrix``)."""
+    rng = _rng(24)
+    cases = [[rng.standard_normal((2, 5, 3))], [rng.standard_normal((3, 4, 6))]]     # N != D, B != D
+
+    def n_tokens(arrays):
+        return arrays[0].shape[-2]
+
+    def one_half(arrays, y, dy):                         # only the T dG term, as if G were linear in T
+        return arrays[0] @ dy / n_tokens(arrays)
+
+    def other_half(arrays, y, dy):
+        return arrays[0] @ dy.swapaxes(-1, -2) / n_tokens(arrays)
+
+    def doubled(arrays, y, dy):                          # right only for a symmetric dG
+        return 2 * arrays[0] @ dy / n_tokens(arrays)
+
+    def over_width(arrays, y, dy):
+        return arrays[0] @ (dy + dy.swapaxes(-1, -2)) / arrays[0].shape[-1]
+
+    half = ("G = T^T T / N holds T twice, so its gradient has two terms: T dG^T / N and T dG / N; you have only "
+            "one of them (they are equal only when dG is symmetric, and the upstream gradient need not be)")
+    hints = ("write G[a, b] = 1/N sum_n T[n, a] T[n, b] and differentiate with respect to T[n, c]: c can be a or b; "
+             "on a batch transpose the last two axes with swapaxes(-1, -2), not .T",
+             "dtokens = tokens @ (dgram + dgram.swapaxes(-1, -2)) / N, with N = tokens.shape[-2]")
+
+    def body():
+        problems, worst = _gradient_gate(
+            _gram, lambda xs, y, dy: fn(xs[0], dy), cases, ("tokens",),
+            factors=lambda arrays: [(n_tokens(arrays), "N"), (2, "2")],
+            mistakes=[("tokens", half, one_half), ("tokens", half, other_half),
+                      ("tokens", "2 T dG / N is right only for a symmetric dG: the two terms are T dG^T / N and "
+                       "T dG / N", doubled)])
+        if problems:                                     # a ratio N / D is too odd for the general diagnosis
+            tokens = cases[0][0]
+            dy = np.random.default_rng(100).standard_normal((tokens.shape[0],) + (tokens.shape[-1],) * 2)
+            got = _array(_call(fn, tokens.copy(), dy))
+            if got.shape == tokens.shape and _close(got, over_width([tokens], None, dy)):
+                problems.insert(0, "case 1: divided by D, the width of a token, instead of N, the number of "
+                                   "tokens the Gram matrix averages over")
+        return problems, (f"matches finite differences on {len(cases)} cases (largest relative error "
+                          f"{worst:.1e})")
+    return _run("gram_backward", hints, body)
+
+
+# ------------------------------------------------------------------------------------------------ lesson 25
+def reference_stitch_tiles(maps):
+    """Lesson 25's exercise as the library computes it (``painters.tile_attention``): (rows, cols, h, w) ->
+    (rows h, cols w)."""
+    rows, cols, h, w = maps.shape
+    return maps.transpose(0, 2, 1, 3).reshape(rows * h, cols * w)
+
+
+def check_stitch_tiles(fn):
+    """fn(maps (rows, cols, h, w)) -> (rows h, cols w): the map of tile (r, c) placed at rows r h .. (r + 1) h and
+    columns c w .. (c + 1) w of one picture."""
+    def body():
+        rows, cols, h, w = 2, 3, 4, 5                         # every size different, so that no swap goes unseen
+        maps = np.arange(rows * cols * h * w, dtype=np.float64).reshape(rows, cols, h, w)
+        expected = reference_stitch_tiles(maps)
+        got = _array(_call(fn, maps.copy()))
+        if got.shape == expected.shape and np.array_equal(got, expected):
+            return [], "each tile in its place, on a 2 x 3 grid of 4 x 5 tiles"
+        slips = [(maps.reshape(rows * h, cols * w),
+                  "a reshape alone reads the numbers in memory order, (row, col, y, x), so a line of your picture "
+                  "holds several lines of one tile side by side instead of one line of each tile of the row; "
+                  "bring the axes into the order (row, y, col, x) first (transpose), then reshape"),
+                 (reference_stitch_tiles(maps).T,
+                  "your picture is the right one transposed (its rows are the columns)"),
+                 (maps.transpose(1, 2, 0, 3).reshape(cols * h, rows * w),
+                  "the grid of tiles is transposed: tile (r, c) belongs in tile-row r and tile-column c")]
+        for wrong, why in slips:
+            if got.shape == wrong.shape and np.array_equal(got, wrong):
+                return [f"on a grid of {rows} x {cols} tiles of {h} x {w}: {why}"], ""
+        line = _compare(f"stitched map ({rows} x {cols} tiles of {h} x {w})", got, expected)
+        named = diagnose("map", got, expected)
+        named = named and named.replace("your gradient dmap", "your map").replace("dmap", "your map")
+        return [line] + ([named] if named else []), ""
+    return _run("stitch_tiles", ("tile (r, c) covers rows r h .. (r + 1) h and columns c w .. (c + 1) w; a "
+                                 "reshape alone keeps the axes in the order (row, col, y, x)",
+                                 "maps.transpose(0, 2, 1, 3).reshape(rows * h, cols * w)"), body)
+
+
+# ------------------------------------------------------------------------------------------------ lesson 26
+class _Gradients:
+    """Just enough of an optimizer for ``GradScaler``: one parameter group whose parameters hold the gradients,
+    and a ``step`` that only notes it was called."""
+
+    def __init__(self, grads):
+        from types import SimpleNamespace
+        self.param_groups = [{"params": [SimpleNamespace(grad=np.array(g)) for g in grads]}]
+        self.stepped = False
+
+    def step(self):
+        self.stepped = True
+
+
+def reference_scaler_update(grads, scale, clean_steps, growth_interval):
+    """Lesson 26's exercise done by ``minivit.GradScaler`` itself (factors 2 and 0.5): the lesson runs on it while
+    the exercise is open. -> (unscaled float32 gradients, skip, new scale, new clean-step count)."""
+    from minivit.amp import GradScaler
+    scaler = GradScaler(init_scale=scale, growth_interval=growth_interval)
+    scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": clean_steps})
+    optimizer = _Gradients(grads)
+    scaler.step(optimizer)
+    scaler.update()
+    unscaled = [p.grad for p in optimizer.param_groups[0]["params"]]
+    return unscaled, not optimizer.stepped, scaler.get_scale(), scaler.state_dict()["_growth_tracker"]
+
+
+def _scaler_steps(growth_interval):
+    """A scripted run: (float16 gradients of a scaled loss, the scale they were made with, the clean-step count
+    before the step) per step, with an Inf on two steps and a NaN on one, and gradients small enough that
+    dividing them by the scale in float16 would flush them to zero."""
+    from minivit.amp import GradScaler
+    rng = _rng(26)
+    scaler = GradScaler(init_scale=2.0**15, growth_interval=growth_interval)
+    bad = {4: np.inf, 7: np.nan, 8: -np.inf}
+    steps = []
+    for t in range(13):
+        true = [rng.standard_normal(6) * 10.0 ** rng.uniform(-9, -3, 6), rng.standard_normal(4) * 1e-5]
+        scaled = [(g * scaler.get_scale()).astype(np.float16) for g in true]
+        if t in bad:
+            scaled[t % 2][t % 3] = bad[t]
+        steps.append((scaled, scaler.get_scale(), scaler.state_dict()["_growth_tracker"]))
+        optimizer = _Gradients(scaled)
+        scaler.step(optimizer)
+        scaler.update()
+    return steps
+
+
+def check_scaler_update(fn):
+    """fn(grads, scale, clean_steps, growth_interval) -> (unscaled float32 grads, skip, new scale, new clean_steps):
+    one step of a dynamic loss scaler with GradScaler's rules (growth factor 2, backoff factor 0.5)."""
+    interval = 3
+
+    def body():
+        passed = []
+        for t, (scaled, scale, clean) in enumerate(_scaler_steps(interval), start=1):
+            overflow = not all(np.isfinite(g).all() for g in scaled)
+            expected_grads, expected_skip, expected_scale, expected_clean = reference_scaler_update(
+                scaled, scale, clean, interval)
+            result = _call(fn, [g.copy() for g in scaled], scale, clean, interval)
+            if not isinstance(result, (tuple, list)) or len(result) != 4:
+                return ["return a tuple (grads, skip, scale, clean_steps)"], ""
+            grads, skip, new_scale, new_clean = result
+            where = (f"step {t} (scale {scale:g}, {clean} clean step{'' if clean == 1 else 's'} so far, "
+                     f"growth_interval {interval}, "
+                     f"{'an Inf or NaN in the gradients' if overflow else 'all gradients finite'})")
+            problems = _scaler_step_problems(scaled, scale, overflow, (grads, skip, new_scale, new_clean),
+                                             (expected_grads, expected_skip, expected_scale, expected_clean))
+            if problems:
+                return [f"{where}:"] + [f"  {p}" for p in problems] + (
+                    [f"step{'s 1-' if t > 2 else ' '}{t - 1} {'were' if t > 2 else 'was'} right"] if passed else []), ""
+            passed.append(t)
+        return [], (f"{len(passed)} steps agree with minivit.GradScaler (two Infs and a NaN skipped, the scale "
+                    f"halved after each and doubled after {interval} clean steps)")
+    return _run("scaler_update", ("check the gradients for Inf/NaN first; the scale and the counter change "
+                                  "differently on an overflow step and on a clean one",
+                                  "found = any(not np.isfinite(g).all() for g in grads); grads = [g.astype("
+                                  "np.float32) / scale for g in grads]; if found: return grads, True, scale * 0.5, "
+                                  "0; clean_steps += 1; if clean_steps == growth_interval: return grads, False, "
+                                  "scale * 2, 0; return grads, False, scale, clean_steps"), body)
+
+
+def _scaler_step_problems(scaled, scale, overflow, got, expected):
+    grads, skip, new_scale, new_clean = got
+    expected_grads, expected_skip, expected_scale, expected_clean = expected
+    problems = []
+    if bool(skip) != expected_skip:
+        if overflow:
+            kinds = {"NaN" if np.isnan(g).any() else "Inf" for g in scaled if not np.isfinite(g).all()}
+            problems.append(f"skip is False, but a gradient holds {', '.join(sorted(kinds))}: the step must be "
+                            "skipped (its update would write Inf or NaN into the weights)"
+                            + (" (np.isinf misses NaN: np.isfinite catches both)" if kinds == {"NaN"} else ""))
+        else:
+            problems.append("skip is True, but every gradient is finite: skip only on Inf or NaN")
+    if not overflow:
+        problems += _unscale_problems(grads, scaled, scale, expected_grads)
+    if new_scale != expected_scale:
+        if overflow and new_scale == scale * 2:
+            problems.append(f"the scale grew to {new_scale:g} on an overflow step: an overflow halves it "
+                            f"(to {expected_scale:g}), whatever the count of clean steps")
+        elif overflow and new_scale == scale:
+            problems.append(f"the scale stayed {scale:g} after an overflow: halve it, or the next step "
+                            "overflows again")
+        elif not overflow and new_scale == scale * 2:
+            problems.append(f"the scale doubled after {expected_clean} clean steps; it grows only when the "
+                            "count reaches growth_interval (an off-by-one in the comparison?)")
+        elif not overflow and new_scale == scale and expected_scale == scale * 2:
+            problems.append("this was the growth_interval-th clean step in a row: the scale should double now")
+        elif not overflow and new_scale == scale * 0.5:
+            problems.append("the scale was halved on a clean step: only an Inf or NaN halves it")
+        else:
+            problems.append(f"new scale {new_scale!r}, expected {expected_scale:g}")
+    if new_clean != expected_clean:
+        if overflow:
+            problems.append(f"the clean-step count is {new_clean} after an overflow: reset it to 0, so that "
+                            "the scale grows only after growth_interval clean steps in a row")
+        elif expected_scale == scale * 2:
+            problems.append(f"the clean-step count is {new_clean!r} after the scale grew: start counting again "
+                            "from 0")
+        else:
+            problems.append(f"the clean-step count is {new_clean!r}, expected {expected_clean} (one more per "
+                            "clean step, 0 after the scale grows or after an overflow)")
+    return problems
+
+
+def _unscale_problems(grads, scaled, scale, expected):
+    """What is wrong with the unscaled gradients of a clean step, or []."""
+    if not isinstance(grads, (list, tuple)) or len(grads) != len(expected):
+        return [f"return the gradients as a list of {len(expected)} arrays, one per input gradient"]
+    for i, (g, s, e) in enumerate(zip(grads, scaled, expected)):
+        g = _array(g)
+        if g.shape != e.shape:
+            return [f"gradient {i} has shape {g.shape}, expected {e.shape}"]
+        if np.allclose(g, s.astype(np.float32), rtol=1e-6, atol=0):
+            return [f"gradient {i} is still the scaled one (S = {scale:g} times too large): divide by the scale "
+                    "before the optimizer sees it"]
+        if np.allclose(g, e * scale * scale, rtol=1e-3, atol=0):
+            return [f"gradient {i} was multiplied by the scale again instead of divided by it"]
+        if g.dtype != np.float32:
+            flushed = int(((g == 0) & (e != 0)).sum())
+            return [f"gradient {i} is {g.dtype}, not float32" + (
+                f": dividing by {scale:g} in float16 flushed {flushed} of its {g.size} values to zero again "
+                "(convert to float32 first, then divide)" if flushed else
+                ": the optimizer works on float32 gradients")]
+        line = _compare(f"gradient {i}", g, e, rtol=1e-6, atol=0)
+        if line:
+            return [line]
+    return []
+
+
+# ------------------------------------------------------------------------------------------------ lesson 27
+def reference_ring_allreduce(arrays):
+    """Lesson 27's exercise: the ring all-reduce of one 1-D array per rank, simulated (the lesson runs on it while
+    the exercise is open). Chunk c of every array is ``np.array_split``'s piece c of N. -> one array per rank,
+    each the sum of all of them."""
+    n = len(arrays)
+    buffers = [np.array(a, copy=True) for a in arrays]
+    chunks = np.array_split(np.arange(len(buffers[0])), n)
+    for step in range(n - 1):                               # reduce-scatter: after it rank r owns chunk r + 1
+        sent = [buffers[r][chunks[(r - step) % n]].copy() for r in range(n)]
+        for r in range(n):
+            buffers[(r + 1) % n][chunks[(r - step) % n]] += sent[r]
+    for step in range(n - 1):                               # all-gather: the finished chunks go round once
+        sent = [buffers[r][chunks[(r + 1 - step) % n]].copy() for r in range(n)]
+        for r in range(n):
+            buffers[(r + 1) % n][chunks[(r + 1 - step) % n]] = sent[r]
+    return buffers
+
+
+def _ranks_in(coefficient, n):
+    """The ranks whose arrays a sum holds, read from its coefficient (rank r's array is 2^r x the same base),
+    or None when the coefficient is no such sum (a rank counted twice, a mean)."""
+    k = int(round(coefficient))
+    if abs(coefficient - k) > 1e-9 or not 0 <= k < 2 ** n:
+        return None
+    return [r for r in range(n) if k >> r & 1]
+
+
+def check_ring_allreduce(fn):
+    """fn(arrays) -> a list with one array per rank, each the element-wise sum of ``arrays`` (a list of N 1-D
+    arrays of equal length), computed as a ring all-reduce: N - 1 reduce-scatter steps, N - 1 all-gather steps."""
+    def body():
+        rng = _rng(27)
+        passed = []
+        for n, length in [(2, 6), (3, 12), (4, 10), (5, 23), (1, 4)]:
+            base = rng.integers(1, 10, length).astype(np.float64)
+            arrays = [base * 2.0 ** r for r in range(n)]       # every subset of ranks sums to its own multiple
+            expected = sum(arrays)
+            given = [a.copy() for a in arrays]
+            result = _call(fn, given)
+            label = f"{n} ranks, arrays of {length}"
+            if not isinstance(result, (list, tuple)) or len(result) != n:
+                got = len(result) if isinstance(result, (list, tuple)) else type(result).__name__
+                return [f"{label}: return a list of {n} arrays (one per rank), got {got}"], ""
+            result = [_array(r).astype(np.float64) for r in result]
+            if not all(np.array_equal(g, a) for g, a in zip(given, arrays)):
+                return [f"{label}: your function changed the arrays it was given: work on copies (the lesson "
+                        "goes on using the gradients it passes in)"], ""
+            problems = _ring_problems(result, expected, base, n, length)
+            if problems:
+                return [f"{label}:"] + [f"  {p}" for p in problems] + (
+                    ["passed before it: " + "; ".join(passed)] if passed else []), ""
+            passed.append(label)
+        return [], f"every rank holds the sum, on {len(passed)} rings (1 to 5 ranks, lengths not divisible by N)"
+    return _run("ring_allreduce", ("first pass partial sums round the ring so that each rank completes one chunk "
+                                   "(reduce-scatter), then pass the completed chunks round (all-gather)",
+                                   "chunks = np.array_split(np.arange(length), N); reduce-scatter, step s = 0..N-2: "
+                                   "rank r sends chunk (r - s) % N to rank (r + 1) % N, which adds it; all-gather, "
+                                   "step s = 0..N-2: rank r sends chunk (r + 1 - s) % N to rank (r + 1) % N, which "
+                                   "stores it"), body)
+
+
+def _ring_problems(result, expected, base, n, length):
+    for r, got in enumerate(result):
+        if got.shape != expected.shape:
+            return [f"rank {r}'s array has shape {got.shape}, expected {expected.shape}"]
+    if all(np.allclose(got, expected, rtol=1e-12, atol=0) for got in result):
+        return []
+    if all(np.allclose(got, expected / n, rtol=1e-12, atol=0) for got in result):
+        return ["every rank holds the mean, not the sum: an all-reduce sums; the weights (1/N, or each shard's "
+                "b_r / B) are applied to each rank's gradient before it"]
+    chunks = np.array_split(np.arange(length), n)
+    lines, finished = [], []
+    for r, got in enumerate(result):
+        complete = [c for c, idx in enumerate(chunks) if np.allclose(got[idx], expected[idx], rtol=1e-12, atol=0)]
+        finished.append(len(complete))
+        if len(complete) == n:
+            continue
+        described = []
+        for c in (c for c in range(n) if c not in complete):
+            coefficients = got[chunks[c]] / base[chunks[c]]
+            ranks = _ranks_in(coefficients[0], n) if np.allclose(coefficients, coefficients[0]) else None
+            described.append(f"chunk {c} holds " + (f"the sum of ranks {ranks}" if ranks is not None else
+                                                     "values that are no sum of the ranks' own chunk: a piece "
+                                                     "of another chunk was added in"))
+        lines.append(f"rank {r} has the full sum in chunk(s) {complete if complete else 'none'}; "
+                     + "; ".join(described))
+    if finished == [1] * n:
+        lines.append("each rank has finished exactly one chunk: that is where reduce-scatter ends; the all-gather "
+                     "phase (N - 1 more steps passing the finished chunks round the ring) is missing")
+    else:
+        lines.append("some sums miss a rank or count one twice: at reduce-scatter step s, rank r sends chunk "
+                     "(r - s) % N to rank r + 1, which adds it to its own; an off-by-one in the chunk index adds a "
+                     "partial sum to the wrong chunk")
+    return lines[:3] + lines[-1:] if len(lines) > 4 else lines

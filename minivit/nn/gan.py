@@ -18,8 +18,10 @@ The discriminator is the classifier ViT with a one-logit head, with the options 
     spectral_norm='plain' every Linear and the patch projection divided by its spectral norm (Miyato et al. 2018)
     spectral_norm='improved'  ... and multiplied by its spectral norm at initialisation (ViTGAN)
 
-ViTGAN's discriminator also cuts overlapping patches; that needs an unfold op minivit does not have, so this one
-cuts the ViT's usual non-overlapping patches.
+and the patches ViTGAN's discriminator cuts:
+
+    patch_kernel=k        overlapping k x k windows centred on the P x P patches (the unfold op,
+                          ``F.unfold_patches``), as many tokens as patches; None: the ViT's non-overlapping patches
 """
 
 import numpy as np
@@ -184,6 +186,8 @@ class ViTDiscriminator(VisionTransformer):
             ``VisionTransformer``.
         attention: 'dot' (the ViT's) or 'l2' (``L2Attention``, tied queries and keys).
         spectral_norm: 'none', 'plain' or 'improved', applied to every Linear and to the patch projection.
+        patch_kernel: None, or a window side k > patch_size (k - patch_size even) for overlapping patches, as
+            ``VisionTransformer``; the patch projection's weight is then (D, C, k, k).
 
     Returns logits (B,) for images (B, C, H, W). Keys as the ViT's (``head`` has one row); with 'l2' attention
     ``blocks.{i}.attn.qk`` and ``.attn.v`` replace ``.attn.qkv``; with spectral norm each weight is stored as
@@ -191,7 +195,7 @@ class ViTDiscriminator(VisionTransformer):
     """
 
     def __init__(self, img_size=28, patch_size=7, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
-                 global_pool="token", attention="dot", spectral_norm="none", seed=0):
+                 global_pool="token", attention="dot", spectral_norm="none", seed=0, patch_kernel=None):
         if attention not in ("dot", "l2"):
             raise ValueError(f"ViTDiscriminator: attention must be 'dot' or 'l2', got {attention!r}")
         if spectral_norm not in SPECTRAL_NORMS:
@@ -199,10 +203,12 @@ class ViTDiscriminator(VisionTransformer):
                              f"got {spectral_norm!r}")
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=1,
                          global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                         mlp_ratio=mlp_ratio, class_token=global_pool == "token", seed=seed)
+                         mlp_ratio=mlp_ratio, class_token=global_pool == "token", seed=seed, patch_kernel=patch_kernel)
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, global_pool=global_pool,
                            attention=attention, spectral_norm=spectral_norm, seed=seed)
+        if patch_kernel is not None:
+            self.config["patch_kernel"] = patch_kernel
         rng = np.random.default_rng([seed, 1])
         if attention == "l2":
             for block in self.blocks:

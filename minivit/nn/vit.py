@@ -7,8 +7,10 @@ token), D = embed_dim, nh heads, hd = D / nh, F = mlp width, K classes.
       -> depth x Block: x = x + attn(norm1(x)); x = x + mlp(norm2(x))
       -> norm -> pool: x[:, 0] or the mean of the patch tokens (B,D) -> head (B,K)
 
-Keys: patch_embed.proj.weight (D,C,P,P), cls_token (1,1,D), pos_embed (1,N,D), blocks.{i}.norm1, .attn.qkv,
-.attn.proj, .norm2, .mlp.fc1, .mlp.fc2, norm (fc_norm with mean pooling), head.
+With ``patch_kernel=k`` the patch embedding projects overlapping k x k windows centred on the patches (same Np).
+
+Keys: patch_embed.proj.weight (D,C,P,P) (or (D,C,k,k)), cls_token (1,1,D), pos_embed (1,N,D), blocks.{i}.norm1,
+.attn.qkv, .attn.proj, .norm2, .mlp.fc1, .mlp.fc2, norm (fc_norm with mean pooling), head.
 """
 
 import math
@@ -28,31 +30,65 @@ def _pair(n):
 
 
 class PatchProjection(Module):
-    """A P x P convolution with stride P (timm's ``patch_embed.proj``), computed as patchify then linear.
+    """A convolution with stride P (timm's ``patch_embed.proj``), computed as patchify (or unfold) then linear.
 
-    weight (D, C, P, P), bias (D,); patches are flattened in (C, P, P) order, so weight.reshape(D, -1) is the
-    matching (D, C*P*P) linear weight.
+    With ``patch_kernel`` None the kernel is P x P: non-overlapping patches. With a kernel k > P each window of
+    side k is centred on its P x P patch (zero padding (k - P)/2 on each side), so the windows overlap but the
+    grid stays (H/P) x (W/P): PyTorch's ``Conv2d(C, D, k, stride=P, padding=(k - P)//2)``.
+
+    weight (D, C, k, k), bias (D,); windows are flattened in (C, k, k) order, so weight.reshape(D, -1) is the
+    matching (D, C*k*k) linear weight.
     """
 
-    def __init__(self, in_chans, embed_dim, patch_size, rng):
+    def __init__(self, in_chans, embed_dim, patch_size, rng, patch_kernel=None):
         super().__init__()
         self.patch_size = patch_size
-        self.weight = Parameter(np.zeros((embed_dim, in_chans, patch_size, patch_size), dtype=np.float32))
+        self.patch_kernel = check_patch_kernel(patch_kernel, patch_size, "PatchProjection")
+        k = patch_size if self.patch_kernel is None else self.patch_kernel
+        self.padding = (k - patch_size) // 2
+        self.weight = Parameter(np.zeros((embed_dim, in_chans, k, k), dtype=np.float32))
         self.bias = Parameter(np.zeros(embed_dim, dtype=np.float32))
-        bound = 1.0 / math.sqrt(in_chans * patch_size * patch_size)  # PyTorch's Conv2d default
+        bound = 1.0 / math.sqrt(in_chans * k * k)  # PyTorch's Conv2d default
         init.uniform_(self.weight, bound, rng)
         init.uniform_(self.bias, bound, rng)
 
     def forward(self, images):
-        D = self.weight.shape[0]
-        patches = F.patchify(images, self.patch_size)               # (B, Np, C*P*P)
-        return F.linear(patches, self.weight.reshape(D, -1), self.bias)  # (B, Np, D)
+        D, k = self.weight.shape[0], self.weight.shape[2]
+        if k == self.patch_size:                                                        # no overlap
+            patches = F.patchify(images, self.patch_size)                               # (B, Np, C*P*P)
+        else:
+            patches = F.unfold_patches(images, k, self.patch_size, self.padding)        # (B, Np, C*k*k)
+        return F.linear(patches, self.weight.reshape(D, -1), self.bias)                 # (B, Np, D)
+
+    def extra_repr(self):
+        return "" if self.patch_kernel is None else f"patch_kernel={self.patch_kernel}, padding={self.padding}"
+
+
+def check_patch_kernel(patch_kernel, patch_size, owner="PatchEmbed"):
+    """patch_kernel itself, or a ValueError: None, or an integer k >= P with k - P even (windows centred on the
+    patches)."""
+    if patch_kernel is None:
+        return None
+    if isinstance(patch_kernel, bool) or not isinstance(patch_kernel, (int, np.integer)):
+        raise ValueError(f"{owner}: patch_kernel must be None or an integer >= patch_size {patch_size}, got "
+                         f"{patch_kernel!r}")
+    if patch_kernel < patch_size:
+        raise ValueError(f"{owner}: patch_kernel must be >= patch_size {patch_size} (windows cover their patch), "
+                         f"got {patch_kernel}")
+    if (patch_kernel - patch_size) % 2:
+        raise ValueError(f"{owner}: patch_kernel - patch_size must be even so the window is centred on its patch "
+                         f"(expected {patch_size}, {patch_size + 2}, {patch_size + 4}, ...), got {patch_kernel}")
+    return int(patch_kernel)
 
 
 class PatchEmbed(Module):
-    """Split images into patches and project each patch to an embed_dim vector."""
+    """Split images into patches and project each patch to an embed_dim vector.
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, rng=None):
+    ``patch_kernel`` (None or an integer k >= P, k - P even): project overlapping k x k windows centred on the
+    patches instead of the patches themselves (see ``PatchProjection``); the number of tokens is unchanged.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, rng=None, patch_kernel=None):
         super().__init__()
         if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size <= 0:
             raise ValueError(f"PatchEmbed: patch_size must be a positive integer, got {patch_size!r}")
@@ -60,9 +96,10 @@ class PatchEmbed(Module):
         H, W = self.img_size
         if H % patch_size or W % patch_size:
             raise ValueError(f"PatchEmbed: image {H}x{W} is not divisible by patch_size {patch_size}")
+        self.patch_kernel = check_patch_kernel(patch_kernel, patch_size)
         self.grid_size = (H // patch_size, W // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = PatchProjection(in_chans, embed_dim, patch_size, rng or init.default_rng())
+        self.proj = PatchProjection(in_chans, embed_dim, patch_size, rng or init.default_rng(), patch_kernel)
 
     def forward(self, images):
         if not hasattr(images, "dtype") or not hasattr(images, "ndim"):
@@ -78,7 +115,8 @@ class PatchEmbed(Module):
         return self.proj(images)
 
     def extra_repr(self):
-        return f"img_size={self.img_size}, patch_size={self.patch_size}, in_chans={self.in_chans}"
+        kernel = "" if self.patch_kernel is None else f", patch_kernel={self.patch_kernel}"
+        return f"img_size={self.img_size}, patch_size={self.patch_size}{kernel}, in_chans={self.in_chans}"
 
 
 class Attention(Module):
@@ -168,13 +206,16 @@ class VisionTransformer(Module):
         pos_drop_rate: dropout after adding the position embedding.
         proj_drop_rate: dropout after the attention and MLP projections.
         act_approximate: 'none' for exact GELU, 'tanh' for its tanh form.
+        patch_kernel: None for non-overlapping P x P patches; an integer k > P (k - P even) for overlapping
+            k x k windows centred on the patches (a Conv2d with kernel k, stride P, padding (k - P)/2); the
+            number of tokens is the same. patch_embed.proj.weight is then (D, C, k, k).
         seed: seeds the weights (drawn on the host with NumPy, identical on every backend).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True,
                  pos_embed="learn", drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, act_approximate="none",
-                 seed=0):
+                 seed=0, patch_kernel=None):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"VisionTransformer: global_pool must be 'token' or 'avg', got {global_pool!r}")
@@ -196,7 +237,10 @@ class VisionTransformer(Module):
                            drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate,
                            act_approximate=act_approximate, seed=seed)
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, rng=rng)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, rng=rng,
+                                      patch_kernel=patch_kernel)
+        if patch_kernel is not None:  # configs (and checkpoints) without the key mean non-overlapping patches
+            self.config["patch_kernel"] = self.patch_embed.patch_kernel
         num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
         if class_token:
             self.cls_token = Parameter(np.zeros((1, 1, embed_dim), dtype=np.float32))

@@ -19,7 +19,7 @@ from minivit.ops.softmax import LogSoftmaxFn, SoftmaxFn
 from minivit.ops.norm import LayerNormFn
 from minivit.ops.attention import MultiHeadSelfAttentionFn, ScaledDotProductAttentionFn
 from minivit.ops.loss import CrossEntropyFn
-from minivit.ops.patch import PatchifyFn, UnpatchifyFn
+from minivit.ops.patch import FoldFn, PatchifyFn, UnfoldFn, UnpatchifyFn
 from minivit.ops.logistic import BinaryCrossEntropyWithLogitsFn, LogSigmoidFn, SigmoidFn, SoftplusFn
 from minivit.ops.l2attention import L2AttentionFn
 from minivit.ops.vae import BernoulliLogLikelihoodFn, GaussianKLFn, GaussianLogLikelihoodFn, ReparameterizeFn
@@ -30,6 +30,7 @@ __all__ = [
     "SumFn", "MeanFn", "MaxFn", "BroadcastToFn",
     "LinearFn", "GELUFn", "DropoutFn", "SoftmaxFn", "LogSoftmaxFn", "LayerNormFn",
     "ScaledDotProductAttentionFn", "MultiHeadSelfAttentionFn", "CrossEntropyFn", "PatchifyFn", "UnpatchifyFn",
+    "UnfoldFn", "FoldFn",
     "SigmoidFn", "SoftplusFn", "LogSigmoidFn", "BinaryCrossEntropyWithLogitsFn", "L2AttentionFn",
     "ReparameterizeFn", "GaussianKLFn", "BernoulliLogLikelihoodFn", "GaussianLogLikelihoodFn",
     "all_ops",

@@ -47,9 +47,10 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, in_chans, dim, patch_size):
+    def __init__(self, in_chans, dim, patch_size, patch_kernel=None):
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+        k = patch_size if patch_kernel is None else patch_kernel
+        self.proj = nn.Conv2d(in_chans, dim, k, stride=patch_size, padding=(k - patch_size) // 2)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -59,10 +60,10 @@ class TorchViT(nn.Module):
     """Same computation and parameter names as ``minivit.nn.VisionTransformer`` for a given config dict."""
 
     def __init__(self, img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio=4.0,
-                 qkv_bias=True, global_pool="token", class_token=True, act_approximate="none", **_):
+                 qkv_bias=True, global_pool="token", class_token=True, act_approximate="none", patch_kernel=None, **_):
         super().__init__()
         self.global_pool, self.prefix = global_pool, 1 if class_token else 0
-        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, patch_kernel)
         n = (img_size // patch_size) ** 2 + self.prefix
         if class_token:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

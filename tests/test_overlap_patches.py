@@ -1,0 +1,112 @@
+"""Overlapping patches: the ViT's ``patch_kernel`` option (a Conv2d with kernel k > P, stride P, padding (k-P)/2)
+in the classifier, the GAN discriminator and checkpoints, and the named errors of the unfold op and the option.
+The PyTorch parity of the unfold op and of a ViT with overlapping patches is in tests/test_torch_parity.py."""
+
+import math
+
+import numpy as np
+import pytest
+
+from minivit import Tensor, checkpoint, functional as F, nn
+from minivit.gradcheck import gradcheck, gradgradcheck
+
+TINY = dict(img_size=8, patch_size=4, in_chans=2, num_classes=3, embed_dim=8, depth=1, num_heads=2, mlp_ratio=2.0)
+
+
+def images(n, c=2, size=8, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, c, size, size))
+
+
+def conv2d_loop(x, w, b, stride, padding):
+    """A plain convolution, one output pixel at a time: (B, C, H, W) -> (B, gh*gw, D)."""
+    B, C, H, W = x.shape
+    D, _, k, _ = w.shape
+    xpad = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    rows = []
+    for r in range(0, H + 2 * padding - k + 1, stride):
+        for c in range(0, W + 2 * padding - k + 1, stride):
+            rows.append(np.einsum("bcij,dcij->bd", xpad[:, :, r:r + k, c:c + k], w) + b)
+    return np.stack(rows, axis=1)
+
+
+def test_overlapping_patch_embedding_is_a_strided_padded_convolution_with_the_same_grid():
+    embed = nn.PatchEmbed(8, 4, 2, 5, rng=np.random.default_rng(0), patch_kernel=8).to(dtype=np.float64)
+    w, b = embed.proj.weight.data, embed.proj.bias.data
+    assert w.shape == (5, 2, 8, 8) and embed.num_patches == 4 and embed.grid_size == (2, 2)
+    assert np.abs(w).max() <= 1 / math.sqrt(2 * 8 * 8)                       # PyTorch's Conv2d default bound
+    x = images(3)
+    np.testing.assert_allclose(embed(x).data, conv2d_loop(x, w, b, stride=4, padding=2), rtol=1e-12, atol=1e-12)
+
+
+def test_without_patch_kernel_or_with_kernel_equal_to_the_patch_nothing_changes():
+    plain, same = nn.VisionTransformer(**TINY, seed=1), nn.VisionTransformer(**TINY, seed=1, patch_kernel=4)
+    assert "patch_kernel" not in plain.config and plain.patch_embed.proj.weight.shape == (8, 2, 4, 4)
+    for k, v in plain.state_dict().items():
+        np.testing.assert_array_equal(same.state_dict()[k], v)
+    x = images(2).astype(np.float32)
+    np.testing.assert_array_equal(plain(x).data, same(x).data)
+
+
+def test_a_vit_with_overlapping_patches_trains_and_round_trips_through_checkpoints(tmp_path):
+    model = nn.VisionTransformer(**TINY, patch_kernel=6)
+    assert model.config["patch_kernel"] == 6 and model.patch_embed.proj.weight.shape == (8, 2, 6, 6)
+    x, y = images(4).astype(np.float32), np.array([0, 1, 2, 0])
+    F.cross_entropy(model(x), y).backward()
+    assert all(p.grad is not None and np.any(p.grad) for _, p in model.named_parameters() if p.requires_grad)
+    for path in (checkpoint.save_checkpoint(tmp_path / "c.safetensors", model),
+                 checkpoint.export_state_dict(model, tmp_path / "e.safetensors")):
+        rebuilt, ckpt = checkpoint.model_from_checkpoint(path)
+        assert ckpt.config == model.config and rebuilt.patch_embed.patch_kernel == 6
+        np.testing.assert_array_equal(rebuilt(x).data, model(x).data)
+
+
+def test_a_config_without_patch_kernel_still_loads(tmp_path):
+    model = nn.VisionTransformer(**TINY)
+    path = checkpoint.save_checkpoint(tmp_path / "old.safetensors", model)
+    rebuilt, ckpt = checkpoint.model_from_checkpoint(path)
+    assert "patch_kernel" not in ckpt.config and rebuilt.patch_embed.patch_kernel is None
+
+
+def test_the_discriminator_with_overlapping_patches_passes_the_gradient_checks():
+    d = nn.ViTDiscriminator(img_size=8, patch_size=4, in_chans=1, embed_dim=8, depth=1, num_heads=2,
+                            patch_kernel=6)
+    assert d.config["patch_kernel"] == 6 and d.patch_embed.proj.weight.shape == (8, 1, 6, 6)
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 1, 8, 8)).astype(np.float32)
+    images_in = Tensor(x, requires_grad=True)
+    d(images_in).sum().backward()
+    assert images_in.grad.shape == x.shape and np.all(np.isfinite(images_in.grad))
+    assert gradcheck(d, [x[:1]], mode="directional").ok
+    assert gradgradcheck(d, [x[:1]], mode="directional").ok
+    sn = nn.ViTDiscriminator(img_size=8, patch_size=4, in_chans=1, embed_dim=8, depth=1, num_heads=2,
+                             patch_kernel=6, spectral_norm="improved", attention="l2")
+    assert sn(x).shape == (2,)
+
+
+@pytest.mark.parametrize("kernel, message", [
+    (2, "patch_kernel must be >= patch_size 4 .*got 2"),
+    (7, r"patch_kernel - patch_size must be even .*expected 4, 6, 8, \.\.\.\), got 7"),
+    (6.0, "patch_kernel must be None or an integer >= patch_size 4, got 6.0"),
+    (True, "patch_kernel must be None or an integer >= patch_size 4, got True")])
+def test_bad_patch_kernels_get_named_errors(kernel, message):
+    with pytest.raises(ValueError, match="PatchEmbed: " + message):
+        nn.VisionTransformer(**TINY, patch_kernel=kernel)
+    with pytest.raises(ValueError, match="PatchEmbed: " + message):
+        nn.ViTDiscriminator(img_size=8, patch_size=4, patch_kernel=kernel)
+
+
+def test_bad_unfold_and_fold_settings_get_named_errors():
+    x = images(1, c=1, size=5)
+    for name, args, message in [
+            ("kernel_size", (0,), "kernel_size must be an integer >= 1, got 0"),
+            ("kernel_size", (2.5,), "kernel_size must be an integer >= 1, got 2.5"),
+            ("stride", (3, 1.5), "stride must be an integer >= 1, got 1.5"),
+            ("padding", (3, 1, -1), "padding must be an integer >= 0, got -1"),
+            ("too big", (8, 1, 1), r"expected an image of at least 8x8 after padding \(kernel_size 8\), got 5x5 "
+                                   r"with padding 1, 7x7 padded")]:
+        with pytest.raises(ValueError, match="unfold_patches: " + message):
+            F.unfold_patches(x, *args)
+    with pytest.raises(ValueError, match=r"unfold_patches: images must be \(B, C, H, W\), got shape \(5, 5\)"):
+        F.unfold_patches(x[0, 0], 3)
+    with pytest.raises(ValueError, match=r"fold_patches: expected patches \(B, 4, C\*9\) for a 5x5 image with "
+                                         r"kernel_size 3, stride 2, padding 0, got shape \(1, 5, 9\)"):
+        F.fold_patches(np.zeros((1, 5, 9)), (5, 5), 3, 2)
