@@ -653,6 +653,155 @@ def test_discriminator_loss_backward_names_both_terms_and_accepts_tensors():
     assert "return 2 gradients (dreal, dfake), got 1" in text
 
 
+# ------------------------------------------------------------------------------------------------ lesson 21
+def spectral_norm_backward(W, u, v, dy, slip=None):
+    """dW of sum(dy * W / sigma), sigma = u^T W v (u, v constants); ``slip`` plants one typical mistake."""
+    sigma = u @ W @ v
+    through = ((dy * W).sum() / sigma ** 2) * np.outer(u, v)
+    if slip == "sign":
+        return -(dy / sigma - through)
+    if slip == "factor":
+        return (dy / sigma - through) * sigma
+    if slip == "constant sigma":
+        return dy / sigma
+    if slip == "sigma once":
+        return dy / sigma - through * sigma
+    if slip == "term sign":
+        return dy / sigma + through
+    return dy / sigma - through
+
+
+SPECTRAL_NORM_SLIPS = {                 # planted slip: words its feedback must contain
+    "sign": "opposite sign: a sign flip",
+    "factor": "a missing 1/sigma?",
+    "constant sigma": "sigma was treated as a constant",
+    "sigma once": "needs sigma^2",
+    "term sign": "the term through sigma has the wrong sign",
+}
+
+EXERCISES["spectral_norm_backward"] = (
+    ex.check_spectral_norm_backward, spectral_norm_backward,
+    [lambda W, u, v, dy, slip=slip: spectral_norm_backward(W, u, v, dy, slip) for slip in SPECTRAL_NORM_SLIPS])
+PLANTED["spectral_norm_backward"] = [
+    (slip, lambda W, u, v, dy, slip=slip: spectral_norm_backward(W, u, v, dy, slip), words)
+    for slip, words in SPECTRAL_NORM_SLIPS.items()]
+
+
+def gradient_penalty(critic, real, fake, a, lam=10.0, slip=None):
+    """The WGAN-GP penalty at x_hat = a real + (1 - a) fake; ``slip`` plants one typical mistake."""
+    import minivit
+    from minivit import Tensor
+    x_hat = Tensor(a * real + (1 - a) * fake, requires_grad=True)
+    (g,) = minivit.grad(critic(x_hat).sum(), x_hat, create_graph=slip != "no create_graph")
+    norms = ((g * g).sum(axis=tuple(range(1, g.ndim)))) ** 0.5
+    if slip == "last axis":
+        norms = ((g * g).sum(axis=-1)) ** 0.5
+    if slip == "no minus one":
+        return lam * (norms ** 2).mean()
+    if slip == "squared norm":
+        return lam * ((norms * norms - 1) ** 2).mean()
+    if slip == "item":
+        return (lam * ((norms - 1) ** 2).mean()).item()
+    return lam * ((norms - 1) ** 2).mean()
+
+
+GRADIENT_PENALTY_SLIPS = {              # planted slip: words its feedback must contain
+    "no create_graph": "create_graph=True",
+    "last axis": "the norm is taken over the last axis only",
+    "no minus one": "WGAN-GP pulls its norm towards 1",
+    "squared norm": "you use the squared norm",
+    "item": "return the penalty as a Tensor",
+}
+
+EXERCISES["gradient_penalty"] = (
+    ex.check_gradient_penalty, gradient_penalty,
+    [lambda c, r, f, a, lam=10.0, slip=slip: gradient_penalty(c, r, f, a, lam, slip)
+     for slip in GRADIENT_PENALTY_SLIPS])
+
+
+@pytest.mark.parametrize("slip", GRADIENT_PENALTY_SLIPS)
+def test_gradient_penalty_names_the_slip(slip):
+    text = str(ex.check_gradient_penalty(lambda c, r, f, a, lam=10.0: gradient_penalty(c, r, f, a, lam, slip)))
+    assert "[FAILED]" in text and GRADIENT_PENALTY_SLIPS[slip] in text, text
+
+
+# ------------------------------------------------------------------------------------------------ lesson 22
+def frechet_distance(mu1, s1, mu2, s2, slip=None):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)); ``slip`` plants one typical mistake."""
+    import scipy.linalg
+    d = mu1 - mu2
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    if slip == "product of roots":
+        root = scipy.linalg.sqrtm(s1).real @ scipy.linalg.sqrtm(s2).real
+    if slip == "no 2":
+        return float(d @ d + np.trace(s1) + np.trace(s2) - np.trace(root))
+    if slip == "no mean term":
+        return float(np.trace(s1) + np.trace(s2) - 2 * np.trace(root))
+    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.trace(root))
+
+
+FRECHET_SLIPS = {                       # planted slip: words its feedback must contain
+    "product of roots": "only when S1 and S2 commute",
+    "no 2": "needs its factor 2",
+    "no mean term": "||mu1 - mu2||^2 is missing",
+}
+
+EXERCISES["frechet_distance"] = (
+    ex.check_frechet_distance, frechet_distance,
+    [lambda m1, s1, m2, s2, slip=slip: frechet_distance(m1, s1, m2, s2, slip) for slip in FRECHET_SLIPS])
+
+
+@pytest.mark.parametrize("slip", FRECHET_SLIPS)
+def test_frechet_distance_names_the_slip(slip):
+    text = str(ex.check_frechet_distance(lambda m1, s1, m2, s2: frechet_distance(m1, s1, m2, s2, slip)))
+    assert "[FAILED]" in text and FRECHET_SLIPS[slip] in text, text
+
+
+def sln_backward(h, gamma, beta, dy, eps, slip=None):
+    """(dh, dgamma, dbeta) of the self-modulated LayerNorm; ``slip`` plants one typical mistake."""
+    hc = h - h.mean(-1, keepdims=True)
+    rstd = 1 / np.sqrt((hc ** 2).mean(-1, keepdims=True) + eps)
+    hhat = hc * rstd
+    g = dy * (1.0 if slip == "no gamma" else gamma[:, None, :])
+    dh = rstd * (g - g.mean(-1, keepdims=True) - hhat * (g * hhat).mean(-1, keepdims=True))
+    dgamma, dbeta = (dy * hhat).sum(1), dy.sum(1)
+    if slip == "sign":
+        return -dh, -dgamma, -dbeta
+    if slip == "factor":
+        return dh, dgamma / h.shape[1], dbeta
+    if slip == "sum over batch":
+        return dh, (dy * hhat).sum((0, 1)), dbeta
+    return dh, dgamma, dbeta
+
+
+SLN_SLIPS = {                           # planted slip: words its feedback must contain
+    "sign": "opposite sign: a sign flip",
+    "factor": "an extra 1/T (the tokens) (a mean where the formula has a sum?)",
+    "no gamma": "dh is what it would be with gamma all ones",
+    "sum over batch": "the gradient for gamma has shape (4,), expected (2, 4)",
+}
+
+EXERCISES["sln_backward"] = (
+    ex.check_sln_backward, sln_backward,
+    [lambda h, g, b, dy, eps, slip=slip: sln_backward(h, g, b, dy, eps, slip) for slip in SLN_SLIPS])
+PLANTED["sln_backward"] = [
+    (slip, lambda h, g, b, dy, eps, slip=slip: sln_backward(h, g, b, dy, eps, slip), words)
+    for slip, words in SLN_SLIPS.items()]
+
+
+def test_sln_backward_agrees_with_its_reference_and_the_engine():
+    from minivit import Tensor
+    from minivit import functional as F
+    rng = np.random.default_rng(0)
+    h, gamma, beta, dy = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 4)), rng.standard_normal((2, 4)), \
+        rng.standard_normal((2, 3, 4))
+    ht, gt, bt = (Tensor(a, requires_grad=True) for a in (h, gamma, beta))
+    y = F.layer_norm(ht, Tensor(np.ones(4)), Tensor(np.zeros(4))) * gt.reshape(2, 1, 4) + bt.reshape(2, 1, 4)
+    y.backward(dy)
+    for mine, engine in zip(ex.reference_sln_backward(h, gamma, beta, dy, 1e-6), (ht.grad, gt.grad, bt.grad)):
+        np.testing.assert_allclose(mine, engine, rtol=1e-6, atol=1e-9)
+
+
 # lesson 26: one step of a dynamic loss scaler; each slip -> the words its feedback must contain
 def scaler_update(grads, scale, clean_steps, interval, slip=None):
     found = any(not np.isfinite(g).all() for g in grads) if slip != "isinf only" else \

@@ -1388,6 +1388,331 @@ def check_discriminator_loss_backward(fn):
                             lambda arrays, y, dy: dy * (_sigmoid(arrays[1]) - 1) / len(arrays[1]))])
 
 
+# ------------------------------------------------------------------------------------------------ lesson 21
+def reference_spectral_norm_backward(W, u, v, dy):
+    """dW of L = sum(dy * W / sigma), sigma = u^T W v with u and v held constant: lesson 21's exercise as the
+    library's spectral norm computes it (the lesson runs on it while the exercise is open)."""
+    sigma = u @ W @ v
+    return dy / sigma - ((dy * W).sum() / sigma ** 2) * np.outer(u, v)
+
+
+def check_spectral_norm_backward(fn):
+    """fn(W (m, n), u (m,), v (n,), dy (m, n)) -> dW, the gradient of sum(dy * W / sigma) with respect to W,
+    sigma = u^T W v and u, v constants (the power iteration's vectors)."""
+    rng = _rng(21)
+
+    def unit(n):
+        a = rng.standard_normal(n)
+        return a / np.linalg.norm(a)
+
+    def case(m, n):
+        W = rng.standard_normal((m, n))
+        u, v = np.linalg.svd(W)[0][:, 0], np.linalg.svd(W)[2][0]       # the top singular vectors ...
+        u, v = u + 0.1 * unit(m), v + 0.1 * unit(n)                     # ... as power iteration has them, nearly
+        return [W, u / np.linalg.norm(u), v / np.linalg.norm(v)]
+    cases = [case(4, 3), case(3, 3), case(2, 5)]
+
+    def forward(W, u, v):
+        return W / (u @ W @ v)
+
+    def sigma(arrays):
+        W, u, v = arrays
+        return float(u @ W @ v)
+
+    def through_sigma(arrays, dy):                          # the term that sigma's dependence on W adds
+        W, u, v = arrays
+        return ((dy * W).sum() / sigma(arrays) ** 2) * np.outer(u, v)
+    mistakes = [
+        ("W", "dW is dy / sigma: sigma was treated as a constant, but sigma = u^T W v moves with W; the quotient "
+              "rule adds a term through sigma, with d sigma / dW = u v^T",
+         lambda arrays, y, dy: dy / sigma(arrays)),
+        ("W", "the term through sigma has the wrong sign: W / sigma falls as sigma grows, so that term is "
+              "subtracted",
+         lambda arrays, y, dy: dy / sigma(arrays) + through_sigma(arrays, dy)),
+        ("W", "the term through sigma is divided by sigma once; d(1/sigma) = -d sigma / sigma^2 needs sigma^2",
+         lambda arrays, y, dy: dy / sigma(arrays) - through_sigma(arrays, dy) * sigma(arrays)),
+        ("W", "the term through sigma uses v u^T: d(u^T W v) / dW_ij = u_i v_j, so it is the outer product u v^T "
+              "(shape (m, n), as W)",
+         lambda arrays, y, dy: dy / sigma(arrays) - through_sigma(arrays, dy).T
+         if arrays[0].shape[0] == arrays[0].shape[1] else np.full_like(dy, np.nan)),
+        ("W", "the term through sigma multiplies dy * W element by element: sigma is one number, so the chain rule "
+              "through it first sums, dL/d sigma = -sum(dy * W) / sigma^2",
+         lambda arrays, y, dy: dy / sigma(arrays) - dy * arrays[0] * np.outer(arrays[1], arrays[2])
+         / sigma(arrays) ** 2),
+    ]
+    return _gate("spectral_norm_backward",
+                 ("W appears twice in W / sigma: on top, and inside sigma = u^T W v; find d sigma / dW for the "
+                  "bilinear form u^T W v first, then use the quotient rule",
+                  "dW = dy / sigma - (sum(dy * W) / sigma^2) * np.outer(u, v), with sigma = u @ W @ v"),
+                 forward, lambda xs, y, dy: _call(fn, xs[0], xs[1], xs[2], dy), cases, ("W",),
+                 factors=lambda arrays: [(sigma(arrays), "sigma")], mistakes=mistakes)
+
+
+class _PenaltyCritic:
+    """A small critic for the gradient-penalty check: images (B, C, H, W) -> scores (B,), flatten, Linear, tanh,
+    Linear; built lazily so that importing the exercises does not build modules."""
+
+    @staticmethod
+    def make(shape, seed):
+        from minivit.nn.layers import Linear
+        from minivit.nn.module import Module
+
+        class Critic(Module):
+            def __init__(self):
+                super().__init__()
+                rng = np.random.default_rng(seed)
+                self.fc1 = Linear(int(np.prod(shape)), 6, rng=rng)
+                self.fc2 = Linear(6, 1, rng=rng)
+
+            def forward(self, x):
+                return self.fc2(self.fc1(x.reshape(x.shape[0], -1)).tanh()).reshape(-1)
+        return Critic().double()
+
+
+class _FixedDraw:
+    """Stands in for a random generator: ``random`` returns the given interpolation weights."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def random(self, shape, dtype=None):
+        return self.a.reshape(shape).astype(dtype or self.a.dtype)
+
+
+def _penalty_variants(g, lam):
+    """What typical slips give instead of lam * mean((||g_i|| - 1)^2), from the per-sample input gradients g."""
+    flat = g.reshape(len(g), -1)
+    norms = np.linalg.norm(flat, axis=1)
+    last = np.linalg.norm(g, axis=-1)                                  # a norm over the last axis only
+    channels = np.linalg.norm(g, axis=1)                               # a norm over the channels only
+    return [
+        (lam * (norms ** 2).mean(), "you penalise ||g||^2, which pulls the gradient towards 0 (that is R1's idea); "
+                                    "WGAN-GP pulls its norm towards 1: (||g|| - 1)^2"),
+        (lam * ((norms ** 2 - 1) ** 2).mean(), "you use the squared norm ||g||^2 inside (||.|| - 1)^2: take the "
+                                               "square root of the sum of squares first"),
+        (lam * ((norms - 1) ** 2).sum(), "you sum over the batch where the penalty is a mean, E[...]: "
+                                         f"{len(g)}x too large"),
+        (((norms - 1) ** 2).mean(), "the penalty is missing its weight lam"),
+        (lam * (np.linalg.norm(flat) - 1) ** 2, "one norm for the whole batch: each sample needs its own norm "
+                                                "(sum the squares over every axis but the first)"),
+        (lam * ((last - 1) ** 2).mean(), "the norm is taken over the last axis only (rows of pixels): each sample's "
+                                         "norm sums the squares over every axis but the first"),
+        (lam * ((channels - 1) ** 2).mean(), "the norm is taken over the channels only: each sample's norm sums the "
+                                             "squares over every axis but the first"),
+        (lam * ((np.abs(flat).sum(1) - 1) ** 2).mean(), "you use the L1 norm (sum of |g|): the penalty is on the "
+                                                        "Euclidean norm, sqrt(sum(g^2))"),
+    ]
+
+
+def _reference_penalty(critic, real, fake, a, lam):
+    """(the library's penalty Tensor, the per-sample input gradients at x_hat) for fixed interpolation weights."""
+    from minivit import gan
+    from minivit.autograd import grad
+    x_hat = Tensor(a * real + (1 - a) * fake, requires_grad=True)
+    (g,) = grad(critic(x_hat).sum(), x_hat)
+    return gan.gradient_penalty(critic, real, fake, lam=lam, generator=_FixedDraw(a)), g.data
+
+
+def check_gradient_penalty(fn):
+    """fn(critic, real, fake, a, lam) -> the WGAN-GP penalty lam * mean((||grad D(x_hat_i)||_2 - 1)^2) as a Tensor
+    that back-propagates into the critic's parameters, x_hat = a * real + (1 - a) * fake."""
+    rng = _rng(210)
+    shapes = [(5, 1, 3, 3), (4, 2, 2, 3)]
+
+    def body():
+        problems = []
+        for c, shape in enumerate(shapes):
+            label = f"case {c + 1} (batch {shape})"
+            real, fake = rng.standard_normal(shape) + 1.0, rng.standard_normal(shape) * 0.5
+            a = rng.random((shape[0],) + (1,) * (len(shape) - 1))
+            lam = 10.0
+            critic = _PenaltyCritic.make(shape[1:], seed=c)
+            expected, g = _reference_penalty(critic, real, fake, a, lam)
+            critic.zero_grad()
+            expected.backward()
+            expected_grads = {n: None if p.grad is None else np.array(p.grad) for n, p in critic.named_parameters()}
+            critic.zero_grad()
+            got = _call(fn, critic, real.copy(), fake.copy(), a.copy(), lam)
+            if not isinstance(got, Tensor):
+                problems.append(f"{label}: you return a {type(got).__name__}; return the penalty as a Tensor (not "
+                                f".item() or .data), so that the training step can call .backward() on it")
+                value = float(np.asarray(got).reshape(-1)[0]) if np.size(got) == 1 else None
+            else:
+                if got.size != 1:
+                    return problems + [f"{label}: the penalty has shape {got.shape}; it is one number, a mean over "
+                                       "the batch"], ""
+                value = float(got.data.reshape(-1)[0])
+            target = float(expected.data)
+            if value is None:
+                return problems, ""
+            if not math.isclose(value, target, rel_tol=1e-6, abs_tol=1e-10):
+                line = f"{label}: penalty {value:.6g}, expected {target:.6g}"
+                for wrong, why in _penalty_variants(g, lam):
+                    if math.isclose(value, wrong, rel_tol=1e-6, abs_tol=1e-10):
+                        line += f": {why}"
+                        break
+                else:
+                    swapped = float(_reference_penalty(critic, real, fake, 1 - a, lam)[0].data)
+                    if math.isclose(value, swapped, rel_tol=1e-6):
+                        line += ": a weighs the fake batch in your x_hat; x_hat = a * real + (1 - a) * fake"
+                return problems + [line], ""
+            if problems:
+                return problems, ""
+            if not got.requires_grad:
+                return [f"{label}: the value is right, but the penalty does not reach the critic's parameters (it "
+                        "does not require grad): take the input gradient with grad(..., create_graph=True), so that "
+                        "it is itself a graph that backward can differentiate"], ""
+            try:
+                got.backward()
+            except Exception as e:
+                return [f"{label}: the value is right, but .backward() on your penalty raised {type(e).__name__}: "
+                        f"{e}"], ""
+            for name, p in critic.named_parameters():
+                want, have = expected_grads[name], p.grad
+                if want is None and have is not None and np.abs(_array(have)).max() > 1e-12:
+                    problems.append(f"{label}: d penalty / d {name} should be None or zero (a shift of every score "
+                                    "does not change the input gradient), got a nonzero gradient")
+                elif want is not None and have is None:
+                    problems.append(f"{label}: the value is right, but d penalty / d {name} is None: the penalty "
+                                    "has no graph back to that parameter (grad(..., create_graph=True))")
+                elif want is not None:
+                    line = _compare(f"{label}: d penalty / d {name}", have, want, rtol=1e-5, atol=1e-9)
+                    if line:
+                        problems.append(line + " (the value is right: was something detached with .data on the "
+                                               "way?)")
+            if problems:
+                return problems, ""
+        return problems, (f"value and gradients in the critic's parameters match the library's "
+                          f"gan.gradient_penalty on {len(shapes)} batches")
+    return _run("gradient_penalty", ("interpolate per sample, differentiate the summed scores with respect to x_hat "
+                                     "keeping the graph, then one norm per sample",
+                                     "x_hat = Tensor(a * real + (1 - a) * fake, requires_grad=True); (g,) = "
+                                     "minivit.grad(critic(x_hat).sum(), x_hat, create_graph=True); norms = "
+                                     "((g * g).sum(axis=tuple(range(1, g.ndim)))) ** 0.5; return lam * ((norms - 1) "
+                                     "** 2).mean()"), body)
+
+
+# ------------------------------------------------------------------------------------------------ lesson 22
+def check_frechet_distance(fn):
+    """fn(mu1 (d,), S1 (d, d), mu2 (d,), S2 (d, d)) -> ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) as a float,
+    compared with ``minivit.gan_metrics.frechet_distance_from_statistics``."""
+    from minivit.gan_metrics import frechet_distance_from_statistics
+    import scipy.linalg
+    rng = _rng(22)
+
+    def covariance(d, scale):
+        a = rng.standard_normal((d, d)) * scale
+        return a @ a.T + 0.2 * np.eye(d)
+    cases = [(rng.standard_normal(3), covariance(3, 1.0), rng.standard_normal(3), covariance(3, 0.7)),
+             (rng.standard_normal(4), covariance(4, 0.5), rng.standard_normal(4) + 1, covariance(4, 1.5)),
+             (rng.standard_normal(2), np.diag(rng.uniform(0.5, 2, 2)), rng.standard_normal(2),
+              np.diag(rng.uniform(0.5, 2, 2)))]
+
+    def slips(mu1, s1, mu2, s2):
+        diff = mu1 - mu2
+        root = scipy.linalg.sqrtm(s1 @ s2).real
+        with np.errstate(invalid="ignore"):
+            elementwise = np.trace(np.sqrt(s1 @ s2))
+        return [
+            (diff @ diff + np.trace(s1 + s2) - np.trace(root), "the cross term needs its factor 2: "
+                                                               "tr(S1 + S2 - 2 (S1 S2)^(1/2))"),
+            (np.sqrt(diff @ diff) + np.trace(s1 + s2 - 2 * root), "the mean term is the squared distance "
+                                                                   "||mu1 - mu2||^2, not the distance"),
+            (np.trace(s1 + s2 - 2 * root), "the mean term ||mu1 - mu2||^2 is missing"),
+            (diff @ diff + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1).real @ scipy.linalg.sqrtm(s2).real),
+             "you use S1^(1/2) S2^(1/2): the square root of a product is the product of the roots only when S1 and "
+             "S2 commute; take the root of S1 S2 (or of S1^(1/2) S2 S1^(1/2), which has the same trace)"),
+            (diff @ diff + np.trace(s1 + s2) - 2 * elementwise, "you take the square root element by element; "
+                                                                "(S1 S2)^(1/2) is the matrix square root (scipy.linalg."
+                                                                "sqrtm, or through eigenvalues)"),
+            (diff @ diff + np.trace(s1 + s2 - 2 * (s1 @ s2)), "the square root of S1 S2 is missing"),
+            (diff @ diff + ((np.sqrt(np.diag(s1)) - np.sqrt(np.diag(s2))) ** 2).sum(),
+             "you use only the diagonals (per-axis standard deviations): right only for diagonal covariances; "
+             "the features are correlated"),
+        ]
+
+    def body():
+        problems, passed = [], []
+        for c, (mu1, s1, mu2, s2) in enumerate(cases):
+            got = _call(fn, mu1.copy(), s1.copy(), mu2.copy(), s2.copy())
+            got = np.asarray(_array(got))
+            if got.size != 1:
+                return problems + [f"case {c + 1}: return one number, got an array of shape {got.shape}"], ""
+            got = complex(got.reshape(-1)[0])
+            if abs(got.imag) > 1e-6 * max(1.0, abs(got.real)):
+                problems.append(f"case {c + 1}: your distance is complex ({got:.4g}); its imaginary part comes "
+                                "from rounding in the square root: keep the real part")
+                continue
+            got = got.real
+            expected = frechet_distance_from_statistics(mu1, s1, mu2, s2)
+            if math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-9):
+                passed.append(c + 1)
+                continue
+            line = f"case {c + 1} (d = {len(mu1)}): got {got:.6g}, expected {expected:.6g}"
+            for wrong, why in slips(mu1, s1, mu2, s2):
+                if np.isfinite(wrong) and math.isclose(got, float(wrong), rel_tol=1e-6, abs_tol=1e-9):
+                    line += f": {why}"
+                    break
+            problems.append(line)
+            if passed:
+                problems.append("cases passed: " + ", ".join(str(k) for k in passed))
+            return problems, ""
+        return problems, f"matches gan_metrics.frechet_distance_from_statistics on {len(cases)} pairs of Gaussians"
+    return _run("frechet_distance", ("the squared distance of the means, plus a trace term that needs a matrix square "
+                                     "root of S1 S2",
+                                     "d = mu1 - mu2; r = scipy.linalg.sqrtm(S1 @ S2).real; "
+                                     "return float(d @ d + np.trace(S1) + np.trace(S2) - 2 * np.trace(r))"), body)
+
+
+def _normalised(h, eps):
+    hc = h - h.mean(-1, keepdims=True)
+    return hc / np.sqrt((hc ** 2).mean(-1, keepdims=True) + eps)
+
+
+def reference_sln_backward(h, gamma, beta, dy, eps):
+    """(dh, dgamma, dbeta) of y = gamma[:, None] * LayerNorm(h) + beta[:, None]: lesson 22's exercise as the library
+    computes it (the lesson runs on it while the exercise is open)."""
+    per_sample = (h.shape[0],) + (1,) * (h.ndim - 2) + (h.shape[-1],)
+    tokens = tuple(range(1, h.ndim - 1))
+    hhat = _normalised(h, eps)
+    dh = _layer_norm_dx(h, 1.0, dy * gamma.reshape(per_sample), eps)
+    return dh, (dy * hhat).sum(axis=tokens), dy.sum(axis=tokens)
+
+
+def check_sln_backward(fn):
+    """fn(h (B, T, D), gamma (B, D), beta (B, D), dy, eps) -> (dh, dgamma, dbeta) for the self-modulated LayerNorm
+    y = gamma[:, None, :] * (h - mean) / sqrt(var + eps) + beta[:, None, :], one gamma and beta per sample."""
+    rng = _rng(220)
+    cases = [[rng.standard_normal((2, 3, 4)), 1 + 0.5 * rng.standard_normal((2, 4)), rng.standard_normal((2, 4))],
+             [rng.standard_normal((3, 2, 5)) * 2 + 1, 1 + 0.5 * rng.standard_normal((3, 5)),
+              rng.standard_normal((3, 5))]]
+
+    def forward(h, gamma, beta):
+        return gamma[:, None, :] * _normalised(h, 1e-6) + beta[:, None, :]
+
+    def along_hhat(g, arrays, y):               # LayerNorm ignores a shift of a token and a rescale of it
+        hc = arrays[0] - arrays[0].mean(-1, keepdims=True)
+        return np.abs((g * hc).sum(-1) / np.sqrt((hc ** 2).sum(-1))).max()
+    return _gate("sln_backward",
+                 ("gamma and beta are per sample and shared by that sample's tokens: their gradients sum over the "
+                  "tokens only; h's gradient is LayerNorm's backward with each sample's own gamma",
+                  "hhat = (h - mean) / sqrt(var + eps); dgamma = sum over tokens of dy * hhat, dbeta = sum over "
+                  "tokens of dy (shapes (B, D)); with g = dy * gamma[:, None, :]: dh = (g - mean(g) - hhat * "
+                  "mean(g * hhat)) / sqrt(var + eps), means over the last axis"),
+                 forward, lambda xs, y, dy: _call(fn, xs[0], xs[1], xs[2], dy, 1e-6), cases, ("h", "gamma", "beta"),
+                 factors=lambda arrays: [(arrays[0].shape[1], "T (the tokens)"), (arrays[0].shape[-1], "D")],
+                 invariants=[("h", "LayerNorm's dh sums to zero over each token's channels (shifting a token does "
+                              "not change y)", _rows_sum()),
+                             ("h", "LayerNorm's dh is orthogonal to h_hat for each token (scaling a token does not "
+                              "change y)", along_hhat)],
+                 mistakes=[("h", "dh is what it would be with gamma all ones: the gradient that reaches h_hat is "
+                             "dy * gamma, each sample with its own gamma",
+                            lambda a, y, dy: _layer_norm_dx(a[0], 1.0, dy)),
+                           ("h", "dh uses the first sample's gamma for every sample: gamma[:, None, :] gives each "
+                             "sample its own",
+                            lambda a, y, dy: _layer_norm_dx(a[0], a[1][0], dy))])
+
+
 # ------------------------------------------------------------------------------------------------ lesson 23
 def _kl_mean_and_grads(mu, logvar):
     """The batch mean of KL(N(mu, e^logvar) || N(0, I)), each image's KL summed over the latent axis, and its
