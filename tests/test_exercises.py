@@ -880,3 +880,52 @@ def test_the_reference_ring_allreduce_sums_and_each_slip_is_named():
     for slip, words in RING_SLIPS.items():
         text = str(ex.check_ring_allreduce(lambda a, slip=slip: ring_allreduce(a, slip)))
         assert "[FAILED]" in text and words in text, f"{slip}: not named {words!r}:\n{text}"
+
+
+# ------------------------------------------------------------------------------------------------ lessons 23-25
+def gaussian_kl(mu, logvar, slip=None):
+    B = mu.shape[0]
+    variance = np.exp(logvar)
+    half = 1.0 if slip == "no half" else 0.5
+    per = B if slip != "batch sum" else 1
+    kl = half * (mu ** 2 + variance - logvar - 1).sum() / per
+    return kl, 2 * half * mu / per, half * (variance - 1) / per
+
+
+def gram_backward(tokens, dgram, slip=None):
+    N = tokens.shape[-2]
+    if slip == "sign":
+        return -gram_backward(tokens, dgram)
+    if slip == "no symmetrisation":
+        return 2 * tokens @ dgram / N
+    return tokens @ (dgram + np.swapaxes(dgram, -1, -2)) / (1 if slip == "no 1/N" else N)
+
+
+def stitch_tiles(maps, slip=None):
+    rows, cols, h, w = maps.shape
+    if slip == "reshape only":
+        return maps.reshape(rows * h, cols * w)
+    picture = np.transpose(maps, (0, 2, 1, 3)).reshape(rows * h, cols * w)
+    return picture.T if slip == "transposed" and picture.shape[0] == picture.shape[1] else (
+        np.transpose(maps, (1, 3, 0, 2)).reshape(cols * w, rows * h) if slip == "transposed" else picture)
+
+
+EXERCISES["gaussian_kl"] = (ex.check_gaussian_kl, gaussian_kl,
+                            [lambda m, v, slip=slip: gaussian_kl(m, v, slip) for slip in ("no half", "batch sum")])
+EXERCISES["gram_backward"] = (ex.check_gram_backward, gram_backward,
+                              [lambda t, g, slip=slip: gram_backward(t, g, slip)
+                               for slip in ("no symmetrisation", "no 1/N")])
+EXERCISES["stitch_tiles"] = (ex.check_stitch_tiles, stitch_tiles,
+                             [lambda m, slip=slip: stitch_tiles(m, slip) for slip in ("reshape only", "transposed")])
+
+PLANTED["gram_backward"] = [("sign", lambda t, g: gram_backward(t, g, "sign"), "sign"),
+                            ("factor", lambda t, g: gram_backward(t, g, "no 1/N"), "1/N")]
+
+
+@pytest.mark.parametrize("name, slip, named", [
+    ("gaussian_kl", "no half", "1/2"), ("gram_backward", "no symmetrisation", "symmetr"),
+    ("stitch_tiles", "reshape only", "transpose")])
+def test_lessons_23_to_25_name_the_slip(name, slip, named):
+    check, right, _ = EXERCISES[name]
+    text = str(check(lambda *a: right(*a, slip=slip)))
+    assert "[FAILED]" in text and named in text, text
