@@ -144,8 +144,8 @@ def test_a_preset_on_a_cut_training_set_keeps_enough_steps_per_epoch():
 
 def test_crop_padding_defaults_to_an_eighth_of_the_side_and_zero_means_flips_only():
     info = data.dataset_info("fashion-mnist")
-    assert train_module.crop_padding(settings_for("fashion15"), info) == 3
-    assert train_module.crop_padding(settings_for("fashion15", crop_pad=0), info) == 0
+    assert train_module.crop_padding(settings_for("fashion", augment=True), info) == 3
+    assert train_module.crop_padding(settings_for("fashion15"), info) == 0
     with pytest.raises(SettingsError, match="--crop-pad -2 is out of range"):
         settings_for("fashion15", crop_pad=-2)
 
