@@ -121,7 +121,7 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=0, help="use only the first N train and test images")
     parser.add_argument("--only", choices=["minivit", "pytorch"], help="train one of the two")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
-                        help="folder for time-to-accuracy-<preset>.md/.png/.json and the minivit run")
+                        help="folder for time-to-accuracy-<preset>.md/.png/.json (the minivit run goes to runs/)")
     parser.add_argument("--pytorch-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.pytorch_worker:
@@ -130,7 +130,8 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     runs = {}
     if args.only != "pytorch":
-        runs["minivit"] = run_minivit(args.preset, args.out / f"run-{args.preset}", args.epochs, args.limit)
+        runs["minivit"] = run_minivit(args.preset, ROOT / "runs" / f"time-to-accuracy-{args.preset}", args.epochs,
+                                      args.limit)
     if args.only != "minivit":
         cmd = [sys.executable, __file__, "--pytorch-worker", "--preset", args.preset, "--limit", str(args.limit)]
         cmd += ["--epochs", str(args.epochs)] if args.epochs else []

@@ -8,7 +8,9 @@ three of the eight pictures), the accuracy of always answering him.
 
 After training, each painting is covered by tiles the size of a crop; for each tile the attention rollout of the
 class token (``minivit.trace.attention_rollout``) shows which patches the answer draws on, and the last block's
-class-token attention is shown head by head. One figure per painting.
+class-token attention is shown head by head. One figure per painting. A last figure projects the patch embeddings
+of the held-out crops (the tokens the blocks start from) onto their first two principal components, coloured by
+painter: how far the learned patch projection alone already sorts the painters' brushwork and colours.
 """
 
 import json
@@ -46,7 +48,10 @@ def random_crops(picture, left, right, count, crop, rng):
     return np.stack([picture[:, y:y + crop, x:x + crop] for y, x in zip(ys, xs)])
 
 
-def crop_sets(height=128, crop=32, train_per_painting=300, test_per_painting=60, held_out=0.3, seed=0):
+HELD_OUT = 0.3   # the right-hand share of each painting kept for testing
+
+
+def crop_sets(height=128, crop=32, train_per_painting=300, test_per_painting=60, held_out=HELD_OUT, seed=0):
     """Training crops from the left (1 - held_out) of each painting and test crops from the rest.
 
     Returns (train images, train labels, test images, test labels, the pictures) with uint8 images."""
@@ -84,8 +89,8 @@ def train_classifier(out_dir, epochs=15, crop=32, height=128, seed=0, log=print,
                               depth=4, num_heads=4, mlp_ratio=2.0, seed=seed)
     opt = optim.AdamW(optim.param_groups_weight_decay(model, s.weight_decay), lr=s.lr)
     sched = optim.WarmupCosine(opt, len(loader), epochs * len(loader), s.min_lr)
-    log(f"{len(ytr)} training crops from the left {70}% of each painting, {len(yte)} held-out crops from the right; "
-        f"{len(names)} painters; {plural(epochs, 'epoch')}")
+    log(f"{len(ytr)} training crops from the left {1 - HELD_OUT:.0%} of each painting, {len(yte)} held-out crops "
+        f"from the right; {len(names)} painters; {plural(epochs, 'epoch')}")
     for epoch in range(epochs):
         row = train_epoch(model, opt, sched, loader, epoch, s, progress)
         if (epoch + 1) % 5 == 0 or epoch + 1 == epochs:
@@ -101,8 +106,45 @@ def train_classifier(out_dir, epochs=15, crop=32, height=128, seed=0, log=print,
     for entry, picture in pictures:
         path = out_dir / f"attention-{Path(entry['file']).stem}.png"
         plot_painting_attention(model, picture, entry, names, mean, std, crop, path)
+    explained = plot_embedding_pca(model, xte, yte, names, mean, std, out_dir / "embeddings-pca.png")
+    report["pca_explained_variance"] = explained
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     log(f"figures in {out_dir}")
     return report, model
+
+
+def pca_2d(points):
+    """Principal component analysis to two dimensions.
+
+    The principal directions of the centred points X (n, D) are the right singular vectors of X = U S V^T; the
+    coordinates along the first two are X V[:2]^T = U[:, :2] S[:2], and component i explains S_i^2 / sum S^2 of
+    the variance. Returns (coordinates (n, 2), explained share of each of the two)."""
+    centred = points - points.mean(axis=0)
+    _, singular, directions = np.linalg.svd(centred, full_matrices=False)
+    variance = singular ** 2
+    return centred @ directions[:2].T, variance[:2] / variance.sum()
+
+
+def plot_embedding_pca(model, crops, labels, names, mean, std, path, per_crop=8, seed=0):
+    """The patch embeddings of ``crops`` (``per_crop`` random patches of each) in the plane of their first two
+    principal components, one colour per painter. Returns the explained variance of the two components."""
+    x = data.DataLoader(crops, labels, len(crops), mean, std).normalize(crops)
+    with no_grad():
+        tokens = model.patch_embed(x).data                                  # (B, Np, D), before position
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, tokens.shape[1], size=(len(crops), per_crop))
+    points = np.take_along_axis(tokens, pick[:, :, None], axis=1).reshape(-1, tokens.shape[2])
+    owners = np.repeat(labels, per_crop)
+    xy, explained = pca_2d(points.astype(np.float64))
+    fig = viz.figure(6, 5)
+    ax = fig.subplots()
+    for i, name in enumerate(names):
+        ax.scatter(*xy[owners == i].T, s=4, alpha=0.5, label=name)
+    ax.set(xlabel=f"PC 1 ({explained[0]:.0%} of the variance)", ylabel=f"PC 2 ({explained[1]:.0%})",
+           title="patch embeddings of held-out crops")
+    ax.legend(fontsize=7, markerscale=3)
+    fig.savefig(path)
+    return [float(e) for e in explained]
 
 
 def tile_attention(model, picture, mean, std, crop):

@@ -75,7 +75,7 @@ PRESETS = {
                   patch_size=4, embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0),
     # Full Fashion-MNIST within 15 minutes on two cores: overlapping patch windows, random flips, mean pooling, the
     # moving average of the weights (chosen on the last 5,000 training images; see the README's results).
-    "fashion15": dict(dataset="fashion-mnist", epochs=20, batch_size=128, lr=2e-3, warmup_epochs=1.0,
+    "fashion15": dict(dataset="fashion-mnist", epochs=9, batch_size=128, lr=2e-3, warmup_epochs=1.0,
                       label_smoothing=0.1, augment=True, crop_pad=0, patch_size=4, patch_kernel=8, global_pool="avg",
                       ema=0.999, embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0),
     # CIFAR-10: 32x32 colour images, random crops and flips.

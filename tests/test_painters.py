@@ -36,3 +36,18 @@ def test_a_short_run_reports_held_out_accuracy_and_draws_every_painting(tmp_path
     assert saved["held_out_crops"] == 80 and 0 <= saved["held_out_accuracy"] <= 1
     assert saved["chance"] == pytest.approx(3 / 8)   # Van Gogh painted three of the eight
     assert len(list(tmp_path.glob("attention-*.png"))) == 8 and (tmp_path / "confusion.png").exists()
+    assert (tmp_path / "embeddings-pca.png").exists()
+    first, second = saved["pca_explained_variance"]
+    assert 0 < second <= first <= 1
+
+
+def test_pca_finds_the_plane_points_lie_in():
+    rng = np.random.default_rng(0)
+    plane = np.linalg.qr(rng.standard_normal((6, 2)))[0]                  # an orthonormal basis of a plane in 6-D
+    coords = rng.standard_normal((200, 2)) * [3.0, 1.0]
+    xy, explained = painters.pca_2d(coords @ plane.T + 5.0)
+    np.testing.assert_allclose(explained.sum(), 1.0, atol=1e-12)         # all the variance is in the plane
+    assert explained[0] > explained[1]
+    # the coordinates are the points' own, up to a rotation within the plane: same pairwise distances
+    d = lambda p: np.linalg.norm(p[:, None] - p[None], axis=-1)           # noqa: E731
+    np.testing.assert_allclose(d(xy), d(coords), atol=1e-9)
