@@ -29,20 +29,21 @@ sys.path.insert(0, str(ROOT))
 from minivit import data, optim, train, viz  # noqa: E402
 
 
-def run_minivit(preset, out, epochs=None, limit=0):
+def run_minivit(preset, out, epochs=None, limit=0, dataset=None):
     cmd = [sys.executable, "-m", "minivit", "train", "--preset", preset, "--out", str(out), "--overwrite",
            "--no-progress"] + (["--epochs", str(epochs)] if epochs else []) + (["--limit", str(limit)] if limit else [])
+    cmd += ["--dataset", dataset] if dataset else []
     subprocess.run(cmd, check=True, cwd=ROOT)
     rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return [{"epoch": r["epoch"], "wall_s": r["wall_time_s"], "test_acc": r["test_acc"]} for r in rows]
 
 
-def run_pytorch(preset, epochs=None, limit=0):
+def run_pytorch(preset, epochs=None, limit=0, dataset=None):
     """The recipe of ``preset`` trained by PyTorch; one row per epoch."""
     import torch
     from minivit.testing.torch_reference import torch_vit_like
     started = time.perf_counter()
-    overrides = {k: v for k, v in {"epochs": epochs, "limit": limit}.items() if v}
+    overrides = {k: v for k, v in {"epochs": epochs, "limit": limit, "dataset": dataset}.items() if v}
     s = train.settings_for(preset, **overrides)
     ds = train.load_data(s, progress=False, val_size=s.val_size)
     info = ds.info
@@ -119,22 +120,26 @@ def main(argv=None):
     parser.add_argument("--preset", default="fashion15", choices=list(train.PRESETS))
     parser.add_argument("--epochs", type=int, default=None, help="default: the preset's")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N train and test images")
+    parser.add_argument("--dataset", default=None, help="another data set for the recipe (default: the preset's)")
     parser.add_argument("--only", choices=["minivit", "pytorch"], help="train one of the two")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
                         help="folder for time-to-accuracy-<preset>.md/.png/.json (the minivit run goes to runs/)")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="folder of the minivit run (default: runs/time-to-accuracy-<preset>)")
     parser.add_argument("--pytorch-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.pytorch_worker:
-        print(json.dumps(run_pytorch(args.preset, args.epochs, args.limit)))
+        print(json.dumps(run_pytorch(args.preset, args.epochs, args.limit, args.dataset)))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     runs = {}
     if args.only != "pytorch":
-        runs["minivit"] = run_minivit(args.preset, ROOT / "runs" / f"time-to-accuracy-{args.preset}", args.epochs,
-                                      args.limit)
+        runs["minivit"] = run_minivit(args.preset, args.run_dir or ROOT / "runs" / f"time-to-accuracy-{args.preset}",
+                                      args.epochs, args.limit, args.dataset)
     if args.only != "minivit":
         cmd = [sys.executable, __file__, "--pytorch-worker", "--preset", args.preset, "--limit", str(args.limit)]
         cmd += ["--epochs", str(args.epochs)] if args.epochs else []
+        cmd += ["--dataset", args.dataset] if args.dataset else []
         done = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ,
                                                                                      "MINIVIT_TUNE_MALLOC": "0"})
         print(done.stdout.strip().splitlines()[-2] if len(done.stdout.strip().splitlines()) > 1 else "")

@@ -52,3 +52,24 @@ def test_paired_mode_runs_both_in_one_process(tmp_path):
            "4", "--steps", "2", "--warmup", "1", "--pause", "0", "--no-torch"]
     text = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
     assert "both in one process" in text and "| bench | 4 |" in text
+
+
+def test_time_to_accuracy_trains_both_and_writes_the_table_and_the_plot(tmp_path):
+    try:
+        import torch  # noqa: F401
+        only = []
+    except ImportError:
+        only = ["--only", "minivit"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "time_to_accuracy.py"), "--preset", "fashion15", "--dataset",
+           "fashion-mnist-mini", "--limit", "300", "--epochs", "2", "--out", str(tmp_path), "--run-dir",
+           str(tmp_path / "run")] + only
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    runs = json.loads((tmp_path / "time-to-accuracy-fashion15.json").read_text())
+    assert runs["minivit"][-1]["epoch"] == 2 and (tmp_path / "time-to-accuracy-fashion15.png").exists()
+    for rows in runs.values():
+        assert [r["epoch"] for r in rows] == [1, 2] and all(0 <= r["test_acc"] <= 1 for r in rows)
+        assert rows[0]["wall_s"] < rows[1]["wall_s"]
+    if not only:   # same weights, same batches: the same first-epoch accuracy up to float32 rounding
+        first = [rows[0]["test_acc"] for rows in runs.values()]
+        assert abs(first[0] - first[1]) <= 0.02
