@@ -10,7 +10,12 @@ ViT's tokens in place of a CNN's feature maps):
     style       = sum over style blocks b of ||G_b(x) - G_b(s)||^2 / ||G_b(s)||^2
     content     = sum over content blocks b of ||T_b(x) - T_b(c)||^2 / ||T_b(c)||^2
     smoothness  = the squared total variation: mean of squared differences of neighbouring pixels
+    S_b(x)      = the N x N cosine self-similarity of the attention keys of block b: S_ij = k_i.k_j / (|k_i| |k_j|)
+                  (Tumanyan et al. 2022, "Splice"): how alike each pair of patches looks to the block, which keeps
+                  the picture's structure and not its appearance
+    structure   = ||S_b(x) - S_b(c)||^2 / ||S_b(c)||^2 for the structure block b
     loss        = style_weight style + content_weight content + tv_weight smoothness
+                  + structure_weight structure
 
 Each term is divided by the size of its target, so that the weights do not depend on the scale of the features.
 The ViT may have random weights (random shallow networks already carry texture statistics) or be one trained by
@@ -121,6 +126,38 @@ def total_variation(images):
     return (down * down).mean() + (across * across).mean()
 
 
+def self_similarity(keys, eps=1e-8):
+    """S_ij = k_i . k_j / (|k_i| |k_j|), the cosine similarity of every pair of tokens' keys.
+
+    Shapes: keys (B, N, D) -> (B, N, N)
+    """
+    unit = keys * ((keys * keys).sum(axis=-1, keepdims=True) + eps) ** -0.5
+    return unit @ unit.transpose(-2, -1)
+
+
+def structure_loss(keys, target):
+    """||S(keys) - target||^2 / ||target||^2, ``target`` a self-similarity (B, N, N).  Shapes: (B, N, D) -> ()"""
+    diff = self_similarity(keys) - target
+    return (diff * diff).sum() * (1.0 / float((target.data ** 2).sum()))
+
+
+def block_keys(model, images, block):
+    """The attention keys (B, N, D) of block ``block`` (0-based), all heads side by side: the middle third of
+    qkv(norm1(x)) for the block's input x, caught by a forward pre-hook (removed afterwards)."""
+    depth = len(model.blocks)
+    if not 0 <= block < depth:
+        raise ArtError(f"block {block} does not exist: the feature extractor has blocks 0..{depth - 1}")
+    target = model.blocks[block]
+    found = {}
+    hook = target.register_forward_pre_hook(lambda m, args: found.__setitem__("x", args[0]))
+    try:
+        model.forward_features(images)
+    finally:
+        target._forward_pre_hooks.remove(hook)
+    D = found["x"].shape[-1]
+    return target.attn.qkv(target.norm1(found["x"]))[:, :, D:2 * D]
+
+
 def block_outputs(model, images, blocks):
     """The tokens (B, N, D) after each block in ``blocks`` (0-based), from one forward pass of a ViT.
 
@@ -153,6 +190,8 @@ class StyleSettings:
     style_weight: float = 1.0
     content_weight: float = 0.5
     tv_weight: float = 1.0
+    structure_weight: float = 0.0   # the keys' self-similarity (Splice); 0 leaves it out
+    structure_block: int = 3
     style_blocks: tuple = (0, 1, 2, 3)
     content_blocks: tuple = (3,)
     init: str = "content"      # start from the content image, or 'noise'
@@ -192,6 +231,9 @@ def stylize(content, style, model=None, settings=None, log=print):
                                                                                      model), s.style_blocks)]
         content_targets = block_outputs(model, _model_input(Tensor(content[None].astype(dtype)), model),
                                         s.content_blocks)
+        if s.structure_weight:
+            structure_target = self_similarity(block_keys(model, _model_input(Tensor(content[None].astype(dtype)),
+                                                                             model), s.structure_block))
     start = content if s.init == "content" else np.random.default_rng(s.seed).uniform(size=content.shape)
     picture = Parameter(start[None].astype(dtype))
     opt = optim.AdamW([picture], lr=s.lr, weight_decay=0.0)
@@ -203,6 +245,9 @@ def stylize(content, style, model=None, settings=None, log=print):
         style_loss = sum(gram_loss(t, g) for t, g in zip(style_tokens, style_targets))
         content_loss = sum(feature_loss(t, c) for t, c in zip(content_tokens, content_targets))
         loss = style_loss * s.style_weight + content_loss * s.content_weight + total_variation(picture) * s.tv_weight
+        if s.structure_weight:
+            keys = block_keys(model, _model_input(picture, model), s.structure_block)
+            loss = loss + structure_loss(keys, structure_target) * s.structure_weight
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -178,6 +178,10 @@ def _add_stylize_parser(sub, common):
     st.add_argument("--style-weight", type=float, default=d.style_weight, help=f"(default: {d.style_weight})")
     st.add_argument("--content-weight", type=float, default=d.content_weight, help=f"(default: {d.content_weight})")
     st.add_argument("--tv-weight", type=float, default=d.tv_weight, help=f"total variation (default: {d.tv_weight})")
+    st.add_argument("--structure-weight", type=float, default=d.structure_weight, help="the self-similarity of "
+                    f"the attention keys, which keeps the content's structure (Splice; default: {d.structure_weight})")
+    st.add_argument("--structure-block", type=int, default=d.structure_block,
+                    help=f"the block whose keys carry the structure (default: {d.structure_block})")
     st.add_argument("--style-blocks", type=_block_list, default=d.style_blocks,
                     help="blocks whose Gram matrices carry the style, e.g. 0,1,2,3 (default: all four of the random "
                     "ViT)")
@@ -204,8 +208,8 @@ def run_stylize(args):
         raise UsageError(f"--size {args.size} is too small: at least 8 pixels")
     if args.steps < 1 or not args.lr > 0:
         raise UsageError(f"--steps must be at least 1 and --lr positive, got {args.steps} and {args.lr}")
-    if min(args.style_weight, args.content_weight, args.tv_weight) < 0:
-        raise UsageError("--style-weight, --content-weight and --tv-weight must not be negative")
+    if min(args.style_weight, args.content_weight, args.tv_weight, args.structure_weight) < 0:
+        raise UsageError("--style-weight, --content-weight, --tv-weight and --structure-weight must not be negative")
     if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise UsageError(f"{args.out}: the result is a .png or .jpg file")
     side = args.out.with_name(args.out.stem + "-side-by-side.png")
@@ -215,6 +219,7 @@ def run_stylize(args):
     model = checkpoint.model_from_checkpoint(_checkpoint_path(args.model))[0] if args.model else None
     settings = art.StyleSettings(size=args.size, steps=args.steps, lr=args.lr, style_weight=args.style_weight,
                                  content_weight=args.content_weight, tv_weight=args.tv_weight,
+                                 structure_weight=args.structure_weight, structure_block=args.structure_block,
                                  style_blocks=args.style_blocks, content_blocks=args.content_blocks, init=args.init,
                                  seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,54 @@ def test_the_style_loss_gradient_in_the_pixels_matches_finite_differences():
     assert report.ok, str(report)
 
 
+def test_self_similarity_is_the_cosine_of_every_pair_of_keys():
+    keys = np.random.default_rng(5).standard_normal((2, 6, 4))
+    S = art.self_similarity(Tensor(keys)).data
+    unit = keys / np.linalg.norm(keys, axis=-1, keepdims=True)
+    np.testing.assert_allclose(S, np.einsum("bid,bjd->bij", unit, unit), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.diagonal(S, axis1=1, axis2=2), 1.0, rtol=1e-6)
+    scaled = keys * np.random.default_rng(6).uniform(0.5, 3.0, size=(2, 6, 1))   # the length of a key is ignored
+    np.testing.assert_allclose(art.self_similarity(Tensor(scaled)).data, S, rtol=1e-6, atol=1e-7)
+
+
+def test_block_keys_are_the_middle_third_of_the_blocks_qkv():
+    model = small_vit()
+    images = np.random.default_rng(7).uniform(size=(2, 3, 16, 16)).astype(np.float32)
+    keys = art.block_keys(model, images, 1)
+    x = art.block_outputs(model, images, [0])[0]                          # the input of block 1
+    qkv = model.blocks[1].attn.qkv(model.blocks[1].norm1(x)).data
+    np.testing.assert_allclose(keys.data, qkv[:, :, 8:16], rtol=1e-6)
+    assert all(not m._forward_pre_hooks for _, m in model.named_modules())
+    with pytest.raises(art.ArtError, match="block 3 does not exist"):
+        art.block_keys(model, images, 3)
+
+
+def test_the_structure_loss_gradient_in_the_pixels_matches_finite_differences():
+    model = small_vit().double()
+    rng = np.random.default_rng(8)
+    target = art.self_similarity(art.block_keys(model, rng.uniform(size=(1, 3, 16, 16)), 2))
+    report = gradcheck(lambda x: art.structure_loss(art.block_keys(model, x, 2), target),
+                       [rng.uniform(size=(1, 3, 16, 16))], mode="directional")
+    assert report.ok, str(report)
+
+
+def test_the_structure_term_pulls_a_noise_start_towards_the_contents_layout():
+    content = art.load_image("gauguin_te_fare", 16)
+    style = art.load_image("van_gogh_starry_night", 16)
+    settings = art.StyleSettings(size=16, steps=20, lr=0.05, style_weight=0.0, content_weight=0.0,
+                                 structure_weight=1.0, structure_block=2, init="noise", style_blocks=(0,),
+                                 content_blocks=(2,))
+    model = small_vit()
+    result, _ = art.stylize(content, style, model, settings, log=None)
+    target = art.self_similarity(art.block_keys(model, Tensor(content[None] * 2 - 1), 2))
+    start = np.random.default_rng(0).uniform(size=content.shape)
+
+    def distance(pixels):
+        return art.structure_loss(art.block_keys(model, Tensor(pixels[None].astype(np.float32) * 2 - 1), 2),
+                                  target).item()
+    assert distance(result) < 0.7 * distance(start)
+
+
 def test_stylize_lowers_the_style_loss_and_keeps_pixels_in_range():
     style, content = art.load_image("van_gogh_starry_night", 16), art.load_image("gauguin_te_fare", 16)
     settings = art.StyleSettings(size=16, steps=15, lr=0.05, style_blocks=(0, 1), content_blocks=(2,))
@@ -111,6 +159,7 @@ def test_stylize_command_writes_the_result_and_the_side_by_side_figure(capsys, t
     (["--steps", "0"], 2, "--steps must be at least 1"),
     (["--style-blocks", "0,x"], 2, "expected block numbers separated by commas"),
     (["--tv-weight", "-1"], 2, "must not be negative"),
+    (["--structure-weight", "-1"], 2, "must not be negative"),
     (["--style-blocks", "9", "--size", "16"], 1, "blocks [9] do not exist"),
 ])
 def test_bad_stylize_flags_are_one_line_errors(capsys, tmp_path, flags, code, message):
