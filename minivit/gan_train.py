@@ -8,7 +8,7 @@ loss; every ``n_critic``-th step then updates G on its own loss through D:
 
 The losses come from ``minivit.gan``: 'minimax' and 'non-saturating' (the cross-entropy game of Goodfellow et al.),
 'hinge', and 'wgan-gp' (the Wasserstein critic with the gradient penalty). Each epoch ends with a grid of images
-from a fixed batch of noise (samples/epoch-NNN.png), a checkpoint of both networks, their optimizers and the noise
+from a fixed batch of noise (samples/epoch-NNN.png, and samples.gif animating them over the epochs), a checkpoint of both networks, their optimizers and the noise
 generator's state (a resumed run continues bit for bit), metrics.jsonl and curves.png; with ``classifier`` set, the
 sample-quality metrics of ``minivit.gan_metrics`` are measured too. Images are scaled to [-1, 1], the range of G's
 tanh. A non-finite loss or gradient stops the run, naming the network and the step.
@@ -334,7 +334,8 @@ def train_gan(s, out_dir, resume=None, epochs=None, overwrite=True, progress=Tru
     """
     out_dir = Path(out_dir)
     paths = {"checkpoint": out_dir / checkpoint.CHECKPOINT_NAME, "metrics": out_dir / "metrics.jsonl",
-             "curves": out_dir / "curves.png", "samples": out_dir / "samples"}
+             "curves": out_dir / "curves.png", "samples": out_dir / "samples",
+             "animation": out_dir / "samples.gif"}
     with RunFolder(out_dir, log):
         log(f"run folder: {out_dir}")
         continues_here = resume is not None and Path(resume).resolve() == paths["checkpoint"].resolve()
@@ -377,6 +378,7 @@ def train_gan(s, out_dir, resume=None, epochs=None, overwrite=True, progress=Tru
                     saved_epoch = epoch + 1
                     write_grid(generate(run.sampler(), devices.to_device(run.fixed_noise, s.device)),
                                paths["samples"] / f"epoch-{epoch + 1:03d}.png")
+                    viz.animate_images(sorted(paths["samples"].glob("epoch-*.png")), paths["animation"])
                     _write_reports(paths, run.history)
                     STOP.check()
         except KeyboardInterrupt:

@@ -303,3 +303,20 @@ def plot_gan_history(history, path=None):
         ax.grid(alpha=0.3)
     axes[0].legend()
     return _save(fig, path)
+
+
+def animate_images(paths, out, seconds_per_frame=0.5):
+    """An animated GIF of the pictures in ``paths`` in order (one frame each, the last held twice as long): how a
+    generator's sample grid changes over training. Written atomically; returns ``out``."""
+    from PIL import Image
+    from minivit.checkpoint import atomic_write
+    frames = [Image.open(p).convert("RGB") for p in paths]
+    if not frames:
+        raise ValueError("animate_images: no pictures to animate")
+    size = frames[0].size
+    frames = [f if f.size == size else f.resize(size) for f in frames]
+    durations = [int(1000 * seconds_per_frame)] * len(frames)
+    durations[-1] *= 2
+    atomic_write(out, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                                                 duration=durations, loop=0))
+    return out

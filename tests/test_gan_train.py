@@ -28,6 +28,9 @@ def test_a_tiny_run_end_to_end_writes_grids_curves_metrics_and_samples(capsys, t
                                 "--eval-samples", "64", *SMALL)
     assert code == 0, err
     assert "epoch   2/2  loss D" in stdout and "FD " in stdout
+    from PIL import Image
+    with Image.open(out / "samples.gif") as gif:   # the grids of the two epochs, animated
+        assert gif.n_frames == 2
     for name in ("checkpoint.safetensors", "curves.png", "metrics.jsonl", "samples/epoch-001.png",
                  "samples/epoch-002.png"):
         assert (out / name).stat().st_size > 0, name

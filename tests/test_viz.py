@@ -1,6 +1,7 @@
 """Pictures: what they show matches what they say."""
 
 import numpy as np
+import pytest
 
 from minivit import viz
 
@@ -24,3 +25,16 @@ def test_curves_of_one_epoch_have_a_whole_epoch_axis():
             assert low <= 1 and high >= epochs and high - low >= 1
             ticks = [t for t in ax.get_xticks() if low <= t <= high]
             assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_animate_images_makes_one_frame_per_picture_and_refuses_none(tmp_path):
+    from PIL import Image
+    paths = []
+    for i, shade in enumerate((0, 128, 255)):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (8, 6), (shade, shade, shade)).save(paths[-1])
+    out = viz.animate_images(paths, tmp_path / "a.gif")
+    with Image.open(out) as gif:
+        assert gif.n_frames == 3 and gif.size == (8, 6)
+    with pytest.raises(ValueError, match="no pictures"):
+        viz.animate_images([], tmp_path / "b.gif")
