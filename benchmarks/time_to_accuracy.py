@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -87,7 +85,7 @@ def run_pytorch(preset, epochs=None, limit=0, dataset=None):
                           for i in range(0, len(test_y), 256))
         rows.append({"epoch": epoch + 1, "wall_s": time.perf_counter() - started, "test_acc": correct / len(test_y)})
         print(f"pytorch epoch {epoch + 1}/{s.epochs}  test acc {rows[-1]['test_acc']:.2%}  {rows[-1]['wall_s']:.0f}s",
-              flush=True)
+              file=sys.stderr, flush=True)
     return rows
 
 
@@ -140,9 +138,8 @@ def main(argv=None):
         cmd = [sys.executable, __file__, "--pytorch-worker", "--preset", args.preset, "--limit", str(args.limit)]
         cmd += ["--epochs", str(args.epochs)] if args.epochs else []
         cmd += ["--dataset", args.dataset] if args.dataset else []
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ,
-                                                                                     "MINIVIT_TUNE_MALLOC": "0"})
-        print(done.stdout.strip().splitlines()[-2] if len(done.stdout.strip().splitlines()) > 1 else "")
+        done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,   # its progress goes to stderr
+                              env={**os.environ, "MINIVIT_TUNE_MALLOC": "0"})
         import torch
         runs[f"PyTorch {torch.__version__}"] = json.loads(done.stdout.strip().splitlines()[-1])
     stem = args.out / f"time-to-accuracy-{args.preset}"

@@ -2,9 +2,10 @@
 
 A training step allocates and frees many arrays of a few MB. With glibc's default settings each of them is
 served from fresh pages (mmap) or the heap is trimmed after it is freed, so every step pays page faults to get
-zeroed pages again: on the bench-preset ViT about 40% of a step's time here. ``import minivit`` therefore calls
-``tune_malloc()`` once, which raises glibc's mmap and trim thresholds so that freed memory stays in the process
-for the next step. It is a process-wide setting:
+zeroed pages again: on the bench-preset ViT a quarter to a third of a step's time here (measured in
+benchmarks/results/cpu-train-step.md). ``import minivit`` therefore calls ``tune_malloc()`` once, which raises
+glibc's mmap and trim thresholds so that freed memory stays in the process for the next step. It is a
+process-wide setting:
 
 - it applies to every library in the process (NumPy code outside minivit keeps its speed or gains: measured in
   ``benchmarks/train_step.py --malloc-check``);

@@ -141,44 +141,51 @@ def structure_loss(keys, target):
     return (diff * diff).sum() * (1.0 / float((target.data ** 2).sum()))
 
 
-def block_keys(model, images, block):
-    """The attention keys (B, N, D) of block ``block`` (0-based), all heads side by side: the middle third of
-    qkv(norm1(x)) for the block's input x, caught by a forward pre-hook (removed afterwards)."""
-    depth = len(model.blocks)
-    if not 0 <= block < depth:
-        raise ArtError(f"block {block} does not exist: the feature extractor has blocks 0..{depth - 1}")
-    target = model.blocks[block]
-    found = {}
-    hook = target.register_forward_pre_hook(lambda m, args: found.__setitem__("x", args[0]))
-    try:
-        model.forward_features(images)
-    finally:
-        target._forward_pre_hooks.remove(hook)
-    D = found["x"].shape[-1]
-    return target.attn.qkv(target.norm1(found["x"]))[:, :, D:2 * D]
-
-
-def block_outputs(model, images, blocks):
-    """The tokens (B, N, D) after each block in ``blocks`` (0-based), from one forward pass of a ViT.
-
-    The output of block i is the input of the module after it (block i + 1, or the final norm), caught by a
-    forward pre-hook; the hooks are removed afterwards.
-    """
+def _check_blocks(model, blocks):
     depth = len(model.blocks)
     bad = [b for b in blocks if not 0 <= b < depth]
     if bad:
         raise ArtError(f"blocks {bad} do not exist: the feature extractor has blocks 0..{depth - 1}")
+
+
+def _after(model, block):
+    """The module that block ``block``'s output enters: the next block, or the final norm."""
+    return model.blocks[block + 1] if block + 1 < len(model.blocks) else model.norm
+
+
+def _inputs_of(model, images, modules):
+    """The tokens entering each of ``modules`` (blocks or the final norm of ``model``), from one forward pass,
+    caught by forward pre-hooks that are removed afterwards."""
     found, hooks = {}, []
-    for b in set(blocks):
-        module = model.blocks[b + 1] if b + 1 < depth else model.norm
-        hook = module.register_forward_pre_hook(lambda m, args, b=b: found.__setitem__(b, args[0]))
+    for module in {id(m): m for m in modules}.values():
+        hook = module.register_forward_pre_hook(lambda m, args: found.__setitem__(id(m), args[0]))
         hooks.append((module, hook))
     try:
         model.forward_features(images)
     finally:
         for module, hook in hooks:
             module._forward_pre_hooks.remove(hook)
-    return [found[b] for b in blocks]
+    return [found[id(m)] for m in modules]
+
+
+def attention_keys(block, x):
+    """The attention keys (B, N, D) of ``block`` for its input x (B, N, D), all heads side by side: the middle
+    third of qkv(norm1(x))."""
+    D = x.shape[-1]
+    return block.attn.qkv(block.norm1(x))[:, :, D:2 * D]
+
+
+def block_keys(model, images, block):
+    """The attention keys (B, N, D) of block ``block`` (0-based), from one forward pass of a ViT."""
+    _check_blocks(model, [block])
+    return attention_keys(model.blocks[block], _inputs_of(model, images, [model.blocks[block]])[0])
+
+
+def block_outputs(model, images, blocks):
+    """The tokens (B, N, D) after each block in ``blocks`` (0-based), from one forward pass of a ViT: the output
+    of block i is the input of the module after it (block i + 1, or the final norm)."""
+    _check_blocks(model, blocks)
+    return _inputs_of(model, images, [_after(model, b) for b in blocks])
 
 
 # ------------------------------------------------------------------------------------------ the optimisation
@@ -226,27 +233,33 @@ def stylize(content, style, model=None, settings=None, log=print):
     for p in model.parameters():
         p.requires_grad = False
     dtype = model.dtype
+    _check_blocks(model, list(s.style_blocks) + list(s.content_blocks)
+                  + ([s.structure_block] if s.structure_weight else []))
+    structure = model.blocks[s.structure_block] if s.structure_weight else None
+    wanted = [_after(model, b) for b in list(s.style_blocks) + list(s.content_blocks)]
+    wanted += [structure] if structure is not None else []
+
+    def features(pixels):
+        """Style tokens, content tokens and the structure block's keys (None without the term): one forward pass."""
+        tokens = _inputs_of(model, _model_input(pixels, model), wanted)
+        n = len(s.style_blocks)
+        keys = attention_keys(structure, tokens[-1]) if structure is not None else None
+        return tokens[:n], tokens[n:n + len(s.content_blocks)], keys
+
     with no_grad():
-        style_targets = [gram_matrix(t) for t in block_outputs(model, _model_input(Tensor(style[None].astype(dtype)),
-                                                                                     model), s.style_blocks)]
-        content_targets = block_outputs(model, _model_input(Tensor(content[None].astype(dtype)), model),
-                                        s.content_blocks)
-        if s.structure_weight:
-            structure_target = self_similarity(block_keys(model, _model_input(Tensor(content[None].astype(dtype)),
-                                                                             model), s.structure_block))
+        style_targets = [gram_matrix(t) for t in features(Tensor(style[None].astype(dtype)))[0]]
+        _, content_targets, content_keys = features(Tensor(content[None].astype(dtype)))
+        structure_target = self_similarity(content_keys) if structure is not None else None
     start = content if s.init == "content" else np.random.default_rng(s.seed).uniform(size=content.shape)
     picture = Parameter(start[None].astype(dtype))
     opt = optim.AdamW([picture], lr=s.lr, weight_decay=0.0)
     losses = []
-    blocks = list(s.style_blocks) + list(s.content_blocks)
     for step in range(s.steps):
-        tokens = block_outputs(model, _model_input(picture, model), blocks)
-        style_tokens, content_tokens = tokens[:len(s.style_blocks)], tokens[len(s.style_blocks):]
+        style_tokens, content_tokens, keys = features(picture)
         style_loss = sum(gram_loss(t, g) for t, g in zip(style_tokens, style_targets))
         content_loss = sum(feature_loss(t, c) for t, c in zip(content_tokens, content_targets))
         loss = style_loss * s.style_weight + content_loss * s.content_weight + total_variation(picture) * s.tv_weight
-        if s.structure_weight:
-            keys = block_keys(model, _model_input(picture, model), s.structure_block)
+        if structure is not None:
             loss = loss + structure_loss(keys, structure_target) * s.structure_weight
         opt.zero_grad()
         loss.backward()

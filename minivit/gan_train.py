@@ -8,9 +8,10 @@ loss; every ``n_critic``-th step then updates G on its own loss through D:
 
 The losses come from ``minivit.gan``: 'minimax' and 'non-saturating' (the cross-entropy game of Goodfellow et al.),
 'hinge', and 'wgan-gp' (the Wasserstein critic with the gradient penalty). Each epoch ends with a grid of images
-from a fixed batch of noise (samples/epoch-NNN.png, and samples.gif animating them over the epochs), a checkpoint of both networks, their optimizers and the noise
-generator's state (a resumed run continues bit for bit), metrics.jsonl and curves.png; with ``classifier`` set, the
-sample-quality metrics of ``minivit.gan_metrics`` are measured too. Images are scaled to [-1, 1], the range of G's
+from a fixed batch of noise (samples/epoch-NNN.png, and samples.gif animating them over the epochs), a checkpoint
+of both networks, their optimizers and the noise generator's state (a resumed run continues bit for bit),
+metrics.jsonl and curves.png; with ``classifier`` set, the sample-quality metrics of ``minivit.gan_metrics`` are
+measured too. Images are scaled to [-1, 1], the range of G's
 tanh. A non-finite loss or gradient stops the run, naming the network and the step.
 """
 

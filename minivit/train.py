@@ -24,6 +24,7 @@ from minivit import amp, checkpoint, data, devices, distributed, optim, rng, viz
 from minivit import functional as F
 from minivit.function import detect_anomaly
 from minivit.nn import Dropout, VisionTransformer
+from minivit.nn.vit import check_patch_kernel
 from minivit.rundir import RunFolder
 from minivit.tensor import no_grad
 
@@ -258,11 +259,13 @@ def crop_padding(s, info):
 
 
 def patch_kernel_problems(s):
-    """An overlapping window must cover its patch and stick out equally on both sides."""
-    k, P = s.patch_kernel, s.patch_size
-    if k and (k < P or (k - P) % 2):
-        return [f"--patch-kernel {k} must be 0 (no overlap) or at least --patch-size {P} with an even difference "
-                "(windows centred on the patches)"]
+    """An overlapping window must cover its patch and stick out equally on both sides (the rule of
+    ``minivit.nn.vit.check_patch_kernel``), said in flags."""
+    try:
+        check_patch_kernel(s.patch_kernel or None, s.patch_size)
+    except ValueError:
+        return [f"--patch-kernel {s.patch_kernel} must be 0 (no overlap) or at least --patch-size {s.patch_size} "
+                "with an even difference (windows centred on the patches)"]
     return []
 
 
@@ -402,9 +405,10 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
                 for epoch in range(len(history), s.epochs):
                     history.append(train_epoch(model, run.opt, run.sched, run.loader, epoch, s, progress,
                                                 run.scaler, run.ema))
-                    judged = run.ema or model   # the moving average of the weights when the run keeps one
-                    splits = ["val", "test"] if s.val_size and epoch + 1 == s.epochs else ["val" if s.val_size
-                                                                                           else "test"]
+                    judged = model if run.ema is None else run.ema   # the moving average when the run keeps one
+                    splits = ["val"] if s.val_size else ["test"]
+                    if s.val_size and epoch + 1 == s.epochs:
+                        splits.append("test")                      # the test set once, at the end
                     for split in splits:
                         images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
                         result = world.broadcast(evaluate(judged, images, labels, info.mean, info.std,

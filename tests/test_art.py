@@ -72,8 +72,10 @@ def test_block_outputs_are_the_tokens_after_each_block_and_leave_no_hooks():
     np.testing.assert_allclose(first.data, expected[0].data, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(last.data, expected[1].data, rtol=1e-5, atol=1e-6)
     assert all(not m._forward_pre_hooks for _, m in model.named_modules())
-    with pytest.raises(art.ArtError, match="do not exist"):
+    with pytest.raises(art.ArtError, match=r"blocks \[3\] do not exist: the feature extractor has blocks 0..2"):
         art.block_outputs(model, images, [3])
+    with pytest.raises(art.ArtError, match=r"blocks \[3, 4\] do not exist"):
+        art.block_outputs(model, images, [0, 3, 4])
 
 
 def test_the_style_loss_gradient_in_the_pixels_matches_finite_differences():
@@ -103,7 +105,7 @@ def test_block_keys_are_the_middle_third_of_the_blocks_qkv():
     qkv = model.blocks[1].attn.qkv(model.blocks[1].norm1(x)).data
     np.testing.assert_allclose(keys.data, qkv[:, :, 8:16], rtol=1e-6)
     assert all(not m._forward_pre_hooks for _, m in model.named_modules())
-    with pytest.raises(art.ArtError, match="block 3 does not exist"):
+    with pytest.raises(art.ArtError, match=r"blocks \[3\] do not exist"):
         art.block_keys(model, images, 3)
 
 
