@@ -31,6 +31,7 @@ import numpy as np
 
 from minivit import devices, function
 from minivit.function import Function
+from minivit.kernels import astype
 from minivit.ops import (BinaryCrossEntropyWithLogitsFn, CrossEntropyFn, ExpFn, LayerNormFn, LinearFn, LogFn,
                          LogSigmoidFn, LogSoftmaxFn, MatMulFn, MeanFn, MultiHeadSelfAttentionFn, PowFn,
                          ScaledDotProductAttentionFn, SoftmaxFn, SoftplusFn, SumFn)
@@ -57,10 +58,10 @@ class CastFn(Function):
 
     def forward(self, x, dtype):
         self.source = x.dtype
-        return x.astype(dtype)
+        return astype(x, dtype)
 
     def backward(self, dy):
-        return (dy.astype(self.source),)
+        return (astype(dy, self.source),)
 
     def backward_graph(self, dy):
         return (CastFn.apply(dy, dtype=self.source),)

@@ -1,15 +1,19 @@
-"""CPU kernels of the normal distribution: erf, erfc and the float32 GELU, evaluated with NumPy.
+"""CPU kernels: erf, erfc and the float32 GELU, and the float16 matrix product, evaluated with NumPy.
 
-On the GPU the same functions come from cupyx.scipy.special; on the CPU SciPy's are exact but slow in float32,
-so float32 arrays get the fitted approximations below (their accuracy is stated beside each). The ops that use
-them are ``minivit.ops.erf.ErfFn`` and ``minivit.ops.activation.GELUFn``.
+On the GPU the normal distribution's functions come from cupyx.scipy.special; on the CPU SciPy's are exact but
+slow in float32, so float32 arrays get the fitted approximations below (their accuracy is stated beside each).
+The ops that use them are ``minivit.ops.erf.ErfFn`` and ``minivit.ops.activation.GELUFn``.
+
+``matmul`` is the product the linear and matmul ops run: NumPy's own, except for float16 operands on the CPU
+(see its docstring); ``astype`` is the dtype conversion of mixed precision, shared out over the threads.
 """
 
 import math
 
 import numpy as np
 
-from minivit.devices import is_cupy_array
+from minivit.devices import get_array_module, is_cupy_array
+from minivit.parallel import parallel_rows
 
 # erf(x) ~= x P(x^2) / Q(x^2) on [-4, 4], a rational approximation fitted to minimise the relative error.
 # Evaluated in float32 its error stays below 4e-7 (about 3 ulp); it is 5x faster than scipy.special.erf. It is
@@ -37,6 +41,49 @@ _PHI_F = (0.14104766908480731, 0.141054299509148, 0.122905233569933, 0.094764647
 
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+_CONVERT_BLOCK = 2 ** 16   # elements a thread converts at once (astype)
+
+
+def astype(x, dtype):
+    """x converted to ``dtype`` (a new array), the conversion shared out over the engine's threads on the CPU.
+
+    NumPy converts between float16 and float32 element by element, at about 2.5 ns each on one core; mixed
+    precision converts every weight and many activations in each step, so the threads share it.
+
+    Shapes: x -> same
+    """
+    xp = get_array_module(x)
+    if xp is not np or x.size < _CONVERT_BLOCK:
+        return x.astype(dtype)
+    flat = x.reshape(-1)
+    out = np.empty(flat.shape, dtype=dtype)
+
+    def part(r):
+        out[r] = flat[r]
+    parallel_rows(len(flat), part, np, block=_CONVERT_BLOCK)
+    return out.reshape(x.shape)
+
+
+def matmul(a, b, out=None):
+    """a @ b, as NumPy's ``matmul`` (``out`` as there).
+
+    float16 operands on the CPU: NumPy has no float16 BLAS, and its own float16 loop (which converts every element
+    to float32, multiplies and accumulates in float32, and rounds each output once to float16) is about 190x
+    slower than a float32 product. Here the operands are converted to float32 once, multiplied by BLAS and the
+    product rounded to float16 once: the same numbers up to the order of the float32 sums, and the numerics of a
+    GPU's tensor cores (float16 inputs, float32 accumulation, float16 output). The price is the two conversions.
+
+    Shapes: as ``numpy.matmul``: a (..., n, k), b (..., k, m) -> (..., n, m)
+    """
+    xp = get_array_module(a)
+    if xp is not np or a.dtype != np.float16 or b.dtype != np.float16:
+        return xp.matmul(a, b, out=out)
+    product = np.matmul(a.astype(np.float32), b.astype(np.float32))
+    if out is None:
+        return product.astype(np.float16)
+    out[...] = product
+    return out
 
 
 # Below -3 the rounding of u^2 / 2 in float32 costs more than a few ulp of exp(-u^2/2) (its error grows as u^2),

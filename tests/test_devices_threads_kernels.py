@@ -202,3 +202,62 @@ def test_threads_change_no_result_beyond_rounding(two_threads):
     assert abs(loss1 - loss2) < 1e-6
     for a, b in zip(grads1, grads2):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- float16 storage on the CPU
+def _ulps(a, reference):
+    """|a - reference| in units of the float16 spacing at reference (both float16 arrays)."""
+    spacing = np.spacing(np.abs(reference)).astype(np.float64)
+    return np.abs(a.astype(np.float64) - reference.astype(np.float64)) / spacing
+
+
+@pytest.mark.parametrize("shape_a, shape_b", [((37, 50), (50, 23)), ((3, 9, 16), (16, 5)), ((2, 7, 12), (2, 12, 4))])
+def test_float16_matmul_gives_numpys_own_float16_product(shape_a, shape_b, two_threads):
+    # NumPy's float16 loop accumulates in float32 and rounds each output once; kernels.matmul does the same
+    # through BLAS, so the two differ at most by the order of the float32 sums: a float16 ulp at the very most.
+    from minivit.kernels import matmul
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(shape_a).astype(np.float16)
+    b = rng.standard_normal(shape_b).astype(np.float16)
+    ours, numpys = matmul(a, b), np.matmul(a, b)
+    assert ours.dtype == np.float16 and ours.shape == numpys.shape
+    assert _ulps(ours, numpys).max() <= 1
+    out = np.empty_like(numpys)
+    assert matmul(a, b, out=out) is out and np.array_equal(out, ours)
+    # float32 and mixed operands are NumPy's product unchanged
+    assert np.array_equal(matmul(a.astype(np.float32), b.astype(np.float32)),
+                          a.astype(np.float32) @ b.astype(np.float32))
+
+
+def test_astype_over_threads_is_numpys_conversion_bit_for_bit(two_threads):
+    from minivit.kernels import astype
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((300, 700)) * 1e3).astype(np.float32)   # 210,000 values: several blocks per thread
+    x[0, :4] = [np.inf, -np.inf, 7e4, 1e-9]                          # overflow to inf, underflow to 0
+    with np.errstate(over="ignore"):                                 # 7e4 overflows float16, as in NumPy
+        half, numpys = astype(x, np.float16), x.astype(np.float16)
+        transposed, numpys_transposed = astype(x.T, np.float16), x.T.astype(np.float16)
+    assert half.dtype == np.float16 and half.shape == x.shape
+    assert np.array_equal(half, numpys) and np.isinf(half[0, :3]).all() and half[0, 3] == 0
+    assert np.array_equal(astype(half, np.float32), half.astype(np.float32))
+    assert np.array_equal(transposed, numpys_transposed)                # a transposed view
+
+
+def test_float16_gelu_is_the_exact_value_rounded_once_and_its_gradient_within_one_ulp(two_threads):
+    from minivit import Tensor
+    from minivit import functional as F
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(200_000) * 4).astype(np.float16)
+    x[:3] = [-5.0, 0.0, 3.0]
+    t = Tensor(x, requires_grad=True)
+    y = F.gelu(t)
+    x64 = x.astype(np.float64)
+    cdf = 0.5 * (1 + exact_erf(x64 / math.sqrt(2)))
+    exact = (x64 * cdf).astype(np.float16)
+    assert y.data.dtype == np.float16
+    assert _ulps(y.data, exact).max() <= 1
+    dy = rng.standard_normal(x.shape).astype(np.float16)
+    y.backward(dy)
+    exact_dx = (dy * (cdf + x64 * np.exp(-x64 * x64 / 2) / math.sqrt(2 * math.pi))).astype(np.float16)
+    assert t.grad.dtype == np.float16
+    assert _ulps(t.grad, exact_dx).max() <= 1

@@ -91,14 +91,23 @@ class GELUFn(Function):
         flat = x.reshape(-1)
         y = xp.empty_like(flat)
         # float32 on the CPU: y and the derivative dy/dx in one pass (backward is then one product); elsewhere
-        # Phi(x), from which backward computes the derivative.
-        self.fused = xp.__name__ == "numpy" and x.dtype == xp.float32
+        # Phi(x), from which backward computes the derivative. float16 on the CPU (under autocast) takes the
+        # float32 path on a float32 copy of each block: y rounded to float16 once, dy/dx kept in float32.
+        self.fused = xp.__name__ == "numpy" and x.dtype in (xp.float32, xp.float16)
         want_grad = is_grad_enabled() and any(self.needs_input_grad)
-        self.saved = None if self.fused and not want_grad else xp.empty_like(flat)
+        saved_dtype = xp.float32 if self.fused else x.dtype
+        self.saved = None if self.fused and not want_grad else xp.empty(flat.shape, dtype=saved_dtype)
 
         def part(r):
             if self.fused:
-                gelu_float32(flat[r], y[r], None if self.saved is None else self.saved[r])
+                saved = None if self.saved is None else self.saved[r]
+                if x.dtype == xp.float32:
+                    gelu_float32(flat[r], y[r], saved)
+                else:
+                    x32 = flat[r].astype(xp.float32)
+                    y32 = xp.empty_like(x32)
+                    gelu_float32(x32, y32, saved)
+                    y[r] = y32
             else:
                 gelu_exact(flat[r], y[r], self.saved[r])
         parallel_rows(len(flat), part, xp, block=self.BLOCK)
@@ -117,7 +126,7 @@ class GELUFn(Function):
 
         def part(r):
             if self.fused:
-                xp.multiply(dy_flat[r], self.saved[r], out=dx[r])              # saved = dy/dx
+                xp.multiply(dy_flat[r], self.saved[r], out=dx[r], casting="same_kind")   # saved = dy/dx
             else:
                 gelu_exact_backward(flat[r], self.saved[r], dy_flat[r], dx[r])
         parallel_rows(len(flat), part, xp, block=self.BLOCK)

@@ -7,6 +7,7 @@ import math
 
 from minivit.devices import get_array_module
 from minivit.function import Function, unbroadcast
+from minivit.kernels import matmul
 
 
 class AddFn(Function):
@@ -207,7 +208,7 @@ class MatMulFn(Function):
 
     def forward(self, a, b):
         self.a, self.b = a, b
-        return a @ b
+        return matmul(a, b)
 
     # da = dy @ b^T ; db = a^T @ dy   (batch axes summed back to each input's shape)
     def backward(self, dy):
@@ -219,13 +220,13 @@ class MatMulFn(Function):
             a, dy = a[None, :], dy[..., None, :]
         da = db = None
         if self.needs_input_grad[0]:
-            da = unbroadcast(dy @ b.swapaxes(-1, -2), a.shape).reshape(self.a.shape)
+            da = unbroadcast(matmul(dy, b.swapaxes(-1, -2)), a.shape).reshape(self.a.shape)
         if self.needs_input_grad[1]:
             if b.ndim == 2 and a.ndim > 2:
                 # A shared weight: one large product over all batch rows instead of a batch of small ones.
-                db = a.reshape(-1, a.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])
+                db = matmul(a.reshape(-1, a.shape[-1]).T, dy.reshape(-1, dy.shape[-1]))
             else:
-                db = unbroadcast(a.swapaxes(-1, -2) @ dy, b.shape)
+                db = unbroadcast(matmul(a.swapaxes(-1, -2), dy), b.shape)
             db = db.reshape(self.b.shape)
         return da, db
 

@@ -5,10 +5,12 @@ The math. With the rows of x (all leading axes flattened to M rows) and W stored
     y = x W^T + b
     dx = dy W ;  dW = dy^T x  (a sum over the M rows) ;  db = sum over the M rows of dy
 
-The composed version is the same line with autograd's matmul; the op runs one large 2-D product per call.
+The composed version is the same line with autograd's matmul; the op runs one large 2-D product per call
+(``kernels.matmul``: float16 operands are multiplied in float32 on the CPU).
 """
 
 from minivit.devices import get_array_module
+from minivit.kernels import matmul
 from minivit.ops.reduce import sum_rows
 from minivit.parallel import parallel_rows
 from minivit.function import Function
@@ -38,7 +40,7 @@ class LinearFn(Function):
         y = xp.empty((len(x2), w.shape[0]), dtype=x.dtype)               # (M, out)
 
         def rows(r):
-            xp.matmul(x2[r], w.T, out=y[r])
+            matmul(x2[r], w.T, out=y[r])
             if b is not None:
                 y[r] += b
         parallel_rows(len(x2), rows, xp)
@@ -55,8 +57,8 @@ class LinearFn(Function):
 
         def rows(r):  # dx for these rows, and their share of the sums dW and db
             if need_dx:
-                xp.matmul(dy2[r], self.w, out=dx[r])
-            return (dy2[r].T @ x2[r] if need_dw else None), (sum_rows(dy2[r]) if need_db else None)
+                matmul(dy2[r], self.w, out=dx[r])
+            return (matmul(dy2[r].T, x2[r]) if need_dw else None), (sum_rows(dy2[r]) if need_db else None)
         parts = parallel_rows(len(dy2), rows, xp)
         dw = sum(p[0] for p in parts) if need_dw else None
         dx = dx.reshape(self.x.shape) if need_dx else None
