@@ -4,7 +4,9 @@ The names and the rules are PyTorch's (``torch.autocast``, ``torch.amp.GradScale
 
 float16 has a 10-bit mantissa (eps 9.8e-4) and a range of 6e-8 (smallest subnormal) to 65504. Matrix products
 keep their accuracy in it (each output is a sum that the hardware accumulates in float32), so under ``autocast``
-they run in float16: on a GPU that is what its tensor cores run fast. Softmax, log-softmax, LayerNorm, the losses,
+they run in float16: on a GPU that is what its tensor cores run fast. On the CPU (NumPy has no float16 BLAS) the
+float16 operands are multiplied by float32 BLAS and each output rounded to float16 once (``kernels.matmul``): the
+same numbers, with float16 storage between the ops. Softmax, log-softmax, LayerNorm, the losses,
 exp/log/pow and reductions sum many terms or span a wide range, so they run in float32. Every other op runs in the
 dtype of its inputs. The parameters stay float32 ("master weights"): a cast node feeds the float16 copy to the
 op and turns the gradient back into float32 for the optimizer.
