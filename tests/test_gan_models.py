@@ -55,6 +55,31 @@ def test_a_generator_config_without_output_builds_the_tanh_generator():
     assert nn.ViTGenerator(**config).output == "tanh"
 
 
+@pytest.mark.torch
+@pytest.mark.parametrize("output", ["tanh", "linear"])
+def test_the_generator_matches_its_pytorch_twin_in_values_and_gradients(output):
+    """minivit.testing.torch_vae.TorchViTGenerator (the VAE twin's decoder) computes what ViTGenerator does, in
+    float64, with every weight (the SLNs' modulation included) moved off its initial value."""
+    torch = pytest.importorskip("torch")
+    from minivit.testing.torch_vae import TorchViTGenerator
+
+    g = generator(depth=2, in_chans=3, output=output, seed=5).double()
+    r = np.random.default_rng(1)
+    for _, p in g.named_parameters():
+        p.data += 0.3 * r.standard_normal(p.shape)
+    twin = TorchViTGenerator(**{k: v for k, v in g.config.items() if k != "seed"}).double()
+    twin.load_state_dict({k: torch.from_numpy(v) for k, v in g.state_dict().items()}, strict=True)
+    z, upstream = r.standard_normal((4, 6)), r.standard_normal((4, 3, 8, 8))
+    out = g(z)
+    (out * upstream).sum().backward()
+    t_out = twin(torch.from_numpy(z))
+    (t_out * torch.from_numpy(upstream)).sum().backward()
+    np.testing.assert_allclose(out.data, t_out.detach().numpy(), rtol=1e-12, atol=1e-12)
+    theirs = dict(twin.named_parameters())
+    for name, p in g.named_parameters():
+        np.testing.assert_allclose(p.grad, theirs[name].grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
+
+
 def test_the_generator_s_norms_are_modulated_by_the_latent():
     g = generator(depth=2)
     names = g.state_dict()

@@ -59,23 +59,23 @@ class TorchMappingNetwork(nn.Module):
         return z
 
 
-class TorchViTDecoder(nn.Module):
-    """``minivit.nn.ViTGenerator`` with output='linear', the VAE's decoder:
+class TorchViTGenerator(nn.Module):
+    """``minivit.nn.ViTGenerator``, the GAN's generator and (output='linear') the VAE's decoder:
     z (B, L) -> mapping -> w; pos_embed + latent_proj(w) (B, Np, D) -> blocks(x, w) -> norm(x, w) -> head
-    (B, Np, C*P*P) -> unpatchify (B, C, H, W), no tanh."""
+    (B, Np, C*P*P) -> unpatchify (B, C, H, W) -> tanh, or nothing with output='linear'."""
 
-    def __init__(self, img_size, patch_size, out_chans, latent_dim, embed_dim, depth, num_heads, mlp_ratio,
-                 mapping_depth=2):
+    def __init__(self, img_size, patch_size, in_chans, latent_dim, embed_dim, depth, num_heads, mlp_ratio,
+                 mapping_depth=2, output="tanh"):
         super().__init__()
         self.patch_size, self.grid = patch_size, (img_size // patch_size, img_size // patch_size)
-        self.out_chans = out_chans
+        self.in_chans, self.output = in_chans, output
         self.mapping = TorchMappingNetwork(latent_dim, mapping_depth)
         self.latent_proj = nn.Linear(latent_dim, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], embed_dim))
         self.blocks = nn.ModuleList(TorchGeneratorBlock(embed_dim, num_heads, latent_dim, mlp_ratio)
                                     for _ in range(depth))
         self.norm = TorchSelfModulatedLayerNorm(embed_dim, latent_dim)
-        self.head = nn.Linear(embed_dim, out_chans * patch_size * patch_size)
+        self.head = nn.Linear(embed_dim, in_chans * patch_size * patch_size)
 
     def forward(self, z):
         w = self.mapping(z)                                             # (B, L)
@@ -83,8 +83,9 @@ class TorchViTDecoder(nn.Module):
         for block in self.blocks:
             x = block(x, w)
         patches = self.head(self.norm(x, w))                            # (B, Np, C*P*P), each patch flattened (C, P, P)
-        B, (gh, gw), P, C = z.shape[0], self.grid, self.patch_size, self.out_chans
-        return patches.reshape(B, gh, gw, C, P, P).permute(0, 3, 1, 4, 2, 5).reshape(B, C, gh * P, gw * P)
+        B, (gh, gw), P, C = z.shape[0], self.grid, self.patch_size, self.in_chans
+        images = patches.reshape(B, gh, gw, C, P, P).permute(0, 3, 1, 4, 2, 5).reshape(B, C, gh * P, gw * P)
+        return torch.tanh(images) if self.output == "tanh" else images
 
 
 class TorchViTVAE(nn.Module):
@@ -96,8 +97,8 @@ class TorchViTVAE(nn.Module):
         self.latent_dim, self.likelihood = latent_dim, likelihood
         self.encoder = TorchViT(img_size, patch_size, in_chans, 2 * latent_dim, embed_dim, depth, num_heads,
                                 mlp_ratio)
-        self.decoder = TorchViTDecoder(img_size, patch_size, in_chans, latent_dim, embed_dim, depth, num_heads,
-                                       mlp_ratio)
+        self.decoder = TorchViTGenerator(img_size, patch_size, in_chans, latent_dim, embed_dim, depth, num_heads,
+                                         mlp_ratio, output="linear")
         if likelihood == "gaussian":
             self.logvar_x = nn.Parameter(torch.full((1,), math.log(0.1 ** 2)))
 
