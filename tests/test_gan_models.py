@@ -35,6 +35,51 @@ def test_the_generator_makes_images_in_the_tanh_range_that_differ_per_sample():
     assert g.head.weight.shape == (3 * 4 * 4, 8)           # a token to the pixels of its patch
 
 
+def test_a_linear_output_is_the_tanh_output_before_its_tanh_and_is_unbounded():
+    """output='linear' (the VAE's decoder) leaves the values unsquashed; 'tanh' (the GAN's) keeps them in (-1, 1)."""
+    squashed, linear = generator(seed=4), generator(seed=4, output="linear")
+    assert squashed.config["output"] == "tanh" and linear.config["output"] == "linear"
+    for g in (squashed, linear):
+        g.head.weight.data *= 200.0                        # a large head: values far outside (-1, 1) before tanh
+    z = noise(3)
+    raw, pixels = linear(z).data, squashed(z).data
+    assert np.abs(raw).max() > 2.0
+    assert np.abs(pixels).max() <= 1.0
+    np.testing.assert_allclose(pixels, np.tanh(raw), rtol=1e-5, atol=1e-6)
+
+
+def test_a_generator_config_without_output_builds_the_tanh_generator():
+    """Checkpoints written before the option have no 'output' in their config; they rebuild as before."""
+    config = dict(generator().config)
+    del config["output"]
+    assert nn.ViTGenerator(**config).output == "tanh"
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("output", ["tanh", "linear"])
+def test_the_generator_matches_its_pytorch_twin_in_values_and_gradients(output):
+    """minivit.testing.torch_vae.TorchViTGenerator (the VAE twin's decoder) computes what ViTGenerator does, in
+    float64, with every weight (the SLNs' modulation included) moved off its initial value."""
+    torch = pytest.importorskip("torch")
+    from minivit.testing.torch_vae import TorchViTGenerator
+
+    g = generator(depth=2, in_chans=3, output=output, seed=5).double()
+    r = np.random.default_rng(1)
+    for _, p in g.named_parameters():
+        p.data += 0.3 * r.standard_normal(p.shape)
+    twin = TorchViTGenerator(**{k: v for k, v in g.config.items() if k != "seed"}).double()
+    twin.load_state_dict({k: torch.from_numpy(v) for k, v in g.state_dict().items()}, strict=True)
+    z, upstream = r.standard_normal((4, 6)), r.standard_normal((4, 3, 8, 8))
+    out = g(z)
+    (out * upstream).sum().backward()
+    t_out = twin(torch.from_numpy(z))
+    (t_out * torch.from_numpy(upstream)).sum().backward()
+    np.testing.assert_allclose(out.data, t_out.detach().numpy(), rtol=1e-12, atol=1e-12)
+    theirs = dict(twin.named_parameters())
+    for name, p in g.named_parameters():
+        np.testing.assert_allclose(p.grad, theirs[name].grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
+
+
 def test_the_generator_s_norms_are_modulated_by_the_latent():
     g = generator(depth=2)
     names = g.state_dict()
@@ -107,6 +152,8 @@ def test_bad_configurations_and_inputs_get_named_errors():
         generator(patch_size=3)
     with pytest.raises(ValueError, match="embed_dim 8 is not divisible by num_heads 3"):
         generator(num_heads=3)
+    with pytest.raises(ValueError, match="output must be one of tanh, linear, got 'sigmoid'"):
+        generator(output="sigmoid")
     with pytest.raises(ValueError, match=r"expected noise z \(B, 6\), got shape \(2, 5\)"):
         generator()(noise(2, dim=5))
     with pytest.raises(ValueError, match="attention must be 'dot' or 'l2', got 'cosine'"):

@@ -4,10 +4,10 @@ from minivit.nn.module import Module, ModuleList, Parameter
 from minivit.nn.layers import GELU, Dropout, Identity, LayerNorm, Linear
 from minivit.nn.vit import Attention, Block, Mlp, PatchEmbed, PatchProjection, VisionTransformer
 from minivit.nn.modulation import SelfModulatedLayerNorm
-from minivit.nn.vae import ViTDecoder, ViTVAE
 from minivit.nn.gan import ViTDiscriminator, ViTGenerator
+from minivit.nn.vae import ViTVAE
 from minivit.nn import utils
 
 __all__ = ["Module", "ModuleList", "Parameter", "Linear", "LayerNorm", "GELU", "Dropout", "Identity",
            "PatchEmbed", "PatchProjection", "Attention", "Mlp", "Block", "VisionTransformer",
-           "SelfModulatedLayerNorm", "ViTDecoder", "ViTVAE", "ViTGenerator", "ViTDiscriminator", "utils"]
+           "SelfModulatedLayerNorm", "ViTVAE", "ViTGenerator", "ViTDiscriminator", "utils"]

@@ -8,9 +8,11 @@ The generator turns noise into an image through Transformer blocks:
     tokens: pos_embed (1, Np, D) + latent_proj(w) (B, 1, D)   one learned token per patch, plus the sample's w
       -> depth x GeneratorBlock: x = x + attn(norm1(x, w)); x = x + mlp(norm2(x, w))   (norms: SLN driven by w)
       -> norm(x, w) -> head: each token to the C*P*P pixels of its patch (B, Np, C*P*P)
-      -> unpatchify (B, C, H, W) -> tanh: pixels in (-1, 1)
+      -> unpatchify (B, C, H, W) -> output='tanh': tanh, pixels in (-1, 1)
+                                    output='linear': the values as they are (logits or means, for the VAE)
 
-The self-modulated LayerNorms (``SelfModulatedLayerNorm``) let every block see w, not only the input.
+The self-modulated LayerNorms (``SelfModulatedLayerNorm``) let every block see w, not only the input. The same
+class, with output='linear', is the decoder of the VAE (``minivit.nn.vae.ViTVAE``): one decoder for both models.
 
 The discriminator is the classifier ViT with a one-logit head, with the options ViTGAN uses to keep it Lipschitz:
 
@@ -87,8 +89,12 @@ class GeneratorBlock(Module):
         return x + self.mlp(self.norm2(x, w))
 
 
+GENERATOR_OUTPUTS = ("tanh", "linear")
+
+
 class ViTGenerator(Module):
-    """Noise (B, latent_dim) -> images (B, C, H, W) with pixels in (-1, 1), through Transformer blocks.
+    """Noise (B, latent_dim) -> images (B, C, H, W) through Transformer blocks: pixels in (-1, 1) (tanh), or
+    unbounded values (linear).
 
     Args:
         img_size: image side (int) or (H, W).
@@ -97,6 +103,8 @@ class ViTGenerator(Module):
         latent_dim: L, the size of z and w.
         embed_dim, depth, num_heads, mlp_ratio: the blocks, as in the ViT.
         mapping_depth: Linear layers of the mapping z -> w.
+        output: 'tanh' (a GAN's pixels in (-1, 1)) or 'linear' (no squashing: the values are the logits of a
+            Bernoulli likelihood or the means of a Gaussian one, as the VAE's decoder).
         seed: seeds the weights.
 
     Keys: mapping.layers.{i}, latent_proj, pos_embed (1, Np, D), blocks.{i}.norm1.gamma/.beta, .attn.qkv,
@@ -104,13 +112,16 @@ class ViTGenerator(Module):
     """
 
     def __init__(self, img_size=28, patch_size=7, in_chans=1, latent_dim=64, embed_dim=64, depth=4, num_heads=4,
-                 mlp_ratio=2.0, mapping_depth=2, seed=0):
+                 mlp_ratio=2.0, mapping_depth=2, output="tanh", seed=0):
         super().__init__()
+        if output not in GENERATOR_OUTPUTS:
+            raise ValueError(f"ViTGenerator: output must be one of {', '.join(GENERATOR_OUTPUTS)}, got {output!r}")
         self.grid_size = _check_grid("ViTGenerator", img_size, patch_size, embed_dim, num_heads)
         self.patch_size, self.in_chans, self.latent_dim = patch_size, in_chans, latent_dim
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, latent_dim=latent_dim,
                            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                           mapping_depth=mapping_depth, seed=seed)
+                           mapping_depth=mapping_depth, output=output, seed=seed)
+        self.output = output
         rng = np.random.default_rng(seed)
         num_patches = self.grid_size[0] * self.grid_size[1]
         self.mapping = MappingNetwork(latent_dim, mapping_depth, rng=rng)
@@ -137,12 +148,13 @@ class ViTGenerator(Module):
         for block in self.blocks:
             x = block(x, w)
         patches = self.head(self.norm(x, w))                                  # (B, Np, C*P*P)
-        return F.unpatchify(patches, self.patch_size, self.grid_size).tanh()  # (B, C, H, W)
+        images = F.unpatchify(patches, self.patch_size, self.grid_size)       # (B, C, H, W)
+        return images.tanh() if self.output == "tanh" else images
 
     def extra_repr(self):
         c = self.config
         return (f"img_size={c['img_size']}, patch_size={c['patch_size']}, latent_dim={c['latent_dim']}, "
-                f"embed_dim={c['embed_dim']}, depth={c['depth']}, num_heads={c['num_heads']}")
+                f"embed_dim={c['embed_dim']}, depth={c['depth']}, num_heads={c['num_heads']}, output={c['output']}")
 
 
 # ------------------------------------------------------------------------------------------------ discriminator

@@ -1,4 +1,4 @@
-"""A variational autoencoder made of two Vision Transformers.
+"""A variational autoencoder made of two Vision Transformers: a ViT encoder, and the ViT-GAN's generator as decoder.
 
 The model. An image x has a latent code z of L numbers. The prior is p(z) = N(0, I); the decoder gives the
 likelihood p(x | z) (independent Bernoulli pixels with logits, or Gaussian pixels with a learned shared variance);
@@ -22,8 +22,13 @@ is tighter than the ELBO (k = 1) and tends to log p(x) as k grows.
 Shapes: B batch, C x H x W image, P patch, Np = (H/P)(W/P) patches, D token width, L latent size.
 
     encoder: images (B,C,H,W) -> VisionTransformer with a class token, head to 2L -> mu, logvar (B,L)
-    decoder: z (B,L) -> linear to Np tokens (B,Np,D) + pos_embed -> depth x Block -> norm
-             -> per-token linear to a patch (B,Np,C*P*P) -> unpatchify (B,C,H,W) logits (or means)
+    decoder: ``ViTGenerator`` (minivit.nn.gan) with output='linear', the GAN's generator without its tanh:
+             z (B,L) -> mapping MLP -> w (B,L)
+             tokens: pos_embed (1,Np,D) + latent_proj(w) (B,1,D)
+             -> depth x GeneratorBlock (LayerNorms self-modulated by w) -> SLN(x, w)
+             -> head: each token to its patch (B,Np,C*P*P) -> unpatchify (B,C,H,W) logits (or means)
+
+One decoder serves both generative models: the VAE trains it with the ELBO, the GAN with a discriminator.
 """
 
 import math
@@ -32,10 +37,9 @@ import numpy as np
 
 from minivit import devices, rng
 from minivit import functional as F
-from minivit.nn import init
-from minivit.nn.layers import LayerNorm, Linear
-from minivit.nn.module import Module, ModuleList, Parameter
-from minivit.nn.vit import Block, VisionTransformer, _pair
+from minivit.nn.gan import ViTGenerator
+from minivit.nn.module import Module, Parameter
+from minivit.nn.vit import VisionTransformer, _pair
 from minivit.tensor import no_grad
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -66,52 +70,15 @@ def logsumexp(a, axis=0):
     return (top + xp.log(xp.exp(a - top).sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
-class ViTDecoder(Module):
-    """A latent vector to an image through transformer blocks: the mirror image of a ViT encoder.
-
-    z is mapped to one token per patch (a linear map to Np * D numbers), each token gets its position, the blocks
-    mix the tokens, and a per-token linear map turns each one into the C*P*P values of its patch.
-
-    Shapes: z (B, L) -> (B, C, H, W)
-    """
-
-    def __init__(self, img_size=28, patch_size=7, out_chans=1, latent_dim=16, embed_dim=64, depth=2, num_heads=4,
-                 mlp_ratio=2.0, seed=0):
-        super().__init__()
-        H, W = _pair(img_size)
-        if H % patch_size or W % patch_size:
-            raise ValueError(f"ViTDecoder: image {H}x{W} is not divisible by patch_size {patch_size}")
-        if embed_dim % num_heads:
-            raise ValueError(f"ViTDecoder: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        rng = np.random.default_rng(seed)
-        self.patch_size, self.grid = patch_size, (H // patch_size, W // patch_size)
-        self.num_patches, self.embed_dim = self.grid[0] * self.grid[1], embed_dim
-        self.to_tokens = Linear(latent_dim, self.num_patches * embed_dim, rng=rng)
-        self.pos_embed = Parameter(np.zeros((1, self.num_patches, embed_dim), dtype=np.float32))
-        init.trunc_normal_(self.pos_embed, 0.02, rng)
-        self.blocks = ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, rng=rng) for _ in range(depth))
-        self.norm = LayerNorm(embed_dim, eps=1e-6)
-        self.to_patch = Linear(embed_dim, out_chans * patch_size * patch_size, rng=rng)
-        for _, module in self.named_modules():   # timm's init, as in VisionTransformer
-            if isinstance(module, Linear):
-                init.trunc_normal_(module.weight, 0.02, rng)
-                init.zeros_(module.bias)
-
-    def forward(self, z):
-        x = self.to_tokens(z).reshape(z.shape[0], self.num_patches, self.embed_dim) + self.pos_embed  # (B, Np, D)
-        for block in self.blocks:
-            x = block(x)
-        patches = self.to_patch(self.norm(x))                                    # (B, Np, C*P*P)
-        return F.unpatchify(patches, self.patch_size, self.grid)                 # (B, C, H, W)
-
-
 class ViTVAE(Module):
-    """A VAE with a ViT encoder (class token -> mean and log-variance) and a ViT decoder.
+    """A VAE with a ViT encoder (class token -> mean and log-variance) and a ViT decoder, the ViT-GAN's
+    ``ViTGenerator`` with output='linear' (z in, logits or means out).
 
     Args:
         img_size, patch_size, in_chans: the images (C x H x W) and their patches.
         latent_dim: L, the size of z (2 gives a latent plane that can be drawn).
-        embed_dim, depth, num_heads, mlp_ratio: of both transformers (depth each).
+        embed_dim, depth, num_heads, mlp_ratio: of both transformers (depth each); the decoder's mapping z -> w
+            has the generator's default depth.
         likelihood: 'bernoulli' (pixels in {0, 1}; the decoder gives logits) or 'gaussian' (the decoder gives
             means; one learned log-variance shared by all pixels).
         seed: seeds the weights.
@@ -133,8 +100,8 @@ class ViTVAE(Module):
         self.encoder = VisionTransformer(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                          num_classes=2 * latent_dim, embed_dim=embed_dim, depth=depth,
                                          num_heads=num_heads, mlp_ratio=mlp_ratio, seed=seed)
-        self.decoder = ViTDecoder(img_size, patch_size, in_chans, latent_dim, embed_dim, depth, num_heads, mlp_ratio,
-                                  seed=seed + 1)
+        self.decoder = ViTGenerator(img_size, patch_size, in_chans, latent_dim, embed_dim, depth, num_heads,
+                                    mlp_ratio, output="linear", seed=seed + 1)
         if likelihood == "gaussian":
             self.logvar_x = Parameter(np.full((1,), math.log(0.1 ** 2), dtype=np.float32))  # pixel std 0.1 at start
 
