@@ -252,8 +252,10 @@ def _resume_settings(overrides, allowed):
     """The flags a resumed run takes (UsageError naming any other flag given)."""
     extra = sorted(flag(k) for k, v in overrides.items() if v is not None and k not in allowed)
     if extra:
+        may = [flag(k) for k in ("epochs", "minutes", "device", "data_dir") if k in allowed] + ["--no-verify",
+                                                                                              "--anomaly"]
         raise UsageError(f"--resume continues the saved run with its own settings; drop {', '.join(extra)} "
-                         "(only --epochs, --device, --data-dir, --no-verify and --anomaly may change)")
+                         f"(only {', '.join(may[:-1])} and {may[-1]} may change)")
     return {k: overrides[k] for k in allowed if overrides[k] is not None}
 
 
@@ -294,6 +296,8 @@ GAN_FLAGS = {
     "--dataset": ("dataset", str, f"one of {', '.join(data.DATASETS)}"),
     "--data-dir": ("data_dir", str, "folder with the dataset files (looked up first; it must exist)"),
     "--epochs": ("epochs", int, "passes over the training set"),
+    "--minutes": ("minutes", float, "budget of training time: the run stops when it is spent, ending the epoch "
+                  "in progress (0: none; with --resume, a new budget)"),
     "--batch-size": ("batch_size", int, "real (and as many generated) images per step"),
     "--loss": ("loss", str, f"one of {', '.join(gan_train.LOSS_NAMES)}"),
     "--n-critic": ("n_critic", int, "discriminator steps per generator step"),
@@ -348,7 +352,8 @@ def run_gan(args):
         settings = gan_train.GanSettings(**_resume_settings(overrides, gan_train.RESUME_FIELDS))
         ckpt = _checkpoint_path(args.resume)
         return gan_train.train_gan(settings, args.out or ckpt.parent, resume=ckpt, epochs=overrides["epochs"],
-                                   overwrite=args.overwrite, progress=not args.no_progress)
+                                   minutes=overrides["minutes"], overwrite=args.overwrite,
+                                   progress=not args.no_progress)
     settings = gan_train.settings_for(args.preset, **overrides)
     out = args.out or Path("runs") / f"gan-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     return gan_train.train_gan(settings, out, overwrite=args.overwrite, progress=not args.no_progress)

@@ -11,8 +11,13 @@ The losses come from ``minivit.gan``: 'minimax' and 'non-saturating' (the cross-
 from a fixed batch of noise (samples/epoch-NNN.png, and samples.gif animating them over the epochs), a checkpoint
 of both networks, their optimizers and the noise generator's state (a resumed run continues bit for bit),
 metrics.jsonl and curves.png; with ``classifier`` set, the sample-quality metrics of ``minivit.gan_metrics`` are
-measured too. Images are scaled to [-1, 1], the range of G's
-tanh. A non-finite loss or gradient stops the run, naming the network and the step.
+measured too. Images are scaled to [-1, 1], the range of G's tanh. A non-finite loss or gradient stops the run,
+naming the network and the step.
+
+``minutes`` gives a run a budget of training time (the steps only: evaluation, grids and checkpoints are not
+counted), so that losses of different cost can be compared at the same time spent: the epoch in progress when it
+runs out ends there (its row says how many steps it took), is evaluated and saved like any other, and the run
+stops. Resuming such a run with a larger ``minutes`` starts the next epoch.
 """
 
 import contextlib
@@ -45,6 +50,7 @@ class GanSettings:
     dataset: str = "fashion-mnist-mini"
     data_dir: str = None
     epochs: int = 5
+    minutes: float = 0.0        # budget of training time; the run stops when it is spent (0: no budget)
     batch_size: int = 64
     loss: str = "non-saturating"
     n_critic: int = 1           # discriminator steps per generator step
@@ -81,7 +87,7 @@ PRESETS = {
 }
 
 RANGES = {
-    "epochs": Range(1), "batch_size": Range(2), "n_critic": Range(1), "lr_g": Range(0, low_included=False),
+    "epochs": Range(1), "minutes": Range(0), "batch_size": Range(2), "n_critic": Range(1), "lr_g": Range(0, low_included=False),
     "lr_d": Range(0, low_included=False), "beta1": Range(0, 1), "beta2": Range(0, 1), "gp_weight": Range(0),
     "ema": Range(0, 1), "latent_dim": Range(1), "patch_size": Range(1), "embed_dim": Range(1), "depth": Range(1),
     "num_heads": Range(1), "mlp_ratio": Range(0, low_included=False), "grid": Range(1), "eval_samples": Range(4),
@@ -89,7 +95,7 @@ RANGES = {
 }
 CHOICES = {"loss": LOSS_NAMES, "spectral_norm": ("none", "plain", "improved")}
 # What --resume accepts besides the checkpoint's own settings.
-RESUME_FIELDS = ("device", "data_dir", "anomaly", "verify", "epochs")
+RESUME_FIELDS = ("device", "data_dir", "anomaly", "verify", "epochs", "minutes")
 
 
 def _relations(s):
@@ -243,8 +249,14 @@ def _stop_if_not_finite(loss, network, model, step, epoch, batch):
     return value
 
 
-def _train_epoch(run, epoch, s, progress):
-    """One pass over the training set; returns the epoch's row of metrics."""
+def _training_seconds(history):
+    """Training time spent so far (the steps of every epoch, without evaluation or saving)."""
+    return sum(row["epoch_time_s"] for row in history)
+
+
+def _train_epoch(run, epoch, s, progress, seconds_left=math.inf):
+    """One pass over the training set, or its first steps (at least one) when ``seconds_left`` runs out first;
+    returns the epoch's row of metrics."""
     from tqdm import tqdm
     d_loss_fn, g_loss_fn = losses(s.loss)
     G, D = run.generator, run.discriminator
@@ -254,6 +266,7 @@ def _train_epoch(run, epoch, s, progress):
     counts = {"loss_d": 0, "loss_g": 0}
     bar = tqdm(run.loader.epoch(epoch), total=steps, desc=f"epoch {epoch + 1}/{s.epochs}", disable=not progress,
                leave=False, unit="batch")
+    done = 0
     for i, (real, _) in enumerate(bar):
         step = epoch * steps + i + 1
         real = devices.to_device(real, s.device)
@@ -283,12 +296,16 @@ def _train_epoch(run, epoch, s, progress):
                 optim.update_ema(run.ema, G, optim.ema_decay(s.ema, step // s.n_critic))
         bar.set_postfix(loss_d=f"{sums['loss_d'] / max(counts['loss_d'], 1):.3f}",
                         loss_g=f"{sums['loss_g'] / max(counts['loss_g'], 1):.3f}")
+        done = i + 1
         STOP.check()
+        if time.perf_counter() - t0 >= seconds_left:
+            break
     bar.close()
     seconds = time.perf_counter() - t0
-    return {"epoch": epoch + 1, "step": (epoch + 1) * steps,
+    return {"epoch": epoch + 1, "step": epoch * steps + done, "steps": done,
             **{k: sums[k] / counts[k] if counts[k] else None for k in sums},
-            "epoch_time_s": seconds, "images_per_s": steps * s.batch_size / seconds}
+            "epoch_time_s": seconds, "images_per_s": done * s.batch_size / seconds,
+            "training_time_s": _training_seconds(run.history) + seconds}
 
 
 def _measure(run, classifier, s):
@@ -300,13 +317,17 @@ def _measure(run, classifier, s):
     return sample_quality(classifier, real, fake)
 
 
+def _number(value):
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _write_reports(paths, history):
     text = "".join(json.dumps(row) + "\n" for row in history)
     checkpoint.atomic_write(paths["metrics"], lambda tmp: Path(tmp).write_text(text))
     checkpoint.atomic_write(paths["curves"], lambda tmp: viz.plot_gan_history(history).savefig(tmp, format="png"))
 
 
-def _resumed_settings(state, s, epochs, resume):
+def _resumed_settings(state, s, epochs, minutes, resume):
     """The checkpoint's settings with what a resumed run may change; SettingsError if there is nothing to do."""
     saved, done = state.metadata["settings"], state.metadata["epoch"]
     if epochs is not None and epochs <= done:
@@ -316,18 +337,24 @@ def _resumed_settings(state, s, epochs, resume):
     if done >= total:
         raise SettingsError(f"{resume} has finished all {plural(total, 'epoch')}; extend it with --epochs N "
                             f"(N > {total})")
+    minutes = saved.get("minutes", 0.0) if minutes is None else minutes
+    spent = _training_seconds(state.metadata["history"]) / 60
+    if minutes and spent >= minutes:
+        raise SettingsError(f"{resume} has spent its training time ({spent:.1f} of --minutes {minutes:g}); "
+                            f"continue it with a larger --minutes (or 0 for no budget)")
     return validate_gan(GanSettings(**{**saved, "device": s.device, "data_dir": s.data_dir or saved["data_dir"],
                                        "anomaly": s.anomaly, "verify": s.verify and saved["verify"],
-                                       "epochs": total}))
+                                       "epochs": total, "minutes": minutes}))
 
 
-def train_gan(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, log=print):
+def train_gan(s, out_dir, resume=None, epochs=None, minutes=None, overwrite=True, progress=True, log=print):
     """Train a ViT-GAN as ``s`` says, writing checkpoints, sample grids, metrics and curves into ``out_dir``.
 
     Args:
         s: GanSettings; when resuming, only the fields of RESUME_FIELDS are taken from it.
         out_dir: the run folder (locked while the run works in it).
-        resume: a GAN checkpoint (or run folder) to continue from; ``epochs`` extends it.
+        resume: a GAN checkpoint (or run folder) to continue from; ``epochs`` extends it, ``minutes`` replaces its
+            budget of training time.
         overwrite: let this run replace another run that ``out_dir`` holds (SettingsError otherwise).
 
     Returns:
@@ -346,7 +373,7 @@ def train_gan(s, out_dir, resume=None, epochs=None, overwrite=True, progress=Tru
         state = None
         if resume is not None:
             state = checkpoint.load_training_state(resume, FORMAT)
-            s = _resumed_settings(state, s, epochs, resume)
+            s = _resumed_settings(state, s, epochs, minutes, resume)
         saved_epoch = state.metadata["epoch"] if continues_here else None
         try:
             run = _prepare(s, state, progress)
@@ -362,7 +389,11 @@ def train_gan(s, out_dir, resume=None, epochs=None, overwrite=True, progress=Tru
             STOP.watching = True
             with anomaly:
                 for epoch in range(len(run.history), s.epochs):
-                    row = _train_epoch(run, epoch, s, progress)
+                    seconds_left = s.minutes * 60 - _training_seconds(run.history) if s.minutes else math.inf
+                    if seconds_left <= 0:
+                        log(f"the --minutes {s.minutes:g} budget is spent: the run ends after epoch {epoch}")
+                        break
+                    row = _train_epoch(run, epoch, s, progress, seconds_left)
                     if classifier is not None:
                         row.update(_measure(run, classifier, s))
                     run.history.append(row)
@@ -370,8 +401,11 @@ def train_gan(s, out_dir, resume=None, epochs=None, overwrite=True, progress=Tru
                     quality = (f"  FD {row['frechet_distance']:.2f} precision {row['precision']:.2f} recall "
                                f"{row['recall']:.2f} score {row['classifier_score']:.2f} smallest class "
                                f"{row['smallest_class_share']:.1%}" if classifier is not None else "")
-                    log(f"epoch {epoch + 1:3d}/{s.epochs}  loss D {row['loss_d']:.4f} G {row['loss_g']:.4f}  "
-                        f"{row['epoch_time_s']:.1f}s{quality}")
+                    short = len(run.loader) - row["steps"]
+                    log(f"epoch {epoch + 1:3d}/{s.epochs}  loss D {_number(row['loss_d'])} G "
+                        f"{_number(row['loss_g'])}  {row['epoch_time_s']:.1f}s{quality}"
+                        + (f"  (the --minutes {s.minutes:g} budget ran out after {row['steps']} of "
+                           f"{len(run.loader)} steps: the run ends here)" if short else ""))
                     checkpoint.save_training_state(
                         paths["checkpoint"], run.models(), run.optimizers(), kind=FORMAT,
                         metadata={"settings": dataclasses.asdict(s), "epoch": epoch + 1, "history": run.history,
@@ -382,6 +416,8 @@ def train_gan(s, out_dir, resume=None, epochs=None, overwrite=True, progress=Tru
                     viz.animate_images(sorted(paths["samples"].glob("epoch-*.png")), paths["animation"])
                     _write_reports(paths, run.history)
                     STOP.check()
+                    if short:
+                        break
         except KeyboardInterrupt:
             raise TrainingInterrupted(saved_state(paths["checkpoint"], saved_epoch, s.epochs, out_dir, "gan")) from None
         finally:

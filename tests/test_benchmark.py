@@ -73,3 +73,26 @@ def test_time_to_accuracy_trains_both_and_writes_the_table_and_the_plot(tmp_path
     if not only:   # same weights, same batches: the same first-epoch accuracy up to float32 rounding
         first = [rows[0]["test_acc"] for rows in runs.values()]
         assert abs(first[0] - first[1]) <= 0.02
+
+
+def test_gan_variants_trains_each_loss_on_a_budget_and_writes_the_table_curve_and_grids(tmp_path):
+    from minivit import checkpoint, nn
+    classifier = nn.VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=8, depth=1,
+                                      num_heads=2)
+    path = checkpoint.save_checkpoint(tmp_path / "classifier.safetensors", classifier,
+                                      train_settings={"dataset": "fashion-mnist-mini"})
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gan_variants.py"), "--classifier", str(path), "--preset",
+           "tiny", "--limit", "256", "--epochs", "2", "--minutes", "0.001", "--only", "hinge", "wgan-gp",
+           "--run-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "out" / "table.md").read_text()
+    assert "| hinge + SN |" in text and "| WGAN-GP |" in text and "| real data (floor) |" in text
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["runs"]) == {"hinge", "wgan-gp"}
+    for rows in results["runs"].values():   # 0.06 s of training: the first epoch is cut short, the run ends
+        assert len(rows) == 1 and rows[0]["steps"] < 4 and rows[0]["frechet_distance"] > 0
+    assert 0 <= results["floor"]["frechet_distance"] < min(r[-1]["frechet_distance"]
+                                                            for r in results["runs"].values())
+    for name in ("frechet-distance.png", "samples-hinge.png", "samples-wgan-gp.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0

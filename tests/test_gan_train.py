@@ -130,3 +130,29 @@ def test_the_ema_follows_the_generator_and_forgets_its_start_early():
     before = ema.weight.data.copy()
     optim.update_ema(ema, model, 0.75)
     np.testing.assert_allclose(ema.weight.data, 0.75 * before + 0.25 * model.weight.data, rtol=1e-6)
+
+
+def test_a_minutes_budget_ends_the_epoch_in_progress_saves_it_and_a_larger_budget_continues(capsys, tmp_path):
+    out = tmp_path / "run"
+    # a budget far below one step: the first epoch ends after its first step, is measured and saved
+    code, stdout, err = run_cli(capsys, "gan", "--epochs", "3", "--minutes", "1e-9", "--out", out, *SMALL)
+    assert code == 0, err
+    assert "budget ran out after 1 of 8 steps" in stdout and "epoch   2/3" not in stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["steps"], r["step"]) for r in rows] == [(1, 1, 1)]
+    assert rows[0]["training_time_s"] == rows[0]["epoch_time_s"] > 0
+    assert (out / "samples" / "epoch-001.png").stat().st_size > 0
+    state = checkpoint.load_training_state(out / "checkpoint.safetensors", gan_train.FORMAT)
+    assert state.metadata["epoch"] == 1 and state.metadata["settings"]["minutes"] == 1e-9
+
+    # the budget is spent: resuming needs a new one, and says so
+    code, stdout, err = run_cli(capsys, "gan", "--resume", out, "--no-progress")
+    assert code == 2
+    assert_one_line_error(err, "has spent its training time")
+    assert "--minutes" in err
+    # no budget (0): the next epoch runs whole, the run ends at --epochs
+    code, stdout, err = run_cli(capsys, "gan", "--resume", out, "--minutes", "0", "--epochs", "2", "--no-progress")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["steps"], r["step"]) for r in rows] == [(1, 1, 1), (2, 8, 16)]
+    assert rows[1]["training_time_s"] == pytest.approx(rows[0]["epoch_time_s"] + rows[1]["epoch_time_s"])

@@ -1,0 +1,138 @@
+"""The ViT-GAN's losses side by side at the same training time: sample quality, curves and grids.
+
+    python benchmarks/gan_variants.py --classifier runs/fashion15/checkpoint.safetensors --minutes 30
+    python benchmarks/gan_variants.py --classifier C --minutes 1 --limit 2000 --only hinge   # a quick look
+
+Each variant is ``python -m minivit gan --preset P --minutes M`` in a process of its own, one after the other,
+with the flags below; every epoch (and the last, cut short when the budget runs out) is measured with the
+classifier: Frechet distance of its features, precision and recall (k = 3), classifier score and the smallest
+class share (``minivit.gan_metrics``). The real-data floor is the same measurement of real images against real
+images (the first test images against as many training images), and the target's reference is the classifier
+score of the real test images. Writes a Markdown table, a JSON file, the Frechet distance against training time
+with the floor, and each variant's last sample grid into ``--out``.
+
+    minimax          Goodfellow et al.'s game as written (the generator minimises log(1 - D(G(z))))
+    non-saturating   the generator maximises log D(G(z)) instead
+    hinge + SN       hinge losses, the discriminator's layers spectrally normalised (improved, as ViTGAN)
+    wgan-gp          the Wasserstein critic with the gradient penalty, no spectral norm, 5 critic steps per
+                     generator step, Adam(1e-4, betas (0.5, 0.9)) as in Gulrajani et al.'s code
+
+The first two keep the preset's discriminator (its spectral norm included), so that only the loss differs.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from minivit import gan_train, viz  # noqa: E402
+from minivit.gan_metrics import Classifier, classifier_score, sample_quality  # noqa: E402
+
+VARIANTS = {
+    "minimax": ["--loss", "minimax"],
+    "non-saturating": ["--loss", "non-saturating"],
+    "hinge": ["--loss", "hinge", "--spectral-norm", "improved"],
+    "wgan-gp": ["--loss", "wgan-gp", "--spectral-norm", "none", "--n-critic", "5", "--lr-g", "1e-4", "--lr-d",
+                "1e-4", "--beta1", "0.5", "--beta2", "0.9"],
+}
+LABELS = {"minimax": "minimax", "non-saturating": "non-saturating", "hinge": "hinge + SN", "wgan-gp": "WGAN-GP"}
+
+
+def train_variant(name, args, run_dir):
+    """Train one variant in its own process; its metrics rows."""
+    out = run_dir / name
+    cmd = [sys.executable, "-m", "minivit", "gan", "--preset", args.preset, "--minutes", str(args.minutes),
+           "--classifier", str(args.classifier), "--out", str(out), "--overwrite", "--no-progress",
+           *VARIANTS[name]]
+    cmd += ["--limit", str(args.limit)] if args.limit else []
+    cmd += ["--dataset", args.dataset] if args.dataset else []
+    cmd += ["--epochs", str(args.epochs)] if args.epochs else []
+    print(" ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def real_reference(args):
+    """The floor (real test images against as many real training images) and the real test set's score."""
+    s = gan_train.settings_for(args.preset, limit=args.limit or None, dataset=args.dataset)
+    ds = gan_train.load_data(s, progress=False)
+    n = min(s.eval_samples, len(ds.test_labels), len(ds.train_labels))
+    classifier = Classifier.from_checkpoint(args.classifier)
+    real = ds.test_images[:n].astype(np.float32) / 255.0
+    other = ds.train_images[:n].astype(np.float32) / 255.0
+    floor = sample_quality(classifier, real, other)
+    floor["real_test_score"] = classifier_score(classifier(real)[1])
+    floor["n"] = n
+    return floor
+
+
+def table(results, floor, minutes):
+    target = 0.8 * floor["real_test_score"]
+    lines = [f"| variant | epochs (steps) | training min | Frechet distance | precision | recall | classifier score "
+             f"(target >= {target:.2f}) | smallest class share |", "|---|---|---|---|---|---|---|---|"]
+    for name, rows in results.items():
+        last, best = rows[-1], min(r["frechet_distance"] for r in rows)
+        lines.append(f"| {LABELS[name]} | {last['epoch']} ({last['step']}) | {last['training_time_s'] / 60:.1f} | "
+                     f"{last['frechet_distance']:.2f} (best {best:.2f}) | {last['precision']:.2f} | "
+                     f"{last['recall']:.2f} | {last['classifier_score']:.2f} | {last['smallest_class_share']:.1%} |")
+    lines.append(f"| real data (floor) | - | - | {floor['frechet_distance']:.2f} | {floor['precision']:.2f} | "
+                 f"{floor['recall']:.2f} | {floor['real_test_score']:.2f} (real test images) | "
+                 f"{floor['smallest_class_share']:.1%} |")
+    return "\n".join(lines) + (f"\n\n{floor['n']} generated and {floor['n']} real images per measurement; budget "
+                               f"{minutes:g} minutes of training per variant.\n")
+
+
+def plot(results, floor, path):
+    fig = viz.figure(6, 4)
+    ax = fig.add_subplot()
+    for name, rows in results.items():
+        ax.plot([r["training_time_s"] / 60 for r in rows], [r["frechet_distance"] for r in rows], marker="o",
+                label=LABELS[name])
+    ax.axhline(floor["frechet_distance"], color="black", linestyle="--", label="real data (floor)")
+    ax.set(xlabel="training time (minutes)", ylabel="Frechet distance (minivit features)", yscale="log",
+           title="sample quality against training time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classifier", type=Path, required=True, help="a minivit train checkpoint of the data set")
+    parser.add_argument("--preset", default="fashion", choices=list(gan_train.PRESETS))
+    parser.add_argument("--minutes", type=float, default=30.0, help="training time of each variant")
+    parser.add_argument("--epochs", type=int, default=0, help="at most this many epochs (0: the preset's)")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N train and test images")
+    parser.add_argument("--dataset", default=None, help="another data set than the preset's")
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "gan-variants")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gan-variants")
+    args = parser.parse_args()
+    if not args.classifier.exists():
+        parser.error(f"--classifier {args.classifier}: no such file (train one: minivit train --preset fashion15)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {name: train_variant(name, args, args.run_dir) for name in args.only}
+    floor = real_reference(args)
+    text = (f"ViT-GAN losses at the same training time: `minivit gan --preset {args.preset} --minutes "
+            f"{args.minutes:g}`, {datetime.date.today()}, {os.cpu_count()} CPU cores\n\n"
+            + table(results, floor, args.minutes))
+    (args.out / "table.md").write_text(text)
+    (args.out / "results.json").write_text(json.dumps({"floor": floor, "runs": results}, indent=1))
+    plot(results, floor, args.out / "frechet-distance.png")
+    for name, rows in results.items():
+        shutil.copyfile(args.run_dir / name / "samples" / f"epoch-{rows[-1]['epoch']:03d}.png",
+                        args.out / f"samples-{name}.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
