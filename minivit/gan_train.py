@@ -89,8 +89,9 @@ PRESETS = {
 }
 
 RANGES = {
-    "epochs": Range(1), "minutes": Range(0), "batch_size": Range(2), "n_critic": Range(1), "lr_g": Range(0, low_included=False),
-    "lr_d": Range(0, low_included=False), "beta1": Range(0, 1), "beta2": Range(0, 1), "gp_weight": Range(0),
+    "epochs": Range(1), "minutes": Range(0), "batch_size": Range(2), "n_critic": Range(1),
+    "lr_g": Range(0, low_included=False), "lr_d": Range(0, low_included=False), "beta1": Range(0, 1),
+    "beta2": Range(0, 1), "gp_weight": Range(0),
     "ema": Range(0, 1), "latent_dim": Range(1), "patch_size": Range(1), "embed_dim": Range(1), "depth": Range(1),
     "num_heads": Range(1), "mlp_ratio": Range(0, low_included=False), "grid": Range(1), "eval_samples": Range(4),
     "seed": Range(0, 2**32 - 1, high_included=True), "limit": Range(0),

@@ -65,7 +65,7 @@ def astype(x, dtype):
     return out.reshape(x.shape)
 
 
-def matmul(a, b, out=None):
+def matmul(a, b, out=None, keep_float32=False):
     """a @ b, as NumPy's ``matmul`` (``out`` as there).
 
     float16 operands on the CPU: NumPy has no float16 BLAS, and its own float16 loop (which converts every element
@@ -73,6 +73,8 @@ def matmul(a, b, out=None):
     slower than a float32 product. Here the operands are converted to float32 once, multiplied by BLAS and the
     product rounded to float16 once: the same numbers up to the order of the float32 sums, and the numerics of a
     GPU's tensor cores (float16 inputs, float32 accumulation, float16 output). The price is the two conversions.
+``keep_float32=True`` returns such a product unrounded, in float32: for partial sums that are added up before
+the one rounding.
 
     Shapes: as ``numpy.matmul``: a (..., n, k), b (..., k, m) -> (..., n, m)
     """
@@ -80,6 +82,8 @@ def matmul(a, b, out=None):
     if xp is not np or a.dtype != np.float16 or b.dtype != np.float16:
         return xp.matmul(a, b, out=out)
     product = np.matmul(a.astype(np.float32), b.astype(np.float32))
+    if keep_float32:
+        return product
     if out is None:
         return product.astype(np.float16)
     out[...] = product

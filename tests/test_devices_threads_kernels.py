@@ -261,3 +261,22 @@ def test_float16_gelu_is_the_exact_value_rounded_once_and_its_gradient_within_on
     exact_dx = (dy * (cdf + x64 * np.exp(-x64 * x64 / 2) / math.sqrt(2 * math.pi))).astype(np.float16)
     assert t.grad.dtype == np.float16
     assert _ulps(t.grad, exact_dx).max() <= 1
+
+
+def test_float16_linear_gradients_are_rounded_once_however_many_threads(two_threads):
+    # dW and db sum over all rows; the threads' shares stay float32 until they are added, so the result is the
+    # exact product rounded once to float16, not a sum of shares each rounded (which differs in many entries).
+    from minivit import Tensor
+    from minivit import functional as F
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((512, 48)).astype(np.float16)
+    w = Tensor(rng.standard_normal((40, 48)).astype(np.float16), requires_grad=True)
+    b = Tensor(rng.standard_normal(40).astype(np.float16), requires_grad=True)
+    dy = rng.standard_normal((512, 40)).astype(np.float16)
+    F.linear(Tensor(x), w, b).backward(dy)
+    once_w = (dy.astype(np.float64).T @ x.astype(np.float64)).astype(np.float16)
+    once_b = dy.astype(np.float64).sum(axis=0).astype(np.float16)
+    for grad, once in ((w.grad, once_w), (b.grad, once_b)):
+        assert grad.dtype == np.float16
+        assert np.mean(grad == once) >= 0.99        # float32 sums may land on the other side of a tie, rarely
+        assert _ulps(grad, once).max() <= 1

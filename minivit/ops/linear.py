@@ -55,16 +55,21 @@ class LinearFn(Function):
         need_db = len(self.needs_input_grad) == 3 and self.needs_input_grad[2]
         dx = xp.empty_like(x2) if need_dx else None
 
+        # float16: each thread's share of dW and db stays float32 until the shares are added (one rounding, as one
+        # product would give)
+        half = dy.dtype == xp.float16
+
         def rows(r):  # dx for these rows, and their share of the sums dW and db
             if need_dx:
                 matmul(dy2[r], self.w, out=dx[r])
-            return (matmul(dy2[r].T, x2[r]) if need_dw else None), (sum_rows(dy2[r]) if need_db else None)
+            dw_part = matmul(dy2[r].T, x2[r], keep_float32=half) if need_dw else None
+            return dw_part, (sum_rows(dy2[r], keep_float32=half) if need_db else None)
         parts = parallel_rows(len(dy2), rows, xp)
-        dw = sum(p[0] for p in parts) if need_dw else None
+        dw = sum(p[0] for p in parts).astype(xp.result_type(dy2, x2), copy=False) if need_dw else None
         dx = dx.reshape(self.x.shape) if need_dx else None
         if len(self.needs_input_grad) == 2:
             return dx, dw
-        return dx, dw, (sum(p[1] for p in parts) if need_db else None)
+        return dx, dw, (sum(p[1] for p in parts).astype(dy.dtype, copy=False) if need_db else None)
 
     def backward_graph(self, dy):
         x, w = self.parents[:2]
