@@ -47,18 +47,42 @@ VARIANTS = {
 LABELS = {"minimax": "minimax", "non-saturating": "non-saturating", "hinge": "hinge + SN", "wgan-gp": "WGAN-GP"}
 
 
-def train_variant(name, args, run_dir):
-    """Train one variant in its own process; its metrics rows."""
-    out = run_dir / name
+def variant_command(name, args, run_dir):
+    """The ``minivit gan`` command line of one variant."""
     cmd = [sys.executable, "-m", "minivit", "gan", "--preset", args.preset, "--minutes", str(args.minutes),
-           "--classifier", str(args.classifier), "--out", str(out), "--overwrite", "--no-progress",
+           "--classifier", str(args.classifier), "--out", str(run_dir / name), "--overwrite", "--no-progress",
            *VARIANTS[name]]
     cmd += ["--limit", str(args.limit)] if args.limit else []
     cmd += ["--dataset", args.dataset] if args.dataset else []
     cmd += ["--epochs", str(args.epochs)] if args.epochs else []
-    print(" ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return cmd
+
+
+def train_variants(args, run_dir):
+    """Train each variant in a process of its own, ``args.jobs`` at a time, each on its share of the cores (the
+    engine's threads, ``MINIVIT_NUM_THREADS``, and NumPy's BLAS threads); {name: metrics rows}. With more than one job at a time each process
+    writes its output to ``run_dir/<name>.log``."""
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    env = ({**os.environ, **{name: str(threads) for name in ("MINIVIT_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                               "OMP_NUM_THREADS")}} if args.jobs > 1 else None)
+    waiting, running = list(args.only), []
+    while waiting or running:
+        while waiting and len(running) < args.jobs:
+            name = waiting.pop(0)
+            cmd = variant_command(name, args, run_dir)
+            print(" ".join(cmd[1:]) + (f"   ({threads} threads, log {run_dir / name}.log)" if env else ""),
+                  flush=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log = open(run_dir / f"{name}.log", "w") if env else None
+            running.append((name, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log), log))
+        name, process, log = running.pop(0)
+        if process.wait() != 0:
+            raise SystemExit(f"variant {name} failed (exit {process.returncode})"
+                             + (f"; see {run_dir / name}.log" if log else ""))
+        if log:
+            log.close()
+    return {name: [json.loads(line) for line in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
+            for name in args.only}
 
 
 def real_reference(args):
@@ -114,13 +138,17 @@ def main():
     parser.add_argument("--limit", type=int, default=0, help="use only the first N train and test images")
     parser.add_argument("--dataset", default=None, help="another data set than the preset's")
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=1, help="variants trained at once, the cores shared among them "
+                        "(default 1: one after the other, each on every core)")
     parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "gan-variants")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gan-variants")
     args = parser.parse_args()
     if not args.classifier.exists():
         parser.error(f"--classifier {args.classifier}: no such file (train one: minivit train --preset fashion15)")
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {name: train_variant(name, args, args.run_dir) for name in args.only}
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    results = train_variants(args, args.run_dir)
     floor = real_reference(args)
     text = (f"ViT-GAN losses at the same training time: `minivit gan --preset {args.preset} --minutes "
             f"{args.minutes:g}`, {datetime.date.today()}, {os.cpu_count()} CPU cores\n\n"

@@ -310,6 +310,8 @@ GAN_FLAGS = {
     "--ema": ("ema", float, "decay of the generator's moving average, which draws the samples (0: off)"),
     "--latent-dim": ("latent_dim", int, "size of the noise z"),
     "--patch-size": ("patch_size", int, "patch side in pixels (both networks)"),
+    "--patch-kernel": ("patch_kernel", int, "the discriminator's overlapping windows centred on the patches "
+                       "(0: the patches themselves)"),
     "--embed-dim": ("embed_dim", int, "token width (both networks)"),
     "--depth": ("depth", int, "transformer blocks (both networks)"),
     "--num-heads": ("num_heads", int, "attention heads"),

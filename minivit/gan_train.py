@@ -37,7 +37,7 @@ from minivit.nn import ViTDiscriminator, ViTGenerator
 from minivit.rundir import RunFolder
 from minivit.tensor import no_grad
 from minivit.train import (STOP, Range, SettingsError, TrainingDiverged, TrainingInterrupted, check_settings,
-                           load_data, plural, saved_state)
+                           load_data, patch_kernel_problems, plural, saved_state)
 
 FORMAT = "minivit.gan.v1"
 LOSS_NAMES = ("minimax", "non-saturating", "hinge", "wgan-gp")
@@ -64,6 +64,7 @@ class GanSettings:
     ema: float = 0.999          # decay of the generator's moving average (0: no EMA generator); see optim.ema_decay
     latent_dim: int = 64
     patch_size: int = 7
+    patch_kernel: int = 0       # discriminator: side of overlapping windows centred on the patches (0: the patches)
     embed_dim: int = 64
     depth: int = 2
     num_heads: int = 4
@@ -91,8 +92,8 @@ PRESETS = {
 RANGES = {
     "epochs": Range(1), "minutes": Range(0), "batch_size": Range(2), "n_critic": Range(1),
     "lr_g": Range(0, low_included=False), "lr_d": Range(0, low_included=False), "beta1": Range(0, 1),
-    "beta2": Range(0, 1), "gp_weight": Range(0),
-    "ema": Range(0, 1), "latent_dim": Range(1), "patch_size": Range(1), "embed_dim": Range(1), "depth": Range(1),
+    "beta2": Range(0, 1), "gp_weight": Range(0), "ema": Range(0, 1), "latent_dim": Range(1), "patch_size": Range(1),
+    "patch_kernel": Range(0), "embed_dim": Range(1), "depth": Range(1),
     "num_heads": Range(1), "mlp_ratio": Range(0, low_included=False), "grid": Range(1), "eval_samples": Range(4),
     "seed": Range(0, 2**32 - 1, high_included=True), "limit": Range(0),
 }
@@ -111,6 +112,7 @@ def _relations(s):
     problems = []
     if H % s.patch_size:
         problems.append(f"--patch-size {s.patch_size} does not divide the {H}x{H} images of {s.dataset}")
+    problems += patch_kernel_problems(s)
     if s.embed_dim % s.num_heads:
         problems.append(f"--embed-dim {s.embed_dim} is not divisible by --num-heads {s.num_heads}")
     if s.loss == "wgan-gp" and s.gp_weight == 0:
@@ -150,7 +152,7 @@ def build_discriminator(s, info):
     return ViTDiscriminator(img_size=H, patch_size=s.patch_size, in_chans=C, embed_dim=s.embed_dim, depth=s.depth,
                             num_heads=s.num_heads, mlp_ratio=s.mlp_ratio,
                             attention="l2" if s.l2_attention else "dot", spectral_norm=s.spectral_norm,
-                            seed=s.seed + 1)
+                            patch_kernel=s.patch_kernel or None, seed=s.seed + 1)
 
 
 def losses(name):

@@ -83,7 +83,7 @@ def test_gan_variants_trains_each_loss_on_a_budget_and_writes_the_table_curve_an
                                       train_settings={"dataset": "fashion-mnist-mini"})
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gan_variants.py"), "--classifier", str(path), "--preset",
            "tiny", "--limit", "256", "--epochs", "2", "--minutes", "0.001", "--only", "hinge", "wgan-gp",
-           "--run-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+           "--jobs", "2", "--run-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     text = (tmp_path / "out" / "table.md").read_text()
@@ -96,3 +96,5 @@ def test_gan_variants_trains_each_loss_on_a_budget_and_writes_the_table_curve_an
                                                             for r in results["runs"].values())
     for name in ("frechet-distance.png", "samples-hinge.png", "samples-wgan-gp.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+    for name in ("hinge", "wgan-gp"):     # two at a time: each process logs to a file of its own
+        assert "loss D" in (tmp_path / "runs" / f"{name}.log").read_text()

@@ -25,7 +25,7 @@ def test_a_tiny_run_end_to_end_writes_grids_curves_metrics_and_samples(capsys, t
                                                  train_settings={"dataset": "fashion-mnist-mini"})
     out = tmp_path / "run"
     code, stdout, err = run_cli(capsys, "gan", "--epochs", "2", "--out", out, "--classifier", classifier_path,
-                                "--eval-samples", "64", *SMALL)
+                                "--eval-samples", "64", "--patch-kernel", "11", *SMALL)
     assert code == 0, err
     assert "epoch   2/2  loss D" in stdout and "FD " in stdout
     from PIL import Image
@@ -44,6 +44,8 @@ def test_a_tiny_run_end_to_end_writes_grids_curves_metrics_and_samples(capsys, t
     initial = nn.ViTGenerator(**state.configs["generator"]).state_dict()
     assert any(not np.array_equal(initial[k], v) for k, v in state.models["generator"].items())
     assert set(state.models) == {"generator", "discriminator", "generator_ema"}
+    assert state.configs["discriminator"]["patch_kernel"] == 11          # overlapping 11x11 windows, stride 7
+    assert state.models["discriminator"]["patch_embed.proj.weight_orig"].shape == (16, 1, 11, 11)
 
     code, stdout, err = run_cli(capsys, "sample", out, "--n", "9", "--out", tmp_path / "grid.png")
     assert code == 0, err
@@ -90,6 +92,8 @@ def test_bad_flags_get_one_line_errors(capsys, tmp_path):
         (["--beta2", "1.5"], "--beta2 1.5 is out of range: expected [0, 1)"),
         (["--spectral-norm", "on"], "--spectral-norm must be one of 'none', 'plain', 'improved', got 'on'"),
         (["--patch-size", "5"], "--patch-size 5 does not divide the 28x28 images of fashion-mnist-mini"),
+        (["--patch-kernel", "10"], "--patch-kernel 10 must be 0 (no overlap) or at least --patch-size 7 with an even "
+                                   "difference"),
         (["--loss", "wgan-gp", "--gp-weight", "0"], "--loss wgan-gp needs a positive --gp-weight"),
         (["--classifier", tmp_path / "none.safetensors"], "none.safetensors: no such file"),
         (["--lr-g", "fast"], "argument --lr-g: invalid float value: 'fast'"),
