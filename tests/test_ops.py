@@ -2,6 +2,7 @@
 and its forward against a naive reference written differently."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -421,6 +422,18 @@ def test_attention_is_right_where_exp_of_the_scores_would_overflow_or_vanish(sca
         np.testing.assert_allclose(multi, single, rtol=1e-5, atol=1e-6)
     report = gradcheck(lambda a, b, c: ops.ScaledDotProductAttentionFn.apply(a, b, c), [q / scale * 30, k, v])
     assert report.ok, report
+
+
+def test_attention_rows_whose_exp_sum_overflows_are_redone_quietly():
+    # float32 scores of 88: each exp (1.7e38) is finite, the sum of six is not; such rows take the shifted path,
+    # and no overflow warning reaches the user (it is expected there, and handled)
+    q = np.full((1, 2, 4), 8.0, np.float32)
+    k = np.full((1, 6, 4), 5.5, np.float32)                 # s = 4 * 8 * 5.5 / 2 = 88 for every pair
+    v = np.random.default_rng(0).standard_normal((1, 6, 3)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ops.ScaledDotProductAttentionFn.apply(q, k, v).data
+    np.testing.assert_allclose(out, np.broadcast_to(v.mean(1, keepdims=True), out.shape), rtol=1e-6)
 
 
 # ------------------------------------------------------------------ regressions of issue 17

@@ -98,7 +98,7 @@ def attention_forward(q, k, v, scale, y=None, p=None, bias=None):
     if not shift:
         with xp.errstate(over="ignore", under="ignore"):   # an overflow here only sends the row to the shift
             xp.exp(p, out=p)
-        total = sum_last(p)
+            total = sum_last(p)                             # (inf, or a sum of huge terms that overflows)
         ok = (total >= 1.0) & (total < 1e30)
         if not bool(ok.all()):
             bad = xp.nonzero(~ok[..., 0])                                # the rows to redo: (..., Nq) indices
