@@ -329,8 +329,10 @@ GAN_FLAGS = {
 def _add_gan_parsers(sub, common):
     tiny = gan_train.settings_for("tiny")
     g = sub.add_parser("gan", parents=[common], help="train a ViT-GAN", description="Train a ViT generator against "
-                       "a ViT discriminator. Presets: " + "; ".join(f"{name} ({p['dataset']}, {p['epochs']} epochs)"
-                                                                     for name, p in gan_train.PRESETS.items())
+                       "a ViT discriminator. Presets: " + "; ".join(
+                           f"{name} ({p['dataset']}, " + (f"{p['minutes']:g} minutes of training)" if p.get("minutes")
+                                                          else f"{p['epochs']} epochs)")
+                           for name, p in gan_train.PRESETS.items())
                        + ". The defaults shown are the tiny preset's.")
     g.add_argument("--preset", default="tiny", choices=list(gan_train.PRESETS),
                    help="starting settings (default: tiny, the embedded Fashion-MNIST subset)")

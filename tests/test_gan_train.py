@@ -160,3 +160,15 @@ def test_a_minutes_budget_ends_the_epoch_in_progress_saves_it_and_a_larger_budge
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["steps"], r["step"]) for r in rows] == [(1, 1, 1), (2, 8, 16)]
     assert rows[1]["training_time_s"] == pytest.approx(rows[0]["epoch_time_s"] + rows[1]["epoch_time_s"])
+
+
+@pytest.mark.parametrize("preset", list(gan_train.PRESETS))
+def test_every_preset_is_valid_and_its_networks_fit_its_images(preset):
+    from minivit import data
+    s = gan_train.settings_for(preset)
+    info = data.dataset_info(s.dataset)
+    G, D = gan_train.build_generator(s, info), gan_train.build_discriminator(s, info)
+    images = G(np.random.default_rng(0).standard_normal((2, s.latent_dim)).astype(np.float32))
+    assert images.shape == (2, *info.shape)
+    assert D(images).shape == (2,)                         # one logit per image
+    assert D.config.get("patch_kernel") == (s.patch_kernel or None)
