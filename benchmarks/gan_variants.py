@@ -73,7 +73,7 @@ def train_variants(args, run_dir):
         while waiting and len(running) < args.jobs:
             name = waiting.pop(0)
             cmd = variant_command(name, args, run_dir)
-            print(" ".join(cmd[1:]) + (f"   ({threads} threads, log {run_dir / name}.log)" if env else ""),
+            print(" ".join(cmd[1:]) + (f"   ({threads} thread(s), log {run_dir / name}.log)" if env else ""),
                   flush=True)
             run_dir.mkdir(parents=True, exist_ok=True)
             log = open(run_dir / f"{name}.log", "w") if env else None

@@ -33,6 +33,9 @@ TRAIN_FLAGS = {
     "--patch-size": ("patch_size", int, "patch side in pixels"),
     "--patch-kernel": ("patch_kernel", int, "side of overlapping windows centred on the patches, a convolutional "
                        "tokeniser (0: the patches themselves)"),
+    "--stem-channels": ("stem_channels", int, "width of 3x3 convolutions (stride 1, GELU) run on the image before "
+                        "the patch projection (0: none)"),
+    "--stem-depth": ("stem_depth", int, "how many such convolutions (with --stem-channels)"),
     "--embed-dim": ("embed_dim", int, "token width"),
     "--depth": ("depth", int, "number of transformer blocks"),
     "--num-heads": ("num_heads", int, "attention heads"),

@@ -47,6 +47,8 @@ class TrainSettings:
     crop_pad: int = -1        # zero padding before --augment's random crop (-1: an eighth of the side; 0: flips only)
     patch_size: int = 7
     patch_kernel: int = 0     # side of overlapping patch windows centred on each patch (0: the patch itself)
+    stem_channels: int = 0    # width of the 3x3 convolutions (stride 1, GELU) before the patch projection (0: none)
+    stem_depth: int = 1       # how many such convolutions, with --stem-channels
     embed_dim: int = 64
     depth: int = 4
     num_heads: int = 4
@@ -152,7 +154,7 @@ RANGES = {
     "lr": Range(0, low_included=False), "min_lr": Range(0), "weight_decay": Range(0), "warmup_epochs": Range(0),
     "label_smoothing": Range(0, 1), "clip_grad": Range(0), "mlp_ratio": Range(0, low_included=False),
     "drop_rate": Range(0, 1), "val_size": Range(0), "ema": Range(0, 1), "patch_kernel": Range(0),
-    "crop_pad": Range(-1),
+    "crop_pad": Range(-1), "stem_channels": Range(0), "stem_depth": Range(1),
 }
 CHOICES = {"global_pool": ("token", "avg"), "pos_embed": ("learn", "sincos")}
 
@@ -274,7 +276,8 @@ def build_model(s, info):
     return VisionTransformer(img_size=H, patch_size=s.patch_size, in_chans=C, num_classes=len(info.classes),
                              global_pool=s.global_pool, class_token=s.global_pool == "token", embed_dim=s.embed_dim,
                              depth=s.depth, num_heads=s.num_heads, mlp_ratio=s.mlp_ratio, pos_embed=s.pos_embed,
-                             drop_rate=s.drop_rate, patch_kernel=s.patch_kernel or None, seed=s.seed)
+                             drop_rate=s.drop_rate, patch_kernel=s.patch_kernel or None,
+                             stem_channels=(s.stem_channels,) * s.stem_depth if s.stem_channels else (), seed=s.seed)
 
 
 def load_data(s, progress=True, val_size=0):
@@ -391,13 +394,14 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
             wall_before = run.history[-1].get("wall_time_s", 0.0) if run.history else 0.0
             if ckpt is not None:
                 log(f"resuming {resume} after epoch {ckpt.epoch} of {s.epochs}")
+            stem = f"stem {s.stem_depth}x{s.stem_channels} " if s.stem_channels else ""
             log(f"{s.preset}: {s.dataset} from {run.data.folder} ({len(run.data.train_labels)} train / "
-                f"{len(run.data.test_labels)} test images), ViT patch {s.patch_size} width {s.embed_dim} depth "
-                f"{s.depth} heads {s.num_heads} ({run.model.num_parameters():,} parameters), "
+                f"{len(run.data.test_labels)} test images), ViT {stem}patch {s.patch_size} width {s.embed_dim} "
+                f"depth {s.depth} heads {s.num_heads} ({run.model.num_parameters():,} parameters), "
                 f"{plural(s.epochs, 'epoch')} of {plural(len(run.loader), 'step')} on {s.device}")
             if s.amp and devices.normalize_device(s.device) == "cpu":
-                log("--amp on the CPU: NumPy's float16 matrix products have no BLAS path; a step is about 50x "
-                    "slower than in float32 (AMP pays on a GPU)")
+                log("--amp on the CPU: float16 is stored, but every product and activation converts it to float32 "
+                    "and back; a step takes 3-4x a float32 step (AMP pays on a GPU; see docs/amp.md)")
             ds, info, model, history = run.data, run.data.info, run.model, run.history
             anomaly = detect_anomaly() if s.anomaly else contextlib.nullcontext()
             STOP.watching = True

@@ -1,5 +1,6 @@
 """Overlapping patches: the ViT's ``patch_kernel`` option (a Conv2d with kernel k > P, stride P, padding (k-P)/2)
-in the classifier, the GAN discriminator and checkpoints, and the named errors of the unfold op and the option.
+in the classifier, the GAN discriminator and checkpoints, and the named errors of the unfold op and the option;
+the convolutional stem (``stem_channels``: 3x3 convolutions with GELU before the patch projection).
 The PyTorch parity of the unfold op and of a ViT with overlapping patches is in tests/test_torch_parity.py."""
 
 import math
@@ -110,3 +111,46 @@ def test_bad_unfold_and_fold_settings_get_named_errors():
     with pytest.raises(ValueError, match=r"fold_patches: expected patches \(B, 4, C\*9\) for a 5x5 image with "
                                          r"kernel_size 3, stride 2, padding 0, got shape \(1, 5, 9\)"):
         F.fold_patches(np.zeros((1, 5, 9)), (5, 5), 3, 2)
+
+
+# ------------------------------------------------------------------ the convolutional stem
+def test_the_stem_is_3x3_convolutions_with_gelu_before_the_patch_projection():
+    embed = nn.PatchEmbed(8, 4, 2, 5, rng=np.random.default_rng(0), stem_channels=(3, 4)).to(dtype=np.float64)
+    assert [conv.weight.shape for conv in embed.stem] == [(3, 2, 3, 3), (4, 3, 3, 3)]
+    assert embed.proj.weight.shape == (5, 4, 4, 4) and embed.num_patches == 4
+    x = images(3)
+    h = x
+    for conv in embed.stem:                             # by hand: a padded convolution, one pixel at a time
+        B, _, H, W = h.shape
+        out = conv2d_loop(h, conv.weight.data, conv.bias.data, stride=1, padding=1)         # (B, H*W, c)
+        h = out.transpose(0, 2, 1).reshape(B, -1, H, W)
+        h = h * 0.5 * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))                      # exact GELU
+    expected = conv2d_loop(h, embed.proj.weight.data, embed.proj.bias.data, stride=4, padding=0)
+    np.testing.assert_allclose(embed(x).data, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_the_stem_passes_gradcheck_and_gradgradcheck_through_a_whole_vit():
+    # (its weight gradients against PyTorch's Conv2d: the conv_stem case of tests/test_torch_parity.py)
+    model = nn.VisionTransformer(**TINY, stem_channels=(3,), seed=2).to(dtype=np.float64)
+    upstream = np.random.default_rng(5).standard_normal((2, 3))
+    report = gradcheck(lambda x: (model(x) * upstream).sum(), [images(2)])
+    assert report.ok, report
+    report = gradgradcheck(lambda x: (model.patch_embed(x) ** 2).sum(), [images(1)])
+    assert report.ok, report
+
+
+def test_a_vit_with_a_stem_saves_its_widths_and_loads_back(tmp_path):
+    model = nn.VisionTransformer(**TINY, stem_channels=(3, 4), seed=1)
+    assert model.config["stem_channels"] == [3, 4]
+    assert "stem_channels" not in nn.VisionTransformer(**TINY).config    # old configs: no stem
+    path = checkpoint.save_checkpoint(tmp_path / "m.safetensors", model)
+    rebuilt, _ = checkpoint.model_from_checkpoint(path)
+    assert rebuilt.patch_embed.stem_channels == (3, 4)
+    x = images(2).astype(np.float32)
+    np.testing.assert_array_equal(rebuilt(x).data, model(x).data)
+
+
+@pytest.mark.parametrize("channels", [(0,), (3, -1), (2.5,), (True,)])
+def test_bad_stem_widths_get_named_errors(channels):
+    with pytest.raises(ValueError, match="stem_channels must be positive integers"):
+        nn.VisionTransformer(**TINY, stem_channels=channels)

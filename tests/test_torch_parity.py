@@ -96,6 +96,8 @@ CONFIGS = {
                             global_pool="avg", class_token=False, act_approximate="tanh", qkv_bias=False),
     "overlapping_patches": dict(img_size=12, patch_size=4, patch_kernel=8, in_chans=3, num_classes=3, embed_dim=8,
                                 depth=1, num_heads=2, mlp_ratio=2.0),
+    "conv_stem": dict(img_size=8, patch_size=4, stem_channels=(4, 5), in_chans=2, num_classes=3, embed_dim=8,
+                      depth=1, num_heads=2, mlp_ratio=2.0, global_pool="avg"),
 }
 
 

@@ -113,6 +113,8 @@ def test_a_validation_split_is_judged_each_epoch_and_the_test_set_once_with_the_
     (["--limit", "-5"], "--limit -5 is out of range: expected >= 0"),
     (["--patch-kernel", "5"], "--patch-kernel 5 must be 0 (no overlap) or at least --patch-size 7 with an even"),
     (["--ema", "1.5"], "--ema 1.5 is out of range: expected [0, 1)"),
+    (["--stem-channels", "-8"], "--stem-channels -8 is out of range: expected >= 0"),
+    (["--stem-depth", "0"], "--stem-depth 0 is out of range: expected >= 1"),
 ])
 def test_bad_flags_are_one_line_errors_with_exit_code_2(flags, message, capsys, tmp_path):
     code, out, err = run_cli(capsys, "train", "--out", tmp_path / "x", *flags)
@@ -148,6 +150,14 @@ def test_crop_padding_defaults_to_an_eighth_of_the_side_and_zero_means_flips_onl
     assert train_module.crop_padding(settings_for("fashion15"), info) == 0
     with pytest.raises(SettingsError, match="--crop-pad -2 is out of range"):
         settings_for("fashion15", crop_pad=-2)
+
+
+def test_a_stem_setting_builds_that_many_3x3_convolutions_before_the_patch_projection():
+    info = data.dataset_info("fashion-mnist")
+    model = train_module.build_model(settings_for("fashion", stem_channels=16, stem_depth=2), info)
+    assert [conv.weight.shape for conv in model.patch_embed.stem] == [(16, 1, 3, 3), (16, 16, 3, 3)]
+    assert model.patch_embed.proj.weight.shape == (64, 16, 4, 4)
+    assert not train_module.build_model(settings_for("fashion", stem_depth=2), info).patch_embed.stem   # no width
 
 
 def test_settings_of_the_wrong_type_are_named():

@@ -8,8 +8,10 @@ token), D = embed_dim, nh heads, hd = D / nh, F = mlp width, K classes.
       -> norm -> pool: x[:, 0] or the mean of the patch tokens (B,D) -> head (B,K)
 
 With ``patch_kernel=k`` the patch embedding projects overlapping k x k windows centred on the patches (same Np).
+With ``stem_channels=(c1, c2, ...)`` 3x3 convolutions with GELU run on the image before the patch projection.
 
-Keys: patch_embed.proj.weight (D,C,P,P) (or (D,C,k,k)), cls_token (1,1,D), pos_embed (1,N,D), blocks.{i}.norm1,
+Keys: patch_embed.stem.{j}.weight (c_j,c_{j-1},3,3) and .bias with a stem, patch_embed.proj.weight (D,C,P,P)
+(or (D,C,k,k); C the last stem width with a stem), cls_token (1,1,D), pos_embed (1,N,D), blocks.{i}.norm1,
 .attn.qkv, .attn.proj, .norm2, .mlp.fc1, .mlp.fc2, norm (fc_norm with mean pooling), head.
 """
 
@@ -81,14 +83,32 @@ def check_patch_kernel(patch_kernel, patch_size, owner="PatchEmbed"):
     return int(patch_kernel)
 
 
+def check_stem_channels(stem_channels, owner="PatchEmbed"):
+    """stem_channels as a tuple of positive integers (empty: no stem), or a ValueError."""
+    channels = tuple(stem_channels or ())
+    if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c > 0 for c in channels):
+        raise ValueError(f"{owner}: stem_channels must be positive integers (the widths of the 3x3 convolutions), "
+                         f"got {stem_channels!r}")
+    return tuple(int(c) for c in channels)
+
+
 class PatchEmbed(Module):
     """Split images into patches and project each patch to an embed_dim vector.
 
     ``patch_kernel`` (None or an integer k >= P, k - P even): project overlapping k x k windows centred on the
     patches instead of the patches themselves (see ``PatchProjection``); the number of tokens is unchanged.
+
+    ``stem_channels`` (c1, c2, ...): a convolutional stem before the projection, one layer per width: a 3x3
+    convolution with stride 1 and zero padding 1 (the image keeps its size), then GELU. Each pixel the projection
+    reads then carries its neighbourhood, an early-convolution inductive bias (Xiao et al., 2021, "Early
+    convolutions help transformers see better", whose stems use stride 2 and BatchNorm; here stride 1 and no
+    norm). Each layer is a ``PatchProjection`` with patch 1 and kernel 3, so it is unfold and linear: no new op.
+
+    Shapes: images (B, C, H, W) -> stem (B, c_last, H, W) -> tokens (B, Np, D)
     """
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, rng=None, patch_kernel=None):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, rng=None, patch_kernel=None,
+                 stem_channels=()):
         super().__init__()
         if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size <= 0:
             raise ValueError(f"PatchEmbed: patch_size must be a positive integer, got {patch_size!r}")
@@ -99,7 +119,21 @@ class PatchEmbed(Module):
         self.patch_kernel = check_patch_kernel(patch_kernel, patch_size)
         self.grid_size = (H // patch_size, W // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = PatchProjection(in_chans, embed_dim, patch_size, rng or init.default_rng(), patch_kernel)
+        self.stem_channels = check_stem_channels(stem_channels)
+        rng = rng or init.default_rng()
+        widths = (in_chans, *self.stem_channels)
+        self.stem = ModuleList(PatchProjection(c_in, c_out, 1, rng, patch_kernel=3)
+                               for c_in, c_out in zip(widths[:-1], widths[1:]))
+        self.proj = PatchProjection(widths[-1], embed_dim, patch_size, rng, patch_kernel)
+
+    def forward_stem(self, images):
+        """(B, C, H, W) images -> (B, c_last, H, W) features of the convolutional stem (the images without one)."""
+        x = images
+        B, _, H, W = images.shape
+        for conv in self.stem:
+            x = F.gelu(conv(x))                                                 # (B, H*W, c): one row per pixel
+            x = x.transpose(1, 2).reshape(B, x.shape[2], H, W)                  # (B, c, H, W)
+        return x
 
     def forward(self, images):
         if not hasattr(images, "dtype") or not hasattr(images, "ndim"):
@@ -112,10 +146,11 @@ class PatchEmbed(Module):
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"PatchEmbed: expected images (B, {', '.join(map(str, expected))}), "
                              f"got shape {tuple(images.shape)}")
-        return self.proj(images)
+        return self.proj(self.forward_stem(images))
 
     def extra_repr(self):
         kernel = "" if self.patch_kernel is None else f", patch_kernel={self.patch_kernel}"
+        kernel += f", stem_channels={self.stem_channels}" if self.stem_channels else ""
         return f"img_size={self.img_size}, patch_size={self.patch_size}{kernel}, in_chans={self.in_chans}"
 
 
@@ -209,13 +244,15 @@ class VisionTransformer(Module):
         patch_kernel: None for non-overlapping P x P patches; an integer k > P (k - P even) for overlapping
             k x k windows centred on the patches (a Conv2d with kernel k, stride P, padding (k - P)/2); the
             number of tokens is the same. patch_embed.proj.weight is then (D, C, k, k).
+        stem_channels: widths of 3x3 convolutions (stride 1, each followed by GELU) before the patch projection
+            (see ``PatchEmbed``); empty for none.
         seed: seeds the weights (drawn on the host with NumPy, identical on every backend).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True,
                  pos_embed="learn", drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, act_approximate="none",
-                 seed=0, patch_kernel=None):
+                 seed=0, patch_kernel=None, stem_channels=()):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"VisionTransformer: global_pool must be 'token' or 'avg', got {global_pool!r}")
@@ -238,9 +275,11 @@ class VisionTransformer(Module):
                            act_approximate=act_approximate, seed=seed)
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, rng=rng,
-                                      patch_kernel=patch_kernel)
+                                      patch_kernel=patch_kernel, stem_channels=stem_channels)
         if patch_kernel is not None:  # configs (and checkpoints) without the key mean non-overlapping patches
             self.config["patch_kernel"] = self.patch_embed.patch_kernel
+        if self.patch_embed.stem_channels:  # (and without this one, no stem)
+            self.config["stem_channels"] = list(self.patch_embed.stem_channels)
         num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
         if class_token:
             self.cls_token = Parameter(np.zeros((1, 1, embed_dim), dtype=np.float32))
