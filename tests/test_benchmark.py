@@ -98,3 +98,12 @@ def test_gan_variants_trains_each_loss_on_a_budget_and_writes_the_table_curve_an
         assert (tmp_path / "out" / name).stat().st_size > 0
     for name in ("hinge", "wgan-gp"):     # two at a time: each process logs to a file of its own
         assert "loss D" in (tmp_path / "runs" / f"{name}.log").read_text()
+    # the table's figures: each last generator measured again with more images (here all 256 test images)
+    assert set(results["final"]) == {"hinge", "wgan-gp"} and results["final_floor"]["n"] == 256
+    assert "measured with 256 generated images" in text
+    # --no-train tabulates the runs already there; --final-samples 0 shows the last epoch's own measurement
+    again = subprocess.run(cmd[:-1] + [str(tmp_path / "again"), "--no-train", "--final-samples", "0"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "again" / "results.json").read_text())["runs"] == results["runs"]
+    assert "per measurement" in (tmp_path / "again" / "table.md").read_text()
