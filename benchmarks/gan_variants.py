@@ -15,7 +15,8 @@ with the floor, and each variant's last sample grid into ``--out``.
     non-saturating   the generator maximises log D(G(z)) instead
     hinge + SN       hinge losses, the discriminator's layers spectrally normalised (plain, as SN-GAN: with the
                      improved variant the discriminator meets the hinge margin on every image within ten steps,
-                     its loss and gradient become exactly 0, it stops learning and the generator stalls)
+                     its loss and gradient become exactly 0, it stops learning and the generator stalls; plain
+                     spectral norm avoided that with seed 0 but not with seed 1)
     wgan-gp          the Wasserstein critic with the gradient penalty, no spectral norm, 5 critic steps per
                      generator step, Adam(1e-4, betas (0.5, 0.9)) as in Gulrajani et al.'s code
 
