@@ -62,11 +62,22 @@ def variant_command(name, args, run_dir):
     return cmd
 
 
+def threads_per_job(jobs):
+    """Each of ``jobs`` processes' share of the cores (at least one)."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def read_metrics(run_dir, names):
+    """{name: the metrics rows of run_dir/name}."""
+    return {name: [json.loads(line) for line in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
+            for name in names}
+
+
 def train_variants(args, run_dir):
     """Train each variant in a process of its own, ``args.jobs`` at a time, each on its share of the cores (the
-    engine's threads, ``MINIVIT_NUM_THREADS``, and NumPy's BLAS threads); {name: metrics rows}. With more than one job at a time each process
-    writes its output to ``run_dir/<name>.log``."""
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    engine's threads, ``MINIVIT_NUM_THREADS``, and NumPy's BLAS threads); {name: metrics rows}. With more than
+    one job at a time each process writes its output to ``run_dir/<name>.log``."""
+    threads = threads_per_job(args.jobs)
     env = ({**os.environ, **{name: str(threads) for name in ("MINIVIT_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                                "OMP_NUM_THREADS")}} if args.jobs > 1 else None)
     waiting, running = list(args.only), []
@@ -85,17 +96,13 @@ def train_variants(args, run_dir):
                              + (f"; see {run_dir / name}.log" if log else ""))
         if log:
             log.close()
-    return {name: [json.loads(line) for line in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
-            for name in args.only}
+    return read_metrics(run_dir, args.only)
 
 
-def real_reference(args, n=None):
-    """The floor (real test images against as many real training images) and the real test set's score, with
-    ``n`` images of each (default: the preset's eval_samples, as each epoch measures)."""
-    s = gan_train.settings_for(args.preset, limit=args.limit or None, dataset=args.dataset)
-    ds = gan_train.load_data(s, progress=False)
-    n = min(n or s.eval_samples, len(ds.test_labels), len(ds.train_labels))
-    classifier = Classifier.from_checkpoint(args.classifier)
+def real_reference(ds, classifier, n):
+    """The floor (n real test images against n real training images), the real test set's score, and those
+    test images."""
+    n = min(n, len(ds.test_labels), len(ds.train_labels))
     real = ds.test_images[:n].astype(np.float32) / 255.0
     other = ds.train_images[:n].astype(np.float32) / 255.0
     floor = sample_quality(classifier, real, other)
@@ -104,13 +111,12 @@ def real_reference(args, n=None):
     return floor, real
 
 
-def final_measurement(args, run_dir, n):
+def final_measurement(ds, classifier, names, run_dir, n):
     """Each variant's last (EMA) generator measured once more with ``n`` images (the epochs' 500 make class
     shares uncertain by about +-1 point); {name: metrics}, the floor with as many images."""
-    floor, real = real_reference(args, n)
-    classifier = Classifier.from_checkpoint(args.classifier)
+    floor, real = real_reference(ds, classifier, n)
     final = {}
-    for name in args.only:
+    for name in names:
         generator = gan_train.load_sampler(run_dir / name / "checkpoint.safetensors")
         z = np.random.default_rng(12345).standard_normal((len(real), generator.latent_dim)).astype(np.float32)
         fake = (gan_train.generate(generator, z) + 1.0) / 2.0                    # [-1, 1] -> [0, 1]
@@ -176,19 +182,19 @@ def main():
     args = parser.parse_args()
     if not args.classifier.exists():
         parser.error(f"--classifier {args.classifier}: no such file (train one: minivit train --preset fashion15)")
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
-    if args.no_train:
-        results = {name: [json.loads(line) for line in (args.run_dir / name / "metrics.jsonl").read_text().splitlines()]
-                   for name in args.only}
-    else:
-        results = train_variants(args, args.run_dir)
-    floor, _ = real_reference(args)
-    final, final_floor = final_measurement(args, args.run_dir, args.final_samples) if args.final_samples else ({}, None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = read_metrics(args.run_dir, args.only) if args.no_train else train_variants(args, args.run_dir)
+    s = gan_train.settings_for(args.preset, limit=args.limit or None, dataset=args.dataset)
+    ds = gan_train.load_data(s, progress=False)
+    classifier = Classifier.from_checkpoint(args.classifier)
+    floor, _ = real_reference(ds, classifier, s.eval_samples)             # as each epoch measures
+    final, final_floor = (final_measurement(ds, classifier, args.only, args.run_dir, args.final_samples)
+                          if args.final_samples else ({}, None))
     text = (f"ViT-GAN losses at the same training time: `minivit gan --preset {args.preset} --minutes "
             f"{args.minutes:g}`, {datetime.date.today()}, {os.cpu_count()} CPU cores"
-            + (f", {args.jobs} variants at a time on {max(1, (os.cpu_count() or 1) // args.jobs)} thread(s) each"
+            + (f", {args.jobs} variants at a time on {threads_per_job(args.jobs)} thread(s) each"
                if args.jobs > 1 else "") + "\n\n"
             + table(results, floor, args.minutes, final, final_floor))
     (args.out / "table.md").write_text(text)

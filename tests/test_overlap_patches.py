@@ -150,7 +150,7 @@ def test_a_vit_with_a_stem_saves_its_widths_and_loads_back(tmp_path):
     np.testing.assert_array_equal(rebuilt(x).data, model(x).data)
 
 
-@pytest.mark.parametrize("channels", [(0,), (3, -1), (2.5,), (True,)])
+@pytest.mark.parametrize("channels", [(0,), (3, -1), (2.5,), (True,), 32])
 def test_bad_stem_widths_get_named_errors(channels):
     with pytest.raises(ValueError, match="stem_channels must be positive integers"):
         nn.VisionTransformer(**TINY, stem_channels=channels)

@@ -85,7 +85,10 @@ def check_patch_kernel(patch_kernel, patch_size, owner="PatchEmbed"):
 
 def check_stem_channels(stem_channels, owner="PatchEmbed"):
     """stem_channels as a tuple of positive integers (empty: no stem), or a ValueError."""
-    channels = tuple(stem_channels or ())
+    try:
+        channels = tuple(stem_channels or ())
+    except TypeError:                                   # a single number: a tuple of widths was expected
+        channels = (None,)
     if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c > 0 for c in channels):
         raise ValueError(f"{owner}: stem_channels must be positive integers (the widths of the 3x3 convolutions), "
                          f"got {stem_channels!r}")
