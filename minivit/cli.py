@@ -315,6 +315,8 @@ GAN_FLAGS = {
     "--patch-size": ("patch_size", int, "patch side in pixels (both networks)"),
     "--patch-kernel": ("patch_kernel", int, "the discriminator's overlapping windows centred on the patches "
                        "(0: the patches themselves)"),
+    "--minibatch-std": ("minibatch_std", int, "the discriminator's head also reads the spread of its features "
+                        "within groups of this many images, against mode collapse (0: off)"),
     "--embed-dim": ("embed_dim", int, "token width (both networks)"),
     "--depth": ("depth", int, "transformer blocks (both networks)"),
     "--num-heads": ("num_heads", int, "attention heads"),

@@ -12,8 +12,10 @@ loss) for a training loop that picks one by name.
 
 The gradient penalties differentiate the discriminator with respect to its input with ``create_graph=True``, so
 that the penalty itself can be back-propagated into the discriminator's parameters (a double backward). They
-take the discriminator as a function of a batch, and assume that it treats every sample on its own (no batch
-norm): then the gradient of the summed outputs with respect to the batch holds each sample's own gradient.
+take the discriminator as a function of a batch: the gradient of the summed outputs with respect to the batch
+holds each sample's own gradient when the discriminator treats every sample on its own. One that does not (a
+minibatch standard deviation feature, ``ViTDiscriminator(minibatch_std=g)``) adds, to each sample's gradient, how
+its group's other logits move with it; the penalty is then taken on that, as ProGAN did.
 """
 
 import numpy as np

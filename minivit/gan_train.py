@@ -65,6 +65,7 @@ class GanSettings:
     latent_dim: int = 64
     patch_size: int = 7
     patch_kernel: int = 0       # discriminator: side of overlapping windows centred on the patches (0: the patches)
+    minibatch_std: int = 0      # discriminator: group size of the minibatch standard deviation feature (0: none)
     embed_dim: int = 64
     depth: int = 2
     num_heads: int = 4
@@ -97,7 +98,7 @@ RANGES = {
     "epochs": Range(1), "minutes": Range(0), "batch_size": Range(2), "n_critic": Range(1),
     "lr_g": Range(0, low_included=False), "lr_d": Range(0, low_included=False), "beta1": Range(0, 1),
     "beta2": Range(0, 1), "gp_weight": Range(0), "ema": Range(0, 1), "latent_dim": Range(1), "patch_size": Range(1),
-    "patch_kernel": Range(0), "embed_dim": Range(1), "depth": Range(1),
+    "patch_kernel": Range(0), "minibatch_std": Range(0), "embed_dim": Range(1), "depth": Range(1),
     "num_heads": Range(1), "mlp_ratio": Range(0, low_included=False), "grid": Range(1), "eval_samples": Range(4),
     "seed": Range(0, 2**32 - 1, high_included=True), "limit": Range(0),
 }
@@ -119,6 +120,9 @@ def _relations(s):
     problems += patch_kernel_problems(s)
     if s.embed_dim % s.num_heads:
         problems.append(f"--embed-dim {s.embed_dim} is not divisible by --num-heads {s.num_heads}")
+    if s.minibatch_std == 1 or (s.minibatch_std and s.batch_size % s.minibatch_std):
+        problems.append(f"--minibatch-std {s.minibatch_std} must be 0 (off) or a group size >= 2 that divides "
+                        f"--batch-size {s.batch_size}")
     if s.loss == "wgan-gp" and s.gp_weight == 0:
         problems.append("--loss wgan-gp needs a positive --gp-weight (the penalty is what makes the critic "
                         "Lipschitz)")
@@ -156,7 +160,7 @@ def build_discriminator(s, info):
     return ViTDiscriminator(img_size=H, patch_size=s.patch_size, in_chans=C, embed_dim=s.embed_dim, depth=s.depth,
                             num_heads=s.num_heads, mlp_ratio=s.mlp_ratio,
                             attention="l2" if s.l2_attention else "dot", spectral_norm=s.spectral_norm,
-                            patch_kernel=s.patch_kernel or None, seed=s.seed + 1)
+                            patch_kernel=s.patch_kernel or None, minibatch_std=s.minibatch_std, seed=s.seed + 1)
 
 
 def losses(name):

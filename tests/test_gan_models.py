@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minivit import gan, gradcheck, gradgradcheck, nn
-from minivit.nn.gan import L2Attention
+from minivit.nn.gan import L2Attention, MinibatchStd
 
 TINY = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=8, depth=1, num_heads=2)
 
@@ -130,11 +130,54 @@ def test_whole_generator_passes_the_directional_gradient_check():
 
 
 @pytest.mark.parametrize("options", [dict(), dict(attention="l2", spectral_norm="improved"),
-                                     dict(spectral_norm="plain", global_pool="avg")])
+                                     dict(spectral_norm="plain", global_pool="avg"),
+                                     dict(attention="l2", spectral_norm="improved", minibatch_std=2)])
 def test_whole_discriminator_passes_the_gradient_and_second_derivative_checks(options):
     d = discriminator(**options)
-    assert gradcheck(d, [images(2)], mode="directional").ok
-    assert gradgradcheck(d, [images(2)], mode="directional").ok
+    batch = images(4 if "minibatch_std" in options else 2)
+    assert gradcheck(d, [batch], mode="directional").ok
+    assert gradgradcheck(d, [batch], mode="directional").ok
+
+
+def test_minibatch_std_appends_each_group_s_mean_feature_spread():
+    """s_k = mean_d sqrt(var_{i in group k} x_id + eps), the same for every image of group k (consecutive images)."""
+    x = np.random.default_rng(2).standard_normal((6, 5))
+    out = MinibatchStd(3)(x).data
+    assert out.shape == (6, 6)
+    np.testing.assert_array_equal(out[:, :5], x)
+    groups = x.reshape(2, 3, 5)
+    spread = np.sqrt(((groups - groups.mean(axis=1, keepdims=True)) ** 2).mean(axis=1) + 1e-8).mean(axis=1)
+    np.testing.assert_allclose(out[:, 5], np.repeat(spread, 3), rtol=1e-12)
+    # a batch that is 4 real images and then 4 copies of one fake: the fakes' groups have no spread, the reals' do
+    real_then_fake = np.concatenate([x[:4], np.repeat(x[4:5], 4, axis=0)])
+    column = MinibatchStd(2)(real_then_fake).data[:, -1]
+    assert column[:4].min() > 0.1 and column[4:].max() < 1e-3
+    # fewer images than the group size: one group of them all
+    np.testing.assert_allclose(MinibatchStd(4)(x[:3]).data[:, -1], np.repeat(MinibatchStd(3)(x[:3]).data[0, -1], 3))
+
+
+def test_minibatch_std_passes_the_gradient_and_second_derivative_checks_and_couples_a_group():
+    layer = MinibatchStd(2)
+    x = np.random.default_rng(3).standard_normal((4, 3))
+    assert gradcheck(layer, [x]).ok
+    assert gradgradcheck(layer, [x]).ok
+    # an image's spread column depends on its neighbour in the group and on nobody else
+    from minivit import Tensor
+    xt = Tensor(x, requires_grad=True)
+    layer(xt)[0, 3].backward()
+    assert np.abs(xt.grad[:2]).min() > 0 and not np.any(xt.grad[2:])
+
+
+def test_a_discriminator_with_minibatch_std_reads_one_more_feature_and_rebuilds_from_its_config():
+    d = discriminator(minibatch_std=2, spectral_norm="improved")
+    assert d.config["minibatch_std"] == 2 and d.head.weight.shape == (1, 9)   # D = 8 features + the spread
+    assert d(images(4)).shape == (4,)
+    twin = nn.ViTDiscriminator(**d.config)
+    twin.load_state_dict(d.state_dict())
+    np.testing.assert_array_equal(twin(images(4)).data, d(images(4)).data)
+    plain = discriminator()
+    assert "minibatch_std" not in plain.config and plain.minibatch_std is None   # old configs: no such key
+    assert "minibatch_std=2" in repr(d)
 
 
 def test_the_gradient_penalty_reaches_every_discriminator_parameter():
@@ -162,3 +205,7 @@ def test_bad_configurations_and_inputs_get_named_errors():
         discriminator(spectral_norm="yes")
     with pytest.raises(ValueError, match=r"expected images \(B, 1, 8, 8\), got shape \(2, 3, 8, 8\)"):
         discriminator()(images(2, c=3))
+    with pytest.raises(ValueError, match="group_size must be an integer >= 2, got 1"):
+        discriminator(minibatch_std=1)
+    with pytest.raises(ValueError, match=r"B a multiple of the group size 2 or 2 <= B <= 2 \(one group\), got shape \(3, 8\)"):
+        discriminator(minibatch_std=2)(images(3))

@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 TF = torch.nn.functional
 
 from minivit import Tensor, functional as F, gan, grad, nn  # noqa: E402
+from minivit.nn.gan import MinibatchStd  # noqa: E402
 from tests.test_torch_parity import _compare  # noqa: E402
 from tests.test_torch_second_order import assert_second_derivatives_match_torch  # noqa: E402
 
@@ -32,6 +33,13 @@ def _torch_l2_attention(q, k, v, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     distances = ((q[..., :, None, :] - k[..., None, :, :]) ** 2).sum(-1)
     return torch.softmax(-distances * scale, dim=-1) @ v
+
+
+def _torch_minibatch_std(x, group_size):
+    """x (B, D) with its groups' mean feature standard deviation appended, from torch's own var."""
+    groups = x.reshape(x.shape[0] // group_size, group_size, x.shape[1])
+    spread = (groups.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=1, keepdim=True)
+    return torch.cat([x, spread.repeat_interleave(group_size, dim=0)], dim=1)
 
 
 NEW_OPS = {
@@ -59,6 +67,8 @@ NEW_OPS = {
     "l2_distance_attention_tied": (lambda x, v: F.l2_distance_attention(x, x, v, scale=0.3),
                                    lambda x, v: _torch_l2_attention(x, x, v, scale=0.3),
                                    [R.standard_normal((3, 5, 4)), R.standard_normal((3, 5, 2))]),
+    "minibatch_std": (lambda x: MinibatchStd(3)(x), lambda x: _torch_minibatch_std(x, 3),
+                      [R.standard_normal((6, 4))]),
 }
 
 

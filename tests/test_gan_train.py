@@ -25,7 +25,7 @@ def test_a_tiny_run_end_to_end_writes_grids_curves_metrics_and_samples(capsys, t
                                                  train_settings={"dataset": "fashion-mnist-mini"})
     out = tmp_path / "run"
     code, stdout, err = run_cli(capsys, "gan", "--epochs", "2", "--out", out, "--classifier", classifier_path,
-                                "--eval-samples", "64", "--patch-kernel", "11", *SMALL)
+                                "--eval-samples", "64", "--patch-kernel", "11", "--minibatch-std", "4", *SMALL)
     assert code == 0, err
     assert "epoch   2/2  loss D" in stdout and "FD " in stdout
     from PIL import Image
@@ -46,6 +46,8 @@ def test_a_tiny_run_end_to_end_writes_grids_curves_metrics_and_samples(capsys, t
     assert set(state.models) == {"generator", "discriminator", "generator_ema"}
     assert state.configs["discriminator"]["patch_kernel"] == 11          # overlapping 11x11 windows, stride 7
     assert state.models["discriminator"]["patch_embed.proj.weight_orig"].shape == (16, 1, 11, 11)
+    assert state.configs["discriminator"]["minibatch_std"] == 4          # the head reads 16 features + the spread
+    assert state.models["discriminator"]["head.weight_orig"].shape == (1, 17)
 
     code, stdout, err = run_cli(capsys, "sample", out, "--n", "9", "--out", tmp_path / "grid.png")
     assert code == 0, err
@@ -53,7 +55,7 @@ def test_a_tiny_run_end_to_end_writes_grids_curves_metrics_and_samples(capsys, t
 
 
 @pytest.mark.parametrize("options", [dict(), dict(loss="wgan-gp", n_critic=2, spectral_norm="plain",
-                                                  l2_attention=False, ema=0.0)])
+                                                  l2_attention=False, ema=0.0, minibatch_std=4)])
 def test_a_resumed_run_ends_bit_for_bit_as_an_uninterrupted_one(tmp_path, options):
     straight = train_gan(GanSettings(epochs=2, **SETTINGS, **options), tmp_path / "straight", progress=False,
                          log=quiet)
@@ -94,6 +96,9 @@ def test_bad_flags_get_one_line_errors(capsys, tmp_path):
         (["--patch-size", "5"], "--patch-size 5 does not divide the 28x28 images of fashion-mnist-mini"),
         (["--patch-kernel", "10"], "--patch-kernel 10 must be 0 (no overlap) or at least --patch-size 7 with an even "
                                    "difference"),
+        (["--minibatch-std", "3"], "--minibatch-std 3 must be 0 (off) or a group size >= 2 that divides "
+                                   "--batch-size 64"),
+        (["--minibatch-std", "1"], "--minibatch-std 1 must be 0 (off) or a group size >= 2"),
         (["--loss", "wgan-gp", "--gp-weight", "0"], "--loss wgan-gp needs a positive --gp-weight"),
         (["--classifier", tmp_path / "none.safetensors"], "none.safetensors: no such file"),
         (["--lr-g", "fast"], "argument --lr-g: invalid float value: 'fast'"),
@@ -172,3 +177,4 @@ def test_every_preset_is_valid_and_its_networks_fit_its_images(preset):
     assert images.shape == (2, *info.shape)
     assert D(images).shape == (2,)                         # one logit per image
     assert D.config.get("patch_kernel") == (s.patch_kernel or None)
+    assert D.config.get("minibatch_std", 0) == s.minibatch_std

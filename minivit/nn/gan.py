@@ -24,10 +24,17 @@ and the patches ViTGAN's discriminator cuts:
 
     patch_kernel=k        overlapping k x k windows centred on the P x P patches (the unfold op,
                           ``F.unfold_patches``), as many tokens as patches; None: the ViT's non-overlapping patches
+
+and one option against mode collapse from ProGAN (Karras et al. 2018):
+
+    minibatch_std=g       the head also reads how much the pooled features vary across each group of g images
+                          (``MinibatchStd``): a generator that draws the same image for every z gives a group
+                          spread near 0, which real images never do, so the discriminator can tell them apart
 """
 
 import numpy as np
 
+from minivit import devices
 from minivit import functional as F
 from minivit.nn import init
 from minivit.nn.layers import GELU, Linear
@@ -35,9 +42,9 @@ from minivit.nn.modulation import SelfModulatedLayerNorm
 from minivit.nn.module import Module, ModuleList, Parameter
 from minivit.nn.utils import improved_spectral_norm, spectral_norm
 from minivit.nn.vit import Attention, Mlp, PatchProjection, VisionTransformer, _pair
-from minivit.tensor import Tensor
+from minivit.tensor import Tensor, concat
 
-__all__ = ["MappingNetwork", "GeneratorBlock", "ViTGenerator", "L2Attention", "ViTDiscriminator"]
+__all__ = ["MappingNetwork", "GeneratorBlock", "ViTGenerator", "L2Attention", "MinibatchStd", "ViTDiscriminator"]
 
 
 def _check_grid(name, img_size, patch_size, embed_dim, num_heads):
@@ -187,6 +194,43 @@ class L2Attention(Module):
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}"
 
 
+class MinibatchStd(Module):
+    """The minibatch standard deviation (ProGAN, Karras et al. 2018): features (B, D) -> (B, D + 1), the last
+    column the spread of the features within each image's group of ``group_size`` consecutive images:
+
+        s_k = mean_d sqrt(var_{i in group k}(x_id) + eps)        (the variance over the group, one per feature)
+
+    and every image of group k gets s_k. Groups are consecutive images, so that a batch that is real images
+    followed by as many generated ones (B/2 each, both multiples of the group size) never mixes the two in a group.
+    The gradient flows through s_k into every image of the group: an image's logit depends on its neighbours.
+
+    Shapes: x (B, D) -> (B, D + 1); B a multiple of group_size, or smaller (then the whole batch is one group).
+    """
+
+    def __init__(self, group_size=4, eps=1e-8):
+        super().__init__()
+        if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 2:
+            raise ValueError(f"MinibatchStd: group_size must be an integer >= 2, got {group_size!r}")
+        self.group_size, self.eps = int(group_size), eps
+
+    def forward(self, x):
+        x = x if isinstance(x, Tensor) else Tensor(x)
+        if x.ndim != 2 or (x.shape[0] > self.group_size and x.shape[0] % self.group_size) or x.shape[0] < 2:
+            raise ValueError(f"MinibatchStd: expected features (B, D) with B a multiple of the group size "
+                             f"{self.group_size} or 2 <= B <= {self.group_size} (one group), got shape {x.shape}")
+        B, D = x.shape
+        g = min(self.group_size, B)
+        groups = x.reshape(B // g, g, D)
+        centred = groups - groups.mean(axis=1, keepdims=True)
+        spread = ((centred * centred).mean(axis=1) + self.eps).sqrt().mean(axis=1, keepdims=True)   # (B/g, 1)
+        xp = devices.get_array_module(x.data)
+        per_image = (spread.reshape(B // g, 1, 1) * Tensor(xp.ones((1, g, 1), dtype=x.dtype))).reshape(B, 1)
+        return concat([x, per_image], axis=1)
+
+    def extra_repr(self):
+        return f"group_size={self.group_size}"
+
+
 SPECTRAL_NORMS = {"none": None, "plain": spectral_norm, "improved": improved_spectral_norm}
 
 
@@ -200,6 +244,9 @@ class ViTDiscriminator(VisionTransformer):
         spectral_norm: 'none', 'plain' or 'improved', applied to every Linear and to the patch projection.
         patch_kernel: None, or a window side k > patch_size (k - patch_size even) for overlapping patches, as
             ``VisionTransformer``; the patch projection's weight is then (D, C, k, k).
+        minibatch_std: 0, or a group size g >= 2: the head reads the pooled features and their spread within
+            each group of g consecutive images (``MinibatchStd``); ``head`` is then (1, D + 1) and batches must be
+            multiples of g (or 2 to g images, one group).
 
     Returns logits (B,) for images (B, C, H, W). Keys as the ViT's (``head`` has one row); with 'l2' attention
     ``blocks.{i}.attn.qk`` and ``.attn.v`` replace ``.attn.qkv``; with spectral norm each weight is stored as
@@ -207,7 +254,8 @@ class ViTDiscriminator(VisionTransformer):
     """
 
     def __init__(self, img_size=28, patch_size=7, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
-                 global_pool="token", attention="dot", spectral_norm="none", seed=0, patch_kernel=None):
+                 global_pool="token", attention="dot", spectral_norm="none", seed=0, patch_kernel=None,
+                 minibatch_std=0):
         if attention not in ("dot", "l2"):
             raise ValueError(f"ViTDiscriminator: attention must be 'dot' or 'l2', got {attention!r}")
         if spectral_norm not in SPECTRAL_NORMS:
@@ -226,11 +274,31 @@ class ViTDiscriminator(VisionTransformer):
             for block in self.blocks:
                 block.attn = L2Attention(embed_dim, num_heads, qkv_bias=True, rng=rng)
                 _trunc_normal_linears(block.attn, rng)
+        self.minibatch_std = MinibatchStd(minibatch_std) if minibatch_std else None
+        if minibatch_std:  # configs (and checkpoints) without the key have no minibatch_std
+            self.config["minibatch_std"] = self.minibatch_std.group_size
+            self.head = Linear(embed_dim + 1, 1, rng=rng)
+            _trunc_normal_linears(self.head, rng)
         register = SPECTRAL_NORMS[spectral_norm]
         if register is not None:
             for _, module in list(self.named_modules()):
                 if isinstance(module, (Linear, PatchProjection)):
                     register(module, rng=rng)
 
+    def forward_head(self, x, pre_logits=False):
+        """(B, N, D) tokens -> (B, 1) logits; with minibatch_std the pooled features (B, D) get their group
+        spread as one more column before the head."""
+        if self.minibatch_std is None:
+            return super().forward_head(x, pre_logits)
+        features = self.minibatch_std(super().forward_head(x, pre_logits=True))      # (B, D + 1)
+        return features if pre_logits else self.head(features)
+
     def forward(self, images):
         return super().forward(images).reshape(-1)                   # (B, 1) -> (B,)
+
+    def extra_repr(self):
+        c = self.config
+        extra = "".join(f", {k}={c[k]}" for k in ("patch_kernel", "minibatch_std") if k in c)
+        return (f"img_size={c['img_size']}, patch_size={c['patch_size']}, embed_dim={c['embed_dim']}, "
+                f"depth={c['depth']}, num_heads={c['num_heads']}, attention={c['attention']}, "
+                f"spectral_norm={c['spectral_norm']}{extra}")
