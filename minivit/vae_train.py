@@ -325,7 +325,8 @@ def evaluate(model, ds, test, s, out_dir, log=print, count=8, steps=10, manifold
     log(f"{ds.info.name} test set ({len(test.images)} images): -ELBO {elbo['nelbo']:.2f} nats = "
         f"{report['test_nelbo_bits_per_dim']:.4f} bits/dim (reconstruction {elbo['rec']:.2f}, KL {elbo['kl']:.2f})"
         + iwae_text)
-    log("pictures: " + ", ".join(str(p) for name, p in files.items() if name != "report") + f"; report {files['report']}")
+    pictures = ", ".join(str(p) for name, p in files.items() if name != "report")
+    log(f"pictures: {pictures}; report {files['report']}")
     return report
 
 

@@ -802,6 +802,47 @@ def test_sln_backward_agrees_with_its_reference_and_the_engine():
         np.testing.assert_allclose(mine, engine, rtol=1e-6, atol=1e-9)
 
 
+def minibatch_std_backward(x, dy, group_size, eps, slip=None):
+    """dx of y = [x, s] (the minibatch standard deviation), written row by row; ``slip`` plants one mistake."""
+    B, D = x.shape
+    dx = np.zeros_like(x) if slip == "no pass-through" else dy[:, :D].copy()
+    for start in range(0, B, group_size):
+        rows = slice(start, start + group_size)
+        deviation = x[rows] - x[rows].mean(axis=0)
+        n = group_size - 1 if slip == "unbiased" else group_size
+        sigma = np.sqrt((deviation ** 2).sum(axis=0) / n + eps)
+        ds = dy[rows, D][:, None] if slip == "own row" else dy[rows, D].sum()
+        dx[rows] += ds * deviation / (n * (1 if slip == "no 1/D" else D) * sigma)
+    return -dx if slip == "sign" else 2 * dx if slip == "factor" else dx
+
+
+MBSTD_SLIPS = {                         # planted slip: words its feedback must contain
+    "sign": "opposite sign: a sign flip",
+    "factor": "2.00x the expected everywhere",
+    "own row": "each row passes on only its own dy[:, -1]",
+    "no pass-through": "the pass-through is missing",
+    "no 1/D": "D times too large",
+    "unbiased": "unbiased variance",
+}
+
+EXERCISES["minibatch_std_backward"] = (
+    ex.check_minibatch_std_backward, minibatch_std_backward,
+    [lambda x, dy, g, eps, slip=slip: minibatch_std_backward(x, dy, g, eps, slip) for slip in MBSTD_SLIPS])
+PLANTED["minibatch_std_backward"] = [
+    (slip, lambda x, dy, g, eps, slip=slip: minibatch_std_backward(x, dy, g, eps, slip), words)
+    for slip, words in MBSTD_SLIPS.items()]
+
+
+def test_minibatch_std_backward_agrees_with_its_reference_and_the_engine():
+    from minivit import Tensor
+    from minivit.nn.gan import MinibatchStd
+    rng = np.random.default_rng(1)
+    x, dy = rng.standard_normal((6, 4)), rng.standard_normal((6, 5))
+    xt = Tensor(x, requires_grad=True)
+    MinibatchStd(3)(xt).backward(dy)
+    np.testing.assert_allclose(ex.reference_minibatch_std_backward(x, dy, 3, 1e-8), xt.grad, rtol=1e-10, atol=1e-12)
+
+
 # lesson 26: one step of a dynamic loss scaler; each slip -> the words its feedback must contain
 def scaler_update(grads, scale, clean_steps, interval, slip=None):
     found = any(not np.isfinite(g).all() for g in grads) if slip != "isinf only" else \

@@ -207,5 +207,5 @@ def test_bad_configurations_and_inputs_get_named_errors():
         discriminator()(images(2, c=3))
     with pytest.raises(ValueError, match="group_size must be an integer >= 2, got 1"):
         discriminator(minibatch_std=1)
-    with pytest.raises(ValueError, match=r"B a multiple of the group size 2 or 2 <= B <= 2 \(one group\), got shape \(3, 8\)"):
+    with pytest.raises(ValueError, match=r"group size 2 or 2 <= B <= 2 \(one group\), got shape \(3, 8\)"):
         discriminator(minibatch_std=2)(images(3))

@@ -19,3 +19,12 @@ def frechet_distance(mu1, S1, mu2, S2):
     middle = np.linalg.eigvalsh(root1 @ S2 @ root1)
     difference = mu1 - mu2
     return float(difference @ difference + np.trace(S1) + np.trace(S2) - 2 * np.sqrt(np.maximum(middle, 0.0)).sum())
+
+
+def minibatch_std_backward(x, dy, group_size, eps):
+    B, D = x.shape
+    groups = x.reshape(B // group_size, group_size, D)
+    centred = groups - groups.mean(axis=1, keepdims=True)
+    sigma = np.sqrt((centred ** 2).mean(axis=1, keepdims=True) + eps)          # (B/g, 1, D)
+    ds = dy[:, -1].reshape(B // group_size, group_size, 1).sum(axis=1, keepdims=True)   # s_k is in all g rows
+    return dy[:, :-1] + (ds * centred / (group_size * D * sigma)).reshape(B, D)

@@ -1713,6 +1713,62 @@ def check_sln_backward(fn):
                             lambda a, y, dy: _layer_norm_dx(a[0], a[1][0], dy))])
 
 
+def _minibatch_std(x, group_size, eps=1e-8):
+    """x (B, D) with each group's mean feature standard deviation appended: (B, D + 1)."""
+    B, D = x.shape
+    groups = x.reshape(B // group_size, group_size, D)
+    spread = np.sqrt(groups.var(axis=1) + eps).mean(axis=1)                  # (B/g,)
+    return np.concatenate([x, np.repeat(spread, group_size)[:, None]], axis=1)
+
+
+def _spread_gradient(x, upstream, group_size, eps, ddof=0):
+    """The spread column's part of dx: upstream (B/g,) = dL/ds_k, times ds_k/dx_id = c_id / (n D sigma_kd), with c
+    the deviation from the group's mean, n = g - ddof and sigma_kd = sqrt(sum_i c_id^2 / n + eps)."""
+    B, D = x.shape
+    groups = x.reshape(B // group_size, group_size, D)
+    centred = groups - groups.mean(axis=1, keepdims=True)
+    n = group_size - ddof
+    sigma = np.sqrt((centred ** 2).sum(axis=1, keepdims=True) / n + eps)    # (B/g, 1, D)
+    return (np.reshape(upstream, (B // group_size, -1, 1)) * centred / (n * D * sigma)).reshape(B, D)
+
+
+def reference_minibatch_std_backward(x, dy, group_size, eps):
+    """dx of y = [x, s] (``MinibatchStd``): lesson 22's exercise as the library computes it."""
+    upstream = dy[:, -1].reshape(-1, group_size).sum(axis=1)                 # dL/ds_k: s_k is in g rows
+    return dy[:, :-1] + _spread_gradient(x, upstream, group_size, eps)
+
+
+def check_minibatch_std_backward(fn):
+    """fn(x (B, D), dy (B, D + 1), group_size, eps) -> dx for y = [x, s], s_k = mean_d sqrt(var_{i in k} x_id + eps)
+    appended to every row of group k (consecutive rows)."""
+    rng = _rng(221)
+    cases = [[rng.standard_normal((6, 4)), np.array(3)], [rng.standard_normal((8, 5)) * 2 + 1, np.array(2)],
+             [rng.standard_normal((4, 3)), np.array(4)]]
+
+    def own_row_only(a, y, dy):                   # dL/ds_k taken from each row's own dy[:, -1]
+        return dy[:, :-1] + _spread_gradient(a[0], dy[:, -1], int(a[1]), 1e-8)
+
+    def upstream(a, dy):
+        return dy[:, -1].reshape(-1, int(a[1])).sum(axis=1)
+    return _gate("minibatch_std_backward",
+                 ("the first D columns of y are x itself; the last, s_k, depends on every row of group k, and every "
+                  "row of the group carries it, so its upstream gradient is the sum of those rows' dy[:, -1]",
+                  "with c = x - (its group's mean), sigma_kd = sqrt(mean over the group of c_id^2 + eps) and S_k = "
+                  "the sum of dy[i, -1] over group k's rows: dx = dy[:, :D] + S_k c / (g D sigma_kd)"),
+                 lambda x, g: _minibatch_std(x, int(g)), lambda xs, y, dy: _call(fn, xs[0], dy, int(xs[1]), 1e-8),
+                 cases, ("x",),
+                 mistakes=[("x", "each row passes on only its own dy[:, -1]: s_k sits in all g rows of group k, so "
+                             "dL/ds_k is the sum of their dy[:, -1]", own_row_only),
+                           ("x", "the pass-through is missing: y's first D columns are x, so dx starts with "
+                             "dy[:, :D]", lambda a, y, dy: _spread_gradient(a[0], upstream(a, dy), int(a[1]), 1e-8)),
+                           ("x", "the spread's term is D times too large: s_k is the mean over the D features, a 1/D",
+                            lambda a, y, dy: dy[:, :-1] + a[0].shape[1] * _spread_gradient(
+                                a[0], upstream(a, dy), int(a[1]), 1e-8)),
+                           ("x", "this is the gradient with the unbiased variance (1/(g - 1)); the layer's variance "
+                             "divides by g", lambda a, y, dy: dy[:, :-1] + _spread_gradient(
+                                 a[0], upstream(a, dy), int(a[1]), 1e-8, ddof=1))])
+
+
 # ------------------------------------------------------------------------------------------------ lesson 23
 def _kl_mean_and_grads(mu, logvar):
     """The batch mean of KL(N(mu, e^logvar) || N(0, I)), each image's KL summed over the latent axis, and its

@@ -25,7 +25,8 @@ from minivit.ops.l2attention import L2AttentionFn
 from minivit.ops.vae import BernoulliLogLikelihoodFn, GaussianKLFn, GaussianLogLikelihoodFn, ReparameterizeFn
 
 __all__ = [
-    "AddFn", "SubFn", "CastFn", "MulFn", "DivFn", "NegFn", "PowFn", "RPowFn", "ExpFn", "LogFn", "TanhFn", "ErfFn", "MatMulFn",
+    "AddFn", "SubFn", "CastFn", "MulFn", "DivFn", "NegFn", "PowFn", "RPowFn", "ExpFn", "LogFn", "TanhFn", "ErfFn",
+    "MatMulFn",
     "ReshapeFn", "PermuteFn", "GetItemFn", "IndexAddFn", "ConcatFn", "StackFn",
     "SumFn", "MeanFn", "MaxFn", "BroadcastToFn",
     "LinearFn", "GELUFn", "DropoutFn", "SoftmaxFn", "LogSoftmaxFn", "LayerNormFn",
