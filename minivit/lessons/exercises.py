@@ -27,6 +27,7 @@ import numpy as np
 from minivit import devices
 from minivit.gradcheck import verdict
 from minivit.nn import init as nn_init
+from minivit.nn.gan import MinibatchStd
 from minivit.tensor import Tensor
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -1713,14 +1714,6 @@ def check_sln_backward(fn):
                             lambda a, y, dy: _layer_norm_dx(a[0], a[1][0], dy))])
 
 
-def _minibatch_std(x, group_size, eps=1e-8):
-    """x (B, D) with each group's mean feature standard deviation appended: (B, D + 1)."""
-    B, D = x.shape
-    groups = x.reshape(B // group_size, group_size, D)
-    spread = np.sqrt(groups.var(axis=1) + eps).mean(axis=1)                  # (B/g,)
-    return np.concatenate([x, np.repeat(spread, group_size)[:, None]], axis=1)
-
-
 def _spread_gradient(x, upstream, group_size, eps, ddof=0):
     """The spread column's part of dx: upstream (B/g,) = dL/ds_k, times ds_k/dx_id = c_id / (n D sigma_kd), with c
     the deviation from the group's mean, n = g - ddof and sigma_kd = sqrt(sum_i c_id^2 / n + eps)."""
@@ -1755,7 +1748,7 @@ def check_minibatch_std_backward(fn):
                   "row of the group carries it, so its upstream gradient is the sum of those rows' dy[:, -1]",
                   "with c = x - (its group's mean), sigma_kd = sqrt(mean over the group of c_id^2 + eps) and S_k = "
                   "the sum of dy[i, -1] over group k's rows: dx = dy[:, :D] + S_k c / (g D sigma_kd)"),
-                 lambda x, g: _minibatch_std(x, int(g)), lambda xs, y, dy: _call(fn, xs[0], dy, int(xs[1]), 1e-8),
+                 lambda x, g: MinibatchStd(int(g))(x).data, lambda xs, y, dy: _call(fn, xs[0], dy, int(xs[1]), 1e-8),
                  cases, ("x",),
                  mistakes=[("x", "each row passes on only its own dy[:, -1]: s_k sits in all g rows of group k, so "
                              "dL/ds_k is the sum of their dy[:, -1]", own_row_only),

@@ -274,8 +274,9 @@ class ViTDiscriminator(VisionTransformer):
             for block in self.blocks:
                 block.attn = L2Attention(embed_dim, num_heads, qkv_bias=True, rng=rng)
                 _trunc_normal_linears(block.attn, rng)
-        self.minibatch_std = MinibatchStd(minibatch_std) if minibatch_std else None
+        self.minibatch_std = None
         if minibatch_std:  # configs (and checkpoints) without the key have no minibatch_std
+            self.minibatch_std = MinibatchStd(minibatch_std)
             self.config["minibatch_std"] = self.minibatch_std.group_size
             self.head = Linear(embed_dim + 1, 1, rng=rng)
             _trunc_normal_linears(self.head, rng)
