@@ -36,6 +36,8 @@ TRAIN_FLAGS = {
     "--stem-channels": ("stem_channels", int, "width of 3x3 convolutions (stride 1, GELU) run on the image before "
                         "the patch projection (0: none)"),
     "--stem-depth": ("stem_depth", int, "how many such convolutions (with --stem-channels)"),
+    "--stem-stride": ("stem_stride", int, "1: 3x3 stem convolutions keeping the image's size; 2: 4x4 windows with "
+                      "stride 2, each halving it (the patch projection then reads the smaller grid)"),
     "--embed-dim": ("embed_dim", int, "token width"),
     "--depth": ("depth", int, "number of transformer blocks"),
     "--num-heads": ("num_heads", int, "attention heads"),

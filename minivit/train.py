@@ -47,8 +47,9 @@ class TrainSettings:
     crop_pad: int = -1        # zero padding before --augment's random crop (-1: an eighth of the side; 0: flips only)
     patch_size: int = 7
     patch_kernel: int = 0     # side of overlapping patch windows centred on each patch (0: the patch itself)
-    stem_channels: int = 0    # width of the 3x3 convolutions (stride 1, GELU) before the patch projection (0: none)
+    stem_channels: int = 0    # width of the convolutions (with GELU) before the patch projection (0: none)
     stem_depth: int = 1       # how many such convolutions, with --stem-channels
+    stem_stride: int = 1      # 1: 3x3 convolutions keeping the size; 2: 4x4 windows with stride 2, halving it
     embed_dim: int = 64
     depth: int = 4
     num_heads: int = 4
@@ -155,6 +156,7 @@ RANGES = {
     "label_smoothing": Range(0, 1), "clip_grad": Range(0), "mlp_ratio": Range(0, low_included=False),
     "drop_rate": Range(0, 1), "val_size": Range(0), "ema": Range(0, 1), "patch_kernel": Range(0),
     "crop_pad": Range(-1), "stem_channels": Range(0), "stem_depth": Range(1),
+    "stem_stride": Range(1, 2, high_included=True),
 }
 CHOICES = {"global_pool": ("token", "avg"), "pos_embed": ("learn", "sincos")}
 
@@ -262,12 +264,21 @@ def crop_padding(s, info):
 
 def patch_kernel_problems(s):
     """An overlapping window must cover its patch and stick out equally on both sides (the rule of
-    ``minivit.nn.vit.check_patch_kernel``), said in flags."""
+    ``minivit.nn.vit.check_patch_kernel``), and a strided stem must divide the patch, said in flags. With a
+    stem of stride 2 the projection's patch, and so the window, is measured on the stem's output."""
+    layers = s.stem_depth if getattr(s, "stem_channels", 0) else 0        # (the settings of minivit gan: no stem)
+    shrink = getattr(s, "stem_stride", 1) ** layers
+    if s.patch_size % shrink:
+        return [f"--patch-size {s.patch_size} is not divisible by {shrink}, the stride of {layers} stem layers "
+                f"of --stem-stride {s.stem_stride}"]
+    patch = s.patch_size // shrink
     try:
-        check_patch_kernel(s.patch_kernel or None, s.patch_size)
+        check_patch_kernel(s.patch_kernel or None, patch)
     except ValueError:
-        return [f"--patch-kernel {s.patch_kernel} must be 0 (no overlap) or at least --patch-size {s.patch_size} "
-                "with an even difference (windows centred on the patches)"]
+        least = (f"--patch-size {s.patch_size}" if shrink == 1 else
+                 f"{patch}, the patch on the stem's output (--patch-size {s.patch_size} / {shrink}),")
+        return [f"--patch-kernel {s.patch_kernel} must be 0 (no overlap) or at least {least} with an even "
+                "difference (windows centred on the patches)"]
     return []
 
 
@@ -277,7 +288,8 @@ def build_model(s, info):
                              global_pool=s.global_pool, class_token=s.global_pool == "token", embed_dim=s.embed_dim,
                              depth=s.depth, num_heads=s.num_heads, mlp_ratio=s.mlp_ratio, pos_embed=s.pos_embed,
                              drop_rate=s.drop_rate, patch_kernel=s.patch_kernel or None,
-                             stem_channels=(s.stem_channels,) * s.stem_depth if s.stem_channels else (), seed=s.seed)
+                             stem_channels=(s.stem_channels,) * s.stem_depth if s.stem_channels else (),
+                             stem_stride=s.stem_stride, seed=s.seed)
 
 
 def load_data(s, progress=True, val_size=0):
@@ -394,7 +406,8 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
             wall_before = run.history[-1].get("wall_time_s", 0.0) if run.history else 0.0
             if ckpt is not None:
                 log(f"resuming {resume} after epoch {ckpt.epoch} of {s.epochs}")
-            stem = f"stem {s.stem_depth}x{s.stem_channels} " if s.stem_channels else ""
+            stem = (f"stem {s.stem_depth}x{s.stem_channels}" + (f" stride {s.stem_stride} " if s.stem_stride > 1
+                                                                else " ")) if s.stem_channels else ""
             log(f"{s.preset}: {s.dataset} from {run.data.folder} ({len(run.data.train_labels)} train / "
                 f"{len(run.data.test_labels)} test images), ViT {stem}patch {s.patch_size} width {s.embed_dim} "
                 f"depth {s.depth} heads {s.num_heads} ({run.model.num_parameters():,} parameters), "

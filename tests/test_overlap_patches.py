@@ -1,6 +1,7 @@
 """Overlapping patches: the ViT's ``patch_kernel`` option (a Conv2d with kernel k > P, stride P, padding (k-P)/2)
 in the classifier, the GAN discriminator and checkpoints, and the named errors of the unfold op and the option;
-the convolutional stem (``stem_channels``: 3x3 convolutions with GELU before the patch projection).
+the convolutional stem (``stem_channels``: 3x3 convolutions with GELU before the patch projection, or 4x4 windows
+with stride 2 with ``stem_stride=2``).
 The PyTorch parity of the unfold op and of a ViT with overlapping patches is in tests/test_torch_parity.py."""
 
 import math
@@ -148,6 +149,51 @@ def test_a_vit_with_a_stem_saves_its_widths_and_loads_back(tmp_path):
     assert rebuilt.patch_embed.stem_channels == (3, 4)
     x = images(2).astype(np.float32)
     np.testing.assert_array_equal(rebuilt(x).data, model(x).data)
+
+
+def test_a_stride_2_stem_halves_the_image_per_layer_and_the_tokens_keep_their_footprint():
+    # 16x16 images, patch 8: two stride-2 layers (16 -> 8 -> 4), then 2x2 patches of the 4x4 grid in 4x4 windows
+    embed = nn.PatchEmbed(16, 8, 2, 5, rng=np.random.default_rng(0), stem_channels=(3, 4), stem_stride=2,
+                          patch_kernel=4).to(dtype=np.float64)
+    assert [conv.weight.shape for conv in embed.stem] == [(3, 2, 4, 4), (4, 3, 4, 4)]
+    assert embed.proj.weight.shape == (5, 4, 4, 4) and embed.proj_patch == 2
+    assert embed.grid_size == (2, 2) and embed.num_patches == 4
+    x = images(3, size=16)
+    h = x
+    for conv in embed.stem:                             # by hand: Conv2d(k=4, stride=2, padding=1), then GELU
+        B, _, H, W = h.shape
+        out = conv2d_loop(h, conv.weight.data, conv.bias.data, stride=2, padding=1)         # (B, H*W/4, c)
+        h = out.transpose(0, 2, 1).reshape(B, -1, H // 2, W // 2)
+        h = h * 0.5 * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+    expected = conv2d_loop(h, embed.proj.weight.data, embed.proj.bias.data, stride=2, padding=1)
+    np.testing.assert_allclose(embed(x).data, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_stride_2_stem_passes_gradcheck_and_gradgradcheck_and_loads_back(tmp_path):
+    config = dict(TINY, stem_channels=(3,), stem_stride=2)
+    model = nn.VisionTransformer(**config, seed=2).to(dtype=np.float64)
+    assert model.config["stem_stride"] == 2 and "stem_stride" not in nn.VisionTransformer(**TINY).config
+    upstream = np.random.default_rng(5).standard_normal((2, 3))
+    report = gradcheck(lambda x: (model(x) * upstream).sum(), [images(2)])
+    assert report.ok, report
+    report = gradgradcheck(lambda x: (model.patch_embed(x) ** 2).sum(), [images(1)])
+    assert report.ok, report
+    model32 = nn.VisionTransformer(**config, seed=1)
+    rebuilt, _ = checkpoint.model_from_checkpoint(checkpoint.save_checkpoint(tmp_path / "m.safetensors", model32))
+    assert rebuilt.patch_embed.stem_stride == 2
+    x = images(2).astype(np.float32)
+    np.testing.assert_array_equal(rebuilt(x).data, model32(x).data)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(stem_channels=(3,), stem_stride=3), "stem_stride must be 1 .* or 2 .*, got 3"),
+    (dict(stem_channels=(3,), stem_stride=True), "stem_stride must be 1"),
+    (dict(stem_channels=(3, 3, 3), stem_stride=2), "patch_size 4 is not divisible by 8, the stride of 3 stem layers"),
+    (dict(stem_channels=(3,), stem_stride=2, patch_kernel=3), "patch_kernel - patch_size must be even"),
+])
+def test_bad_stem_strides_get_named_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        nn.VisionTransformer(**TINY, **kwargs)
 
 
 @pytest.mark.parametrize("channels", [(0,), (3, -1), (2.5,), (True,), 32])

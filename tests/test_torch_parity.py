@@ -98,6 +98,9 @@ CONFIGS = {
                                 depth=1, num_heads=2, mlp_ratio=2.0),
     "conv_stem": dict(img_size=8, patch_size=4, stem_channels=(4, 5), in_chans=2, num_classes=3, embed_dim=8,
                       depth=1, num_heads=2, mlp_ratio=2.0, global_pool="avg"),
+    "strided_stem": dict(img_size=16, patch_size=8, stem_channels=(3, 4), stem_stride=2, patch_kernel=4, in_chans=2,
+                         num_classes=3, embed_dim=8, depth=1, num_heads=2, mlp_ratio=2.0, global_pool="avg",
+                         class_token=False),
 }
 
 

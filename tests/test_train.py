@@ -115,6 +115,12 @@ def test_a_validation_split_is_judged_each_epoch_and_the_test_set_once_with_the_
     (["--ema", "1.5"], "--ema 1.5 is out of range: expected [0, 1)"),
     (["--stem-channels", "-8"], "--stem-channels -8 is out of range: expected >= 0"),
     (["--stem-depth", "0"], "--stem-depth 0 is out of range: expected >= 1"),
+    (["--stem-stride", "3"], "--stem-stride 3 is out of range: expected [1, 2]"),
+    (["--preset", "fashion", "--stem-channels", "8", "--stem-depth", "3", "--stem-stride", "2"],
+     "--patch-size 4 is not divisible by 8, the stride of 3 stem layers of --stem-stride 2"),
+    (["--preset", "fashion15", "--stem-channels", "8", "--stem-stride", "2", "--patch-kernel", "3"],
+     "--patch-kernel 3 must be 0 (no overlap) or at least 2, the patch on the stem's output (--patch-size 4 / 2), "
+     "with an even difference"),
 ])
 def test_bad_flags_are_one_line_errors_with_exit_code_2(flags, message, capsys, tmp_path):
     code, out, err = run_cli(capsys, "train", "--out", tmp_path / "x", *flags)

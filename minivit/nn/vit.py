@@ -8,9 +8,10 @@ token), D = embed_dim, nh heads, hd = D / nh, F = mlp width, K classes.
       -> norm -> pool: x[:, 0] or the mean of the patch tokens (B,D) -> head (B,K)
 
 With ``patch_kernel=k`` the patch embedding projects overlapping k x k windows centred on the patches (same Np).
-With ``stem_channels=(c1, c2, ...)`` 3x3 convolutions with GELU run on the image before the patch projection.
+With ``stem_channels=(c1, c2, ...)`` convolutions with GELU run on the image before the patch projection: 3x3
+with stride 1, or 4x4 windows with stride 2 (``stem_stride=2``), each halving the image.
 
-Keys: patch_embed.stem.{j}.weight (c_j,c_{j-1},3,3) and .bias with a stem, patch_embed.proj.weight (D,C,P,P)
+Keys: patch_embed.stem.{j}.weight (c_j,c_{j-1},k,k) (k = 3, or 4 with stride 2) and .bias with a stem, patch_embed.proj.weight (D,C,P,P)
 (or (D,C,k,k); C the last stem width with a stem), cls_token (1,1,D), pos_embed (1,N,D), blocks.{i}.norm1,
 .attn.qkv, .attn.proj, .norm2, .mlp.fc1, .mlp.fc2, norm (fc_norm with mean pooling), head.
 """
@@ -83,6 +84,20 @@ def check_patch_kernel(patch_kernel, patch_size, owner="PatchEmbed"):
     return int(patch_kernel)
 
 
+def check_stem_stride(stem_stride, owner="PatchEmbed"):
+    """stem_stride itself, or a ValueError: 1 (3x3 convolutions that keep the size) or 2 (4x4 windows with stride
+    2 and zero padding 1, which halve it)."""
+    if isinstance(stem_stride, bool) or stem_stride not in (1, 2):
+        raise ValueError(f"{owner}: stem_stride must be 1 (3x3 convolutions, the size kept) or 2 (4x4 windows, "
+                         f"stride 2), got {stem_stride!r}")
+    return int(stem_stride)
+
+
+def stem_kernel(stem_stride):
+    """The window side of a stem convolution of this stride: 3 for stride 1, 4 for stride 2 (padding 1 both)."""
+    return 3 if stem_stride == 1 else 2 * stem_stride
+
+
 def check_stem_channels(stem_channels, owner="PatchEmbed"):
     """stem_channels as a tuple of positive integers (empty: no stem), or a ValueError."""
     try:
@@ -101,17 +116,21 @@ class PatchEmbed(Module):
     ``patch_kernel`` (None or an integer k >= P, k - P even): project overlapping k x k windows centred on the
     patches instead of the patches themselves (see ``PatchProjection``); the number of tokens is unchanged.
 
-    ``stem_channels`` (c1, c2, ...): a convolutional stem before the projection, one layer per width: a 3x3
-    convolution with stride 1 and zero padding 1 (the image keeps its size), then GELU. Each pixel the projection
-    reads then carries its neighbourhood, an early-convolution inductive bias (Xiao et al., 2021, "Early
-    convolutions help transformers see better", whose stems use stride 2 and BatchNorm; here stride 1 and no
-    norm). Each layer is a ``PatchProjection`` with patch 1 and kernel 3, so it is unfold and linear: no new op.
+    ``stem_channels`` (c1, c2, ...): a convolutional stem before the projection, one layer per width, each
+    followed by GELU. With ``stem_stride=1`` a layer is a 3x3 convolution with zero padding 1 (the image keeps its
+    size); with ``stem_stride=2`` it reads 4x4 windows with stride 2 and padding 1 (PyTorch's ``Conv2d(c, c', 4,
+    stride=2, padding=1)``), halving the image, so that the projection then takes patches of P / 2^L pixels of
+    the stem's output (L layers) and the tokens keep their P x P footprint and their number; ``patch_kernel`` is
+    then a window side on that grid. Each pixel the projection reads carries its neighbourhood, an
+    early-convolution inductive bias (Xiao et al., 2021, "Early convolutions help transformers see better", whose
+    stems use stride 2 and BatchNorm; here no norm). Each layer is a ``PatchProjection`` (patch = stride, kernel 3
+    or 4), so it is unfold and linear: no new op.
 
-    Shapes: images (B, C, H, W) -> stem (B, c_last, H, W) -> tokens (B, Np, D)
+    Shapes: images (B, C, H, W) -> stem (B, c_last, H / s^L, W / s^L) -> tokens (B, Np, D)
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, rng=None, patch_kernel=None,
-                 stem_channels=()):
+                 stem_channels=(), stem_stride=1):
         super().__init__()
         if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size <= 0:
             raise ValueError(f"PatchEmbed: patch_size must be a positive integer, got {patch_size!r}")
@@ -119,21 +138,30 @@ class PatchEmbed(Module):
         H, W = self.img_size
         if H % patch_size or W % patch_size:
             raise ValueError(f"PatchEmbed: image {H}x{W} is not divisible by patch_size {patch_size}")
-        self.patch_kernel = check_patch_kernel(patch_kernel, patch_size)
+        self.stem_channels = check_stem_channels(stem_channels)
+        self.stem_stride = check_stem_stride(stem_stride)
+        shrink = self.stem_stride ** len(self.stem_channels)                    # image side / stem output side
+        if patch_size % shrink:
+            raise ValueError(f"PatchEmbed: patch_size {patch_size} is not divisible by {shrink}, the stride of "
+                             f"{len(self.stem_channels)} stem layers of stride {self.stem_stride}")
+        self.proj_patch = patch_size // shrink                                  # in pixels of the stem's output
+        self.patch_kernel = check_patch_kernel(patch_kernel, self.proj_patch)
         self.grid_size = (H // patch_size, W // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.stem_channels = check_stem_channels(stem_channels)
         rng = rng or init.default_rng()
         widths = (in_chans, *self.stem_channels)
-        self.stem = ModuleList(PatchProjection(c_in, c_out, 1, rng, patch_kernel=3)
+        self.stem = ModuleList(PatchProjection(c_in, c_out, self.stem_stride, rng,
+                                               patch_kernel=stem_kernel(self.stem_stride))
                                for c_in, c_out in zip(widths[:-1], widths[1:]))
-        self.proj = PatchProjection(widths[-1], embed_dim, patch_size, rng, patch_kernel)
+        self.proj = PatchProjection(widths[-1], embed_dim, self.proj_patch, rng, patch_kernel)
 
     def forward_stem(self, images):
-        """(B, C, H, W) images -> (B, c_last, H, W) features of the convolutional stem (the images without one)."""
+        """(B, C, H, W) images -> (B, c_last, H / s^L, W / s^L) features of the convolutional stem (the images
+        without one)."""
         x = images
         B, _, H, W = images.shape
         for conv in self.stem:
+            H, W = H // self.stem_stride, W // self.stem_stride
             x = F.gelu(conv(x))                                                 # (B, H*W, c): one row per pixel
             x = x.transpose(1, 2).reshape(B, x.shape[2], H, W)                  # (B, c, H, W)
         return x
@@ -154,6 +182,7 @@ class PatchEmbed(Module):
     def extra_repr(self):
         kernel = "" if self.patch_kernel is None else f", patch_kernel={self.patch_kernel}"
         kernel += f", stem_channels={self.stem_channels}" if self.stem_channels else ""
+        kernel += f", stem_stride={self.stem_stride}" if self.stem_stride != 1 else ""
         return f"img_size={self.img_size}, patch_size={self.patch_size}{kernel}, in_chans={self.in_chans}"
 
 
@@ -247,15 +276,18 @@ class VisionTransformer(Module):
         patch_kernel: None for non-overlapping P x P patches; an integer k > P (k - P even) for overlapping
             k x k windows centred on the patches (a Conv2d with kernel k, stride P, padding (k - P)/2); the
             number of tokens is the same. patch_embed.proj.weight is then (D, C, k, k).
-        stem_channels: widths of 3x3 convolutions (stride 1, each followed by GELU) before the patch projection
-            (see ``PatchEmbed``); empty for none.
+        stem_channels: widths of convolutions (each followed by GELU) before the patch projection (see
+            ``PatchEmbed``); empty for none.
+        stem_stride: 1 for 3x3 stem convolutions that keep the image's size, 2 for 4x4 windows with stride 2
+            (each layer halves the image; patch_size counts pixels of the image, patch_kernel of the stem's
+            output).
         seed: seeds the weights (drawn on the host with NumPy, identical on every backend).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True,
                  pos_embed="learn", drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, act_approximate="none",
-                 seed=0, patch_kernel=None, stem_channels=()):
+                 seed=0, patch_kernel=None, stem_channels=(), stem_stride=1):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"VisionTransformer: global_pool must be 'token' or 'avg', got {global_pool!r}")
@@ -278,11 +310,14 @@ class VisionTransformer(Module):
                            act_approximate=act_approximate, seed=seed)
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, rng=rng,
-                                      patch_kernel=patch_kernel, stem_channels=stem_channels)
+                                      patch_kernel=patch_kernel, stem_channels=stem_channels,
+                                      stem_stride=stem_stride)
         if patch_kernel is not None:  # configs (and checkpoints) without the key mean non-overlapping patches
             self.config["patch_kernel"] = self.patch_embed.patch_kernel
         if self.patch_embed.stem_channels:  # (and without this one, no stem)
             self.config["stem_channels"] = list(self.patch_embed.stem_channels)
+        if self.patch_embed.stem_stride != 1:  # (and without this one, stride 1)
+            self.config["stem_stride"] = self.patch_embed.stem_stride
         num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
         if class_token:
             self.cls_token = Parameter(np.zeros((1, 1, embed_dim), dtype=np.float32))

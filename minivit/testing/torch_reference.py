@@ -47,12 +47,17 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, in_chans, dim, patch_size, patch_kernel=None, stem_channels=()):
+    def __init__(self, in_chans, dim, patch_size, patch_kernel=None, stem_channels=(), stem_stride=1):
         super().__init__()
         widths = (in_chans, *stem_channels)
-        self.stem = nn.ModuleList(nn.Conv2d(c_in, c_out, 3, padding=1) for c_in, c_out in zip(widths, widths[1:]))
-        k = patch_size if patch_kernel is None else patch_kernel
-        self.proj = nn.Conv2d(widths[-1], dim, k, stride=patch_size, padding=(k - patch_size) // 2)
+        if stem_stride == 1:
+            self.stem = nn.ModuleList(nn.Conv2d(c_in, c_out, 3, padding=1) for c_in, c_out in zip(widths, widths[1:]))
+        else:
+            self.stem = nn.ModuleList(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)
+                                      for c_in, c_out in zip(widths, widths[1:]))
+        patch = patch_size // stem_stride ** len(stem_channels)
+        k = patch if patch_kernel is None else patch_kernel
+        self.proj = nn.Conv2d(widths[-1], dim, k, stride=patch, padding=(k - patch) // 2)
 
     def forward(self, x):
         for conv in self.stem:
@@ -65,10 +70,11 @@ class TorchViT(nn.Module):
 
     def __init__(self, img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio=4.0,
                  qkv_bias=True, global_pool="token", class_token=True, act_approximate="none", patch_kernel=None,
-                 stem_channels=(), **_):
+                 stem_channels=(), stem_stride=1, **_):
         super().__init__()
         self.global_pool, self.prefix = global_pool, 1 if class_token else 0
-        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, patch_kernel, tuple(stem_channels))
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, patch_kernel, tuple(stem_channels),
+                                      stem_stride)
         n = (img_size // patch_size) ** 2 + self.prefix
         if class_token:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
