@@ -8,7 +8,7 @@ library defaults); PyTorch trains the same recipe in another process at its defa
 with the minivit model's initial weights copied by name), the same batches in the same order with the same
 augmentation (minivit's DataLoader feeds both), the same AdamW parameter groups, the same learning rate at every
 step (minivit's WarmupCosine), label smoothing, gradient clipping and moving average of the weights, evaluated
-on the test set after each epoch as the command does. Wall time runs from the start of a run (data loading
+on the test set after each epoch as the command does (with the recipe's mirror-image averaging, if it has it). Wall time runs from the start of a run (data loading
 included) to the end of each epoch's evaluation. Writes a Markdown table and a plot.
 """
 
@@ -81,8 +81,13 @@ def run_pytorch(preset, epochs=None, limit=0, dataset=None):
         judged = ema or model
         judged.eval()
         with torch.no_grad():
-            correct = sum(int((judged(test_x[i:i + 256]).argmax(1) == test_y[i:i + 256]).sum())
-                          for i in range(0, len(test_y), 256))
+            correct = 0
+            for i in range(0, len(test_y), 256):
+                x = test_x[i:i + 256]
+                probs = torch.softmax(judged(x), dim=1)
+                if s.flip_tta:                                # as minivit's evaluate(flip=True)
+                    probs = probs + torch.softmax(judged(x.flip(-1)), dim=1)
+                correct += int((probs.argmax(1) == test_y[i:i + 256]).sum())
         rows.append({"epoch": epoch + 1, "wall_s": time.perf_counter() - started, "test_acc": correct / len(test_y)})
         print(f"pytorch epoch {epoch + 1}/{s.epochs}  test acc {rows[-1]['test_acc']:.2%}  {rows[-1]['wall_s']:.0f}s",
               file=sys.stderr, flush=True)

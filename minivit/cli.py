@@ -96,6 +96,8 @@ def _parser():
     _add_settings_flags(t, TRAIN_FLAGS, tiny)
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crops and flips (default: off; on in the fashion15 and cifar10 presets)")
+    t.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None, help="evaluate on each image "
+                   "and its mirror image, averaging their class probabilities (default: off)")
     t.add_argument("--amp", action="store_true", default=None, help="mixed precision: matrix products in float16 "
                    "with loss scaling (fast on a GPU; on a CPU NumPy's float16 products are far slower)")
     _add_run_flags(t, out="runs/<preset>-<time>", resume="a checkpoint (or a run folder)")
@@ -271,7 +273,8 @@ def _checkpoint_path(path):
 
 def run_train(args):
     overrides = {field: getattr(args, name[2:].replace("-", "_")) for name, (field, _, _) in TRAIN_FLAGS.items()}
-    overrides.update(augment=args.augment, anomaly=args.anomaly or None, verify=args.verify, amp=args.amp)
+    overrides.update(augment=args.augment, flip_tta=args.flip_tta, anomaly=args.anomaly or None, verify=args.verify,
+                     amp=args.amp)
     if args.resume is not None:
         settings = TrainSettings(**_resume_settings(overrides, RESUME_FLAGS))
         ckpt = _checkpoint_path(args.resume)

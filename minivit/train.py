@@ -62,6 +62,7 @@ class TrainSettings:
     val_size: int = 0         # hold out the last `val_size` training images: evaluate on them each epoch, on the
                               # test set once at the end (0: evaluate on the test set each epoch)
     ema: float = 0.0          # decay of a moving average of the weights, which is evaluated and saved (0: off)
+    flip_tta: bool = False    # evaluate on each image and its mirror image, averaging their class probabilities
     device: str = "cpu"
     anomaly: bool = False
     amp: bool = False         # mixed precision: autocast to float16 and a dynamic loss scaler (minivit.amp)
@@ -323,18 +324,28 @@ def _restore_rng_state(model, states):
         rng.default_generator(np).bit_generator.state = states["__default__"]
 
 
-def evaluate(model, images, labels, mean, std, batch_size=256, device="cpu"):
-    """Loss, accuracy, predictions and the probability of each prediction on a labelled set."""
+def evaluate(model, images, labels, mean, std, batch_size=256, device="cpu", flip=False):
+    """Loss, accuracy, predictions and the probability of each prediction on a labelled set.
+
+    With ``flip`` (test-time augmentation) a prediction averages the class probabilities of an image and of its
+    mirror image: p = (softmax(f(x)) + softmax(f(x[..., ::-1]))) / 2, kept as log p = logaddexp(log p1, log p2)
+    - log 2 so that the loss -log p[label] stays finite. Suits models trained with random flips (``--augment``).
+    """
     loader = data.DataLoader(images, labels, batch_size, mean, std)
     model.eval()
     total_loss, predictions, confidences = 0.0, [], []
     with no_grad():
         for x, y in loader:
-            logits = model(devices.to_device(x, device))
-            total_loss += F.cross_entropy(logits, devices.to_device(y, device), reduction="sum").item()
-            probs = devices.asnumpy(F.softmax(logits, axis=1).data)
-            predictions.append(probs.argmax(1))
-            confidences.append(probs.max(1))
+            x = devices.to_device(x, device)
+            xp = devices.get_array_module(x)
+            log_p = F.log_softmax(model(x), axis=1).data                     # (B, K)
+            if flip:
+                log_p_mirror = F.log_softmax(model(xp.ascontiguousarray(x[..., ::-1])), axis=1).data
+                log_p = xp.logaddexp(log_p, log_p_mirror) - math.log(2.0)
+            log_p = devices.asnumpy(log_p)
+            total_loss -= float(log_p[np.arange(len(y)), y].sum())
+            predictions.append(log_p.argmax(1))
+            confidences.append(np.exp(log_p.max(1)))
             STOP.check()
     model.train()
     predictions = np.concatenate(predictions)
@@ -429,7 +440,7 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
                     for split in splits:
                         images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
                         result = world.broadcast(evaluate(judged, images, labels, info.mean, info.std,
-                                                          device=s.device) if world.is_main else None)
+                                                          device=s.device, flip=s.flip_tta) if world.is_main else None)
                         history[-1].update({f"{split}_loss": result["loss"], f"{split}_acc": result["acc"]})
                     # wall time from the start of the run (data loading included) to the end of this evaluation
                     history[-1]["wall_time_s"] = wall_before + time.perf_counter() - started
@@ -610,7 +621,8 @@ def evaluate_checkpoint(path, out_dir=None, data_dir=None, device="cpu", log=pri
     model.to(device=device)
     ds = load_data(settings, progress)
     info = ds.info
-    result = evaluate(model, ds.test_images, ds.test_labels, info.mean, info.std, device=device)
+    result = evaluate(model, ds.test_images, ds.test_labels, info.mean, info.std, device=device,
+                      flip=settings.flip_tta)
     counts = viz.confusion_matrix(ds.test_labels, result["predictions"], len(info.classes))
     per_class = counts.diagonal() / np.maximum(counts.sum(1), 1)
     out_dir = Path(out_dir) if out_dir is not None else Path(path).parent
@@ -621,13 +633,13 @@ def evaluate_checkpoint(path, out_dir=None, data_dir=None, device="cpu", log=pri
     viz.plot_mistakes(ds.test_images, ds.test_labels, result["predictions"], result["confidences"], info.classes,
                       files["mistakes"])
     report = {"checkpoint": str(path), "dataset": info.name, "images": int(len(ds.test_labels)),
-              "accuracy": result["acc"], "loss": result["loss"],
+              "accuracy": result["acc"], "loss": result["loss"], "flip_tta": settings.flip_tta,
               "per_class_accuracy": {c: float(a) for c, a in zip(info.classes, per_class)},
               "confusion_matrix": counts.tolist()}
     checkpoint.atomic_write(files["report"], lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
     width = max(len(c) for c in info.classes)
     log(f"{info.name} test set: accuracy {result['acc']:.2%} ({int(counts.diagonal().sum())}/{len(ds.test_labels)}), "
-        f"loss {result['loss']:.4f}")
+        f"loss {result['loss']:.4f}" + (", each image averaged with its mirror image" if settings.flip_tta else ""))
     for c, a, n in zip(info.classes, per_class, counts.sum(1)):
         log(f"  {c:<{width}}  {a:7.2%}  of {n}")
     log(f"confusion matrix {files['confusion']}, mistakes {files['mistakes']}, report {files['report']}")

@@ -7,8 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from minivit import checkpoint, cli, data
+from minivit import checkpoint, cli, data, no_grad
 from minivit import train as train_module
+from minivit.nn import VisionTransformer
 from minivit.train import SettingsError, TrainingDiverged, TrainSettings, settings_for, validate
 from tests.test_cli import assert_one_line_error, run_cli
 
@@ -35,6 +36,48 @@ def test_cli_trains_evaluates_and_exports(tmp_path, capsys):
     assert (out / "confusion.png").exists() and (out / "mistakes.png").exists()
     assert cli.main(["export", str(out), str(tmp_path / "w.npz")]) == 0
     assert "head.weight" in checkpoint.read_state_dict(tmp_path / "w.npz")
+
+
+def test_flip_tta_averages_the_probabilities_of_each_image_and_its_mirror_image():
+    rng = np.random.default_rng(0)
+    model = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=16, depth=1,
+                              num_heads=2)
+    images = rng.integers(0, 256, size=(40, 1, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=40)
+    mean, std = [0.29], [0.35]
+    plain = train_module.evaluate(model, images, labels, mean, std, batch_size=16)
+    tta = train_module.evaluate(model, images, labels, mean, std, batch_size=16, flip=True)
+
+    x = data.DataLoader(images, labels, 40, mean, std).normalize(images)
+    with no_grad():
+        p1 = softmax(model(x).data.astype(np.float64))
+        p2 = softmax(model(np.ascontiguousarray(x[..., ::-1])).data.astype(np.float64))
+    assert not np.allclose(p1, p2, atol=1e-3)      # the mirror image changes what the model sees
+    p = (p1 + p2) / 2
+    rows = np.arange(len(labels))
+    np.testing.assert_array_equal(plain["predictions"], p1.argmax(1))
+    np.testing.assert_allclose(plain["loss"], -np.log(p1[rows, labels]).mean(), rtol=1e-5)
+    np.testing.assert_array_equal(tta["predictions"], p.argmax(1))
+    np.testing.assert_allclose(tta["confidences"], p.max(1), rtol=1e-5)
+    np.testing.assert_allclose(tta["loss"], -np.log(p[rows, labels]).mean(), rtol=1e-5)
+    assert tta["acc"] == (p.argmax(1) == labels).mean()
+
+
+def test_flip_tta_flag_is_saved_and_used_by_eval(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "1", "--augment", "--flip-tta", "--out", str(out)] + SMALL) == 0
+    ckpt = checkpoint.load_checkpoint(out / "checkpoint.safetensors")
+    assert ckpt.train_settings["flip_tta"] is True
+    assert cli.main(["eval", str(out)]) == 0
+    assert "mirror image" in capsys.readouterr().out
+    report = json.loads((out / "eval.json").read_text())
+    assert report["flip_tta"] is True
+    assert abs(report["accuracy"] - ckpt.history[-1]["test_acc"]) < 1e-9
+
+
+def softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
 
 
 def test_resume_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
