@@ -161,7 +161,7 @@ def test_a_validation_split_is_judged_each_epoch_and_the_test_set_once_with_the_
     (["--stem-stride", "3"], "--stem-stride 3 is out of range: expected [1, 2]"),
     (["--preset", "fashion", "--stem-channels", "8", "--stem-depth", "3", "--stem-stride", "2"],
      "--patch-size 4 is not divisible by 8, the stride of 3 stem layers of --stem-stride 2"),
-    (["--preset", "fashion15", "--stem-channels", "8", "--stem-stride", "2", "--patch-kernel", "3"],
+    (["--preset", "fashion", "--stem-channels", "8", "--stem-stride", "2", "--patch-kernel", "3"],
      "--patch-kernel 3 must be 0 (no overlap) or at least 2, the patch on the stem's output (--patch-size 4 / 2), "
      "with an even difference"),
 ])
