@@ -97,7 +97,8 @@ def _parser():
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crops and flips (default: off; on in the fashion15 and cifar10 presets)")
     t.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None, help="evaluate on each image "
-                   "and its mirror image, averaging their class probabilities (default: off)")
+                   "and its mirror image, averaging their class probabilities (default: off; on in the fashion15 "
+                   "preset)")
     t.add_argument("--amp", action="store_true", default=None, help="mixed precision: matrix products in float16 "
                    "with loss scaling (fast on a GPU; on a CPU NumPy's float16 products are far slower)")
     _add_run_flags(t, out="runs/<preset>-<time>", resume="a checkpoint (or a run folder)")
