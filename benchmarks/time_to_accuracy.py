@@ -8,8 +8,9 @@ library defaults); PyTorch trains the same recipe in another process at its defa
 with the minivit model's initial weights copied by name), the same batches in the same order with the same
 augmentation (minivit's DataLoader feeds both), the same AdamW parameter groups, the same learning rate at every
 step (minivit's WarmupCosine), label smoothing, gradient clipping and moving average of the weights, evaluated
-on the test set after each epoch as the command does (with the recipe's mirror-image averaging, if it has it). Wall time runs from the start of a run (data loading
-included) to the end of each epoch's evaluation. Writes a Markdown table and a plot.
+on the test set after each epoch as the command does (with the recipe's mirror-image averaging, if it has it).
+Wall time runs from the start of a run (data loading included) to the end of each epoch's evaluation. Writes a
+Markdown table and a plot.
 """
 
 import argparse
