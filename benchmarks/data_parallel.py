@@ -1,12 +1,13 @@
 """Data-parallel scaling: images/s of training steps on N ranks, and the share of the time spent communicating.
 
     python benchmarks/data_parallel.py --threads 2                 # 1 rank x 2 threads
-    mpiexec -n 2 python benchmarks/data_parallel.py --threads 1    # 2 ranks x 1 thread
+    mpiexec -n 2 python benchmarks/data_parallel.py --threads 1    # 2 ranks x 1 thread, over MPI
+    python -m minivit.launch -n 2 benchmarks/data_parallel.py --threads 1   # the same over minivit's pipes
 
 The model, global batch and step are those of train_step.py's preset (forward, cross-entropy, backward, AdamW);
 under mpiexec each rank runs its shard of the global batch and the gradients are all-reduced as in
 ``minivit train``. Rank 0 prints one JSON line: median step time, images/s, and the median share of a step spent
-in MPI calls (which includes waiting for the slower rank).
+communicating (which includes waiting for the slower rank).
 """
 
 import argparse
@@ -56,6 +57,7 @@ def main():
     if world.is_main:
         step_s = float(np.median(times))
         print(json.dumps({"preset": args.preset, "global_batch": args.batch, "ranks": world.size,
+                          "launcher": type(world).__name__,
                           "threads_per_rank": threads, "step_s": step_s, "images_per_s": args.batch / step_s,
                           "step_s_quartiles": np.percentile(times, [25, 75]).tolist(),
                           "comm_share": float(np.median(comm))}))

@@ -53,9 +53,11 @@ TRAIN_FLAGS = {
                    "is then evaluated once, at the end (0: the test set each epoch)"),
     "--ema": ("ema", float, "decay of a moving average of the weights, which is evaluated and saved (0: off)"),
     "--device": ("device", str, "'cpu' or 'cuda'"),
+    "--processes": ("processes", int, "processes on this machine, each taking its share of every batch, the "
+                    "gradients summed over them each step (1: this one; under mpiexec, mpiexec's ranks instead)"),
 }
 # What --resume accepts besides the checkpoint's own settings.
-RESUME_FLAGS = ("device", "data_dir", "anomaly", "verify", "epochs")
+RESUME_FLAGS = ("device", "data_dir", "anomaly", "verify", "epochs", "processes")
 # flag -> (VAESettings field, type, help), for minivit vae
 VAE_FLAGS = {
     **{name: TRAIN_FLAGS[name] for name in ("--dataset", "--data-dir", "--epochs", "--batch-size", "--lr", "--min-lr",
@@ -272,18 +274,30 @@ def _checkpoint_path(path):
     return path / checkpoint.CHECKPOINT_NAME if path.is_dir() else path
 
 
-def run_train(args):
+def run_train(args, argv):
     overrides = {field: getattr(args, name[2:].replace("-", "_")) for name, (field, _, _) in TRAIN_FLAGS.items()}
     overrides.update(augment=args.augment, flip_tta=args.flip_tta, anomaly=args.anomaly or None, verify=args.verify,
                      amp=args.amp)
     if args.resume is not None:
         settings = TrainSettings(**_resume_settings(overrides, RESUME_FLAGS))
         ckpt = _checkpoint_path(args.resume)
+        if overrides["processes"] is None and ckpt.exists():  # the run goes on in as many processes as it ran in
+            settings.processes = checkpoint.load_checkpoint(ckpt).train_settings.get("processes", 1)
+        start_processes(settings.processes, argv)
         return train(settings, args.out or ckpt.parent, resume=ckpt, epochs=overrides["epochs"],
                      overwrite=args.overwrite, progress=not args.no_progress)
     settings = settings_for(args.preset, **overrides)
     out = args.out or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    start_processes(settings.processes, argv)
     return train(settings, out, overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def start_processes(n, argv):
+    """``--processes N``: start the other N - 1 ranks of this command (minivit.distributed.start_processes), with
+    this machine's cores shared out among the N. Under mpiexec, or in a rank already started, nothing to do."""
+    if n > 1 and distributed.world().size == 1:
+        distributed.start_processes(n, ["-m", "minivit", *argv])
+        distributed.set_num_threads()
 
 
 def run_export(args):
@@ -390,6 +404,7 @@ def setup_process():
 
 def main(argv=None):
     args = None
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         args = _parser().parse_args(argv)
         setup_process()
@@ -397,7 +412,7 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, STOP.handler)
         signal.signal(signal.SIGINT, STOP.handler)
         if args.command == "train":
-            run_train(args)
+            run_train(args, argv)
         elif args.command == "eval":
             evaluate_checkpoint(_checkpoint_path(args.checkpoint), args.out, args.data_dir, args.device,
                                 verify=args.verify)
@@ -415,6 +430,7 @@ def main(argv=None):
             run_gan(args)
         elif args.command == "sample":
             run_sample(args)
+        distributed.finish_job()  # rank 0 of --processes N waits for the others
     except KeyboardInterrupt as err:
         print(f"\nminivit: interrupted; {err or 'the command did not finish'}", file=sys.stderr)
         distributed.end_job_on_error(130)  # ranks may stop at different steps: end them all

@@ -13,13 +13,22 @@ The gradients travel as one flat buffer per dtype (one MPI call per step, not on
 apart only by ``rank``: rank 0 writes the logs, metrics and checkpoints. An error on one rank must end the job
 (``abort``): its partners would otherwise wait for it in the next all-reduce forever.
 
-Without mpiexec (or with one rank) ``world()`` is a ``SingleProcess`` whose calls do nothing, so the training
+Without MPI, ``minivit train --processes N`` runs the same job on one machine: the command starts N - 1 copies
+of itself (``start_processes``) and the ranks talk through pipes (``LocalGroup``). On a CPU whose cores one
+process cannot keep busy (much of a step is NumPy work on one core at a time), N processes of one thread each do
+more images per second than one process of N threads.
+
+Without either (or with one rank) ``world()`` is a ``SingleProcess`` whose calls do nothing, so the training
 loop reads the same either way. mpi4py comes with the extra ``pip install 'minivit[mpi]'``.
 """
 
 import os
+import pickle
+import struct
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -53,6 +62,9 @@ class SingleProcess:
 
     def abort(self, code):
         pass
+
+    def finish(self):
+        """At the end of a job that went well: wait for the other ranks (nothing to do in one process)."""
 
 
 class MPIGroup(SingleProcess):
@@ -132,11 +144,14 @@ _world = None
 
 
 def world():
-    """The processes of this job: an MPIGroup under mpiexec with more than one rank, else a SingleProcess."""
+    """The processes of this job: an MPIGroup under mpiexec with more than one rank, a LocalGroup in a process that
+    ``start_processes`` started, else a SingleProcess."""
     global _world
     if _world is None:
         _world = SingleProcess()
-        if launched_by_mpi():
+        if RANK_VARIABLE in os.environ:
+            _world = LocalGroup.joined()
+        elif launched_by_mpi():
             try:
                 from mpi4py import MPI
             except ImportError:
@@ -144,6 +159,201 @@ def world():
             if MPI.COMM_WORLD.Get_size() > 1:
                 _world = MPIGroup(MPI.COMM_WORLD)
     return _world
+
+
+# ------------------------------------------------------------------------ several processes on one machine, no MPI
+# What start_processes tells each process it starts: its rank, the number of ranks, and its two pipes to rank 0.
+RANK_VARIABLE, SIZE_VARIABLE, PIPES_VARIABLE = "MINIVIT_RANK", "MINIVIT_WORLD_SIZE", "MINIVIT_PIPES"
+_HEADER = struct.Struct("<Q")  # every message starts with its length in bytes
+
+
+class PartnerLost(RuntimeError):
+    """Another rank of the job ended (saying why on its own, above) while this one was waiting for it."""
+
+
+class LocalGroup(SingleProcess):
+    """The processes of one job on one machine, joined by pipes: rank 0 (the process that ran the command) has a
+    pipe to and a pipe from every other rank.
+
+    A sum travels in to rank 0, which adds the ranks' buffers in rank order, and the total travels back out, so
+    every rank holds the same bits; a broadcast travels out from rank 0. Nothing is shared but the pipes: a rank
+    that ends for any reason closes them, and a partner waiting on one reads the end of the file and stops with
+    PartnerLost instead of waiting forever.
+    """
+
+    def __init__(self, rank, size, links, children=()):
+        self.rank, self.size, self.local_size = rank, size, size
+        self.links = links              # rank 0: {rank: (read_fd, write_fd)} for every other rank; others: {0: ...}
+        self.children = list(children)  # rank 0: the processes it started (subprocess.Popen)
+        self.comm_seconds = 0.0
+
+    @classmethod
+    def joined(cls):
+        """This process's place in a job that ``start_processes`` started (read from its environment)."""
+        read_fd, write_fd = (int(fd) for fd in os.environ[PIPES_VARIABLE].split(","))
+        return cls(int(os.environ[RANK_VARIABLE]), int(os.environ[SIZE_VARIABLE]), {0: (read_fd, write_fd)})
+
+    # -- messages: a length, then the bytes
+    def _send(self, rank, payload):
+        fd, view = self.links[rank][1], memoryview(payload).cast("B")
+        try:
+            os.write(fd, _HEADER.pack(len(view)))
+            while len(view):
+                view = view[os.write(fd, view):]
+        except BrokenPipeError:
+            raise PartnerLost(f"rank {rank} of {self.size} has ended; rank {self.rank} stops too") from None
+
+    def _receive(self, rank, into=None):
+        """The next message from ``rank``: into the array ``into`` (which it must fill exactly), or as bytes."""
+        fd = self.links[rank][0]
+        (n,) = _HEADER.unpack(self._read(rank, fd, bytearray(_HEADER.size)))
+        buffer = bytearray(n) if into is None else into
+        if into is not None and into.nbytes != n:
+            raise PartnerLost(f"rank {rank} sent {n} bytes where rank {self.rank} expected {into.nbytes}: the ranks "
+                              "are not running the same model")
+        return self._read(rank, fd, buffer)
+
+    def _read(self, rank, fd, buffer):
+        view, got = memoryview(buffer).cast("B"), 0
+        while got < len(view):
+            n = os.readv(fd, [view[got:]])
+            if n == 0:
+                raise PartnerLost(f"rank {rank} of {self.size} ended before rank {self.rank} had its message "
+                                  "(its own error, if it had one, is above)")
+            got += n
+        return buffer
+
+    def _sum_in_place(self, flat):
+        """Replace ``flat`` by its sum over the ranks: rank 0 adds them in rank order and sends the total back."""
+        t0 = time.perf_counter()
+        if self.rank == 0:
+            part = np.empty_like(flat)
+            for rank in sorted(self.links):
+                flat += self._receive(rank, part)
+            for rank in sorted(self.links):
+                self._send(rank, flat)
+        else:
+            self._send(0, flat)
+            self._receive(0, flat)
+        self.comm_seconds += time.perf_counter() - t0
+        return flat
+
+    def _from_main(self, flat):
+        """Rank 0's values of ``flat`` on every rank (in place)."""
+        t0 = time.perf_counter()
+        if self.rank == 0:
+            for rank in sorted(self.links):
+                self._send(rank, flat)
+        else:
+            self._receive(0, flat)
+        self.comm_seconds += time.perf_counter() - t0
+        return flat
+
+    def broadcast_parameters(self, params):
+        """Give every rank rank 0's values of ``params`` (Tensors, in place), in one flat buffer per dtype."""
+        for group in _by_dtype(params):
+            flat = self._from_main(np.concatenate([devices.asnumpy(p.data).ravel() for p in group]))
+            _scatter(flat, group, lambda p, value: setattr(p, "data", devices.to_device(value, p.device)))
+
+    def allreduce_gradients(self, params, weight=1.0):
+        """As ``MPIGroup.allreduce_gradients``: each gradient becomes the sum over the ranks of ``weight`` x it."""
+        params = [p for p in params if p.requires_grad]
+        for group in _by_dtype(params):
+            flat = self._sum_in_place(np.concatenate([(weight * devices.asnumpy(p.grad)).ravel()
+                                                      if p.grad is not None else np.zeros(p.data.size, p.dtype)
+                                                      for p in group]))
+            _scatter(flat, group, lambda p, value: setattr(p, "grad", devices.to_device(value, p.device)))
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank. It travels pickled, as in mpi4py's ``bcast``: between the processes of
+        one job, which this process started or was started by, never from a file."""
+        t0 = time.perf_counter()
+        if self.rank == 0:
+            payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            for rank in sorted(self.links):
+                self._send(rank, payload)
+        else:
+            obj = pickle.loads(self._receive(0))
+        self.comm_seconds += time.perf_counter() - t0
+        return obj
+
+    def sum(self, values):
+        return self._sum_in_place(np.asarray(values, dtype=np.float64).copy()).tolist()
+
+    def _close(self):
+        for read_fd, write_fd in self.links.values():
+            for fd in (read_fd, write_fd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.links = {}
+
+    def abort(self, code):
+        """End the job now: rank 0 stops the ranks it started; another rank closes its pipes, which rank 0 reads
+        as the end of the job."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for child in self.children:
+            if child.poll() is None:
+                child.kill()
+        for child in self.children:
+            child.wait()
+        self._close()
+        _forget_world()
+
+    def finish(self):
+        """At the end of a job that went well: rank 0 waits for the other ranks to end, and an error if one failed."""
+        self._close()
+        failed = [(rank, child.wait()) for rank, child in enumerate(self.children, start=1)]
+        _forget_world()
+        failed = [(rank, code) for rank, code in failed if code != 0]
+        if failed:
+            raise PartnerLost(", ".join(f"rank {rank} ended with exit code {code}" for rank, code in failed))
+
+
+def start_processes(n, command):
+    """Make this process rank 0 of ``n`` on this machine: start ranks 1 .. n-1 as ``python command...`` (the
+    command this process runs: ``["-m", "minivit", "train", ...]`` or ``["script.py", ...]``), each joined to this
+    one by two pipes, and return the LocalGroup.
+
+    Each rank then runs the command as it would under mpiexec: its share of every batch, one all-reduce per step;
+    rank 0 alone writes. The other ranks run in a process group of their own, so Ctrl-C in the terminal reaches
+    rank 0 alone: it stops at the next step, keeps what the run has saved, and ends them.
+    """
+    global _world
+    if world().size > 1:
+        raise RuntimeError(f"this process is already rank {world().rank} of {world().size}")
+    package_root = str(Path(__file__).resolve().parents[1])  # the children import this minivit, wherever it is
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    links, children = {}, []
+    try:
+        for rank in range(1, n):
+            down_read, down_write = os.pipe()  # rank 0 -> rank
+            up_read, up_write = os.pipe()      # rank -> rank 0
+            env = {**os.environ, RANK_VARIABLE: str(rank), SIZE_VARIABLE: str(n),
+                   PIPES_VARIABLE: f"{down_read},{up_write}", "PYTHONPATH": path}
+            links[rank] = (up_read, down_write)
+            try:
+                children.append(subprocess.Popen([sys.executable, *command], env=env, process_group=0,
+                                                 pass_fds=(down_read, up_write)))
+            finally:
+                os.close(down_read)
+                os.close(up_write)
+    except BaseException:
+        LocalGroup(0, n, links, children).abort(1)
+        raise
+    _world = LocalGroup(0, n, links, children)
+    return _world
+
+
+def _forget_world():
+    """After a LocalGroup has ended: this process is a world of one again, with its threads and BLAS as before."""
+    global _world
+    _world = None
+    while _blas_limit:
+        _blas_limit.pop().restore_original_limits()
+    parallel.set_num_threads()
 
 
 def shard(n, rank, size):
@@ -179,3 +389,9 @@ def end_job_on_error(code):
     """After a rank has reported its error: end the whole job with ``code`` (nothing to do in one process)."""
     if _world is not None:
         _world.abort(code)
+
+
+def finish_job():
+    """After the command has done its work: rank 0 of a LocalGroup waits for the other ranks."""
+    if _world is not None:
+        _world.finish()

@@ -63,6 +63,7 @@ class TrainSettings:
                               # test set once at the end (0: evaluate on the test set each epoch)
     ema: float = 0.0          # decay of a moving average of the weights, which is evaluated and saved (0: off)
     flip_tta: bool = False    # evaluate on each image and its mirror image, averaging their class probabilities
+    processes: int = 1        # `minivit train` on this machine: processes sharing each batch (minivit.distributed)
     device: str = "cpu"
     anomaly: bool = False
     amp: bool = False         # mixed precision: autocast to float16 and a dynamic loss scaler (minivit.amp)
@@ -159,7 +160,7 @@ RANGES = {
     "label_smoothing": Range(0, 1), "clip_grad": Range(0), "mlp_ratio": Range(0, low_included=False),
     "drop_rate": Range(0, 1), "val_size": Range(0), "ema": Range(0, 1), "patch_kernel": Range(0),
     "crop_pad": Range(-1), "stem_channels": Range(0), "stem_depth": Range(1),
-    "stem_stride": Range(1, 2, high_included=True),
+    "stem_stride": Range(1, 2, high_included=True), "processes": Range(1),
 }
 CHOICES = {"global_pool": ("token", "avg"), "pos_embed": ("learn", "sincos")}
 
@@ -355,6 +356,16 @@ def evaluate(model, images, labels, mean, std, batch_size=256, device="cpu", fli
             "predictions": predictions, "confidences": np.concatenate(confidences)}
 
 
+def evaluate_shared(model, images, labels, info, s):
+    """(loss, accuracy) of ``evaluate`` on a labelled set, each rank of the job evaluating its share of it."""
+    world = distributed.world()
+    part = distributed.shard(len(labels), world.rank, world.size)
+    result = evaluate(model, images[part], labels[part], info.mean, info.std, device=s.device, flip=s.flip_tta)
+    n = part.stop - part.start
+    loss_sum, correct = world.sum([result["loss"] * n, int((result["predictions"] == labels[part]).sum())])
+    return loss_sum / len(labels), correct / len(labels)
+
+
 def write_reports(paths, history, plot=viz.plot_history):
     """metrics.jsonl and curves.png (drawn by ``plot(history)``) from the history so far, each written
     atomically."""
@@ -424,7 +435,8 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
             log(f"{s.preset}: {s.dataset} from {run.data.folder} ({len(run.data.train_labels)} train / "
                 f"{len(run.data.test_labels)} test images), ViT {stem}patch {s.patch_size} width {s.embed_dim} "
                 f"depth {s.depth} heads {s.num_heads} ({run.model.num_parameters():,} parameters), "
-                f"{plural(s.epochs, 'epoch')} of {plural(len(run.loader), 'step')} on {s.device}")
+                f"{plural(s.epochs, 'epoch')} of {plural(len(run.loader), 'step')} on {s.device}"
+                + (f", each batch shared by {world.size} processes" if world.size > 1 else ""))
             if s.amp and devices.normalize_device(s.device) == "cpu":
                 log("--amp on the CPU: float16 is stored, but every product and activation converts it to float32 "
                     "and back; a step takes 3-4x a float32 step (AMP pays on a GPU; see docs/amp.md)")
@@ -441,9 +453,8 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
                         splits.append("test")                      # the test set once, at the end
                     for split in splits:
                         images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
-                        result = world.broadcast(evaluate(judged, images, labels, info.mean, info.std,
-                                                          device=s.device, flip=s.flip_tta) if world.is_main else None)
-                        history[-1].update({f"{split}_loss": result["loss"], f"{split}_acc": result["acc"]})
+                        loss, acc = evaluate_shared(judged, images, labels, info, s)
+                        history[-1].update({f"{split}_loss": loss, f"{split}_acc": acc})
                     # wall time from the start of the run (data loading included) to the end of this evaluation
                     history[-1]["wall_time_s"] = wall_before + time.perf_counter() - started
                     STOP.check()
@@ -538,7 +549,7 @@ def start_run(out_dir, paths, resume, overwrite):
 
 def resumed_settings(ckpt, s, epochs, resume):
     """The checkpoint's settings (a dict) with what a resumed run may change: the device, the data folder, the
-    check of the data files and the number of epochs; SettingsError if there is nothing left to do."""
+    check of the data files, the number of epochs and of processes; SettingsError if there is nothing left to do."""
     saved = ckpt.train_settings
     if epochs is not None and epochs <= ckpt.epoch:
         raise SettingsError(f"--epochs {epochs}: {resume} already holds {plural(ckpt.epoch, 'epoch')}; "
@@ -548,7 +559,8 @@ def resumed_settings(ckpt, s, epochs, resume):
         raise SettingsError(f"{resume} has finished all {plural(total, 'epoch')}; extend it with --epochs N "
                             f"(N > {total})")
     return {**saved, "device": s.device, "data_dir": s.data_dir or saved.get("data_dir"),
-            "verify": s.verify and saved.get("verify", True), "epochs": total}
+            "verify": s.verify and saved.get("verify", True), "epochs": total,
+            "processes": s.processes}
 
 
 def train_epoch(model, opt, sched, loader, epoch, s, progress, scaler=None, ema=None):

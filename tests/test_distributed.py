@@ -1,13 +1,15 @@
-"""Data-parallel training over MPI (minivit.distributed): N ranks make the step one process makes on the whole
-batch, a failing rank ends the job, only rank 0 writes, and a run resumes exactly.
+"""Data-parallel training (minivit.distributed): N ranks make the step one process makes on the whole batch, a
+failing rank ends the job, only rank 0 writes, and a run resumes exactly.
 
-The multi-rank tests start ``mpiexec`` in a subprocess and skip when mpi4py or mpiexec is missing
-(``pip install 'minivit[mpi]'``).
+Each multi-rank test runs under both launchers: ``mpiexec`` (skipped when mpi4py or mpiexec is missing:
+``pip install 'minivit[mpi]'``) and minivit's own processes joined by pipes (``python -m minivit.launch -n N`` for a
+script, ``minivit train --processes N`` for the command), which need nothing beyond minivit.
 """
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from minivit import checkpoint, distributed, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "mpi" / "train_steps.py"
+LAUNCHERS = ["mpi", "local"]
 
 
 def _mpiexec():
@@ -30,12 +33,27 @@ def _mpiexec():
     return exe
 
 
-def _run(args, ranks, timeout=240):
-    """``mpiexec -n ranks python args...`` with this checkout's minivit; the CompletedProcess."""
+def _command(args, ranks, launcher):
+    """The command line that runs ``python args...`` as ``ranks`` ranks under ``launcher``."""
+    args = [str(a) for a in args]
+    if launcher == "mpi":
+        return [_mpiexec(), "-n", str(ranks), sys.executable, *args]
+    if args[:2] == ["-m", "minivit"]:
+        return [sys.executable, *args, "--processes", str(ranks)]
+    return [sys.executable, "-m", "minivit.launch", "-n", str(ranks), *args]
+
+
+def _env():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("PMI_SIZE", None)
-    return subprocess.run([_mpiexec(), "-n", str(ranks), sys.executable, *map(str, args)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    for name in ("PMI_SIZE", distributed.RANK_VARIABLE):
+        env.pop(name, None)
+    return env
+
+
+def _run(args, ranks, launcher="mpi", timeout=240):
+    """``python args...`` as ``ranks`` ranks with this checkout's minivit; the CompletedProcess."""
+    return subprocess.run(_command(args, ranks, launcher), env=_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _relative_difference(a, b):
@@ -68,82 +86,141 @@ def test_one_process_is_a_world_of_one_that_does_not_communicate():
     assert world.broadcast({"a": 1}) == {"a": 1} and world.sum([1, 2.5]) == [1, 2.5]
 
 
+@pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("dtype, optimizer, tolerance", [("float64", "adamw", 1e-12), ("float32", "sgd", 1e-5)])
-def test_two_ranks_reach_the_weights_of_one_rank_on_the_same_global_batches(tmp_path, dtype, optimizer, tolerance):
+def test_two_ranks_reach_the_weights_of_one_rank_on_the_same_global_batches(tmp_path, dtype, optimizer, tolerance,
+                                                                            launcher):
     # float32 with AdamW is left out on purpose: some gradients are zero in exact arithmetic (the bias of the keys:
     # softmax ignores a shift of a row), so their float32 values are rounding noise that Adam scales up to steps
     # of size lr, and the ranks' different summation order moves the weights by about 4e-4.
     weights = {}
     for ranks in (1, 2):
         out = tmp_path / f"{ranks}.npz"
-        done = _run([SCRIPT, out, "--dtype", dtype, "--optimizer", optimizer, "--steps", "4", "--batch", "24"], ranks)
+        done = _run([SCRIPT, out, "--dtype", dtype, "--optimizer", optimizer, "--steps", "4", "--batch", "24"], ranks,
+                    launcher)
         assert done.returncode == 0, done.stderr
         weights[ranks] = dict(np.load(out))
     assert _relative_difference(weights[1], weights[2]) <= tolerance
     # ...and the steps did move the weights (rank 1 starts from other weights, so this also checks the broadcast)
     start = tmp_path / "start.npz"
-    assert _run([SCRIPT, start, "--dtype", dtype, "--steps", "0"], 1).returncode == 0
+    assert _run([SCRIPT, start, "--dtype", dtype, "--steps", "0"], 1, launcher).returncode == 0
     assert _relative_difference(dict(np.load(start)), weights[2]) > 1e-3
 
 
-def test_a_failing_rank_ends_the_whole_job_with_its_error(tmp_path):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_failing_rank_ends_the_whole_job_with_its_error(tmp_path, launcher):
     t0 = time.perf_counter()
-    done = _run([SCRIPT, tmp_path / "never.npz", "--steps", "5", "--fail-rank", "1"], 2, timeout=120)
+    done = _run([SCRIPT, tmp_path / "never.npz", "--steps", "5", "--fail-rank", "1"], 2, launcher, timeout=120)
     assert time.perf_counter() - t0 < 120
     assert done.returncode != 0
     assert "rank 1 failed on purpose" in done.stdout + done.stderr
     assert not (tmp_path / "never.npz").exists()
 
 
-def _train(out, ranks, *flags):
+def _train(out, ranks, launcher, *flags):
     # a constant learning rate, so that a run of 1 epoch extended to 2 follows the schedule of a run of 2
     done = _run(["-m", "minivit", "train", "--epochs", "2", "--limit", "256", "--batch-size", "32", "--lr", "2e-3",
-                 "--min-lr", "2e-3", "--warmup-epochs", "0", "--no-progress", "--out", out, *flags], ranks)
+                 "--min-lr", "2e-3", "--warmup-epochs", "0", "--no-progress", "--out", out, *flags], ranks, launcher)
     assert done.returncode == 0, done.stderr
     return done
 
 
-def test_minivit_train_on_two_ranks_writes_once_and_resumes_exactly(tmp_path):
-    whole = _train(tmp_path / "whole", 2)
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_minivit_train_on_two_ranks_writes_once_and_resumes_exactly(tmp_path, launcher):
+    whole = _train(tmp_path / "whole", 2, launcher)
     assert whole.stdout.count("test accuracy") == 1  # only rank 0 logs
+    assert "each batch shared by 2 processes" in whole.stdout
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["ranks"] for r in rows] == [2, 2] and all(r["comm_time_s"] >= 0 for r in rows)
-    _train(tmp_path / "halves", 2, "--epochs", "1")
-    done = _run(["-m", "minivit", "train", "--resume", tmp_path / "halves", "--epochs", "2", "--no-progress"], 2)
+    _train(tmp_path / "halves", 2, launcher, "--epochs", "1")
+    resume = ["-m", "minivit", "train", "--resume", tmp_path / "halves", "--epochs", "2", "--no-progress"]
+    # minivit's own launcher: a resumed run goes on in the processes it ran in, without being told again
+    done = _run(resume, 2) if launcher == "mpi" else subprocess.run(
+        [sys.executable, *map(str, resume)], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
+    assert "each batch shared by 2 processes" in done.stdout
     a = checkpoint.load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors").model_state
     b = checkpoint.load_checkpoint(tmp_path / "halves" / "checkpoint.safetensors").model_state
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_minivit_train_reports_a_bad_flag_once_per_rank_and_ends(tmp_path):
-    done = _run(["-m", "minivit", "train", "--epochs", "0", "--out", tmp_path / "bad"], 2, timeout=120)
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_ranks_evaluating_their_shares_of_a_set_give_the_loss_and_accuracy_of_the_whole(tmp_path, launcher):
+    out = tmp_path / "eval.json"
+    done = _run([ROOT / "tests" / "mpi" / "evaluate_shards.py", out], 2, launcher, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["ranks"] == 2
+    (loss, acc), (whole_loss, whole_acc) = result["shared"], result["whole"]
+    assert acc == whole_acc and abs(loss - whole_loss) <= 1e-6 * whole_loss
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_minivit_train_reports_a_bad_flag_once_per_rank_and_ends(tmp_path, launcher):
+    done = _run(["-m", "minivit", "train", "--epochs", "0", "--out", tmp_path / "bad"], 2, launcher, timeout=120)
     assert done.returncode != 0 and "--epochs 0 is out of range" in done.stderr
 
 
-def test_ctrl_c_ends_every_rank_and_leaves_a_readable_checkpoint(tmp_path):
-    import signal
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _processes_running(marker):
+    """Process ids whose command line contains ``marker`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+def _start_long_run(out, launcher):
+    """A 50-epoch run on two ranks, returned once its first checkpoint is written."""
+    args = ["-m", "minivit", "train", "--epochs", "50", "--limit", "256", "--batch-size", "32", "--no-progress",
+            "--out", out]
+    job = subprocess.Popen(_command(args, 2, launcher), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not (out / checkpoint.CHECKPOINT_NAME).exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    if not (out / checkpoint.CHECKPOINT_NAME).exists():
+        job.kill()
+        pytest.fail(f"the first epoch did not finish: {job.communicate()[1]}")
+    return job
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_ctrl_c_ends_every_rank_and_leaves_a_readable_checkpoint(tmp_path, launcher):
     out = tmp_path / "run"
-    job = subprocess.Popen([_mpiexec(), "-n", "2", sys.executable, "-m", "minivit", "train", "--epochs", "50",
-                            "--limit", "256", "--batch-size", "32", "--no-progress", "--out", str(out)],
-                           env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = _start_long_run(out, launcher)
     try:
-        deadline = time.time() + 180
-        while not (out / checkpoint.CHECKPOINT_NAME).exists() and time.time() < deadline and job.poll() is None:
-            time.sleep(0.2)
-        assert (out / checkpoint.CHECKPOINT_NAME).exists(), "the first epoch did not finish"
-        job.send_signal(signal.SIGINT)  # mpiexec passes it on to every rank
+        job.send_signal(signal.SIGINT)  # mpiexec passes it on to every rank; minivit's rank 0 ends the others
         _, err = job.communicate(timeout=60)
     finally:
         if job.poll() is None:
             job.kill()
     assert job.returncode != 0 and "interrupted" in err
     assert checkpoint.load_checkpoint(out / checkpoint.CHECKPOINT_NAME).epoch >= 1
+    deadline = time.time() + 30
+    while _processes_running(str(out)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _processes_running(str(out)) == []
+
+
+def test_the_other_ranks_end_when_rank_0_is_killed_outright(tmp_path):
+    out = tmp_path / "run"
+    job = _start_long_run(out, "local")
+    others = [pid for pid in _processes_running(str(out)) if pid != job.pid]
+    assert len(others) == 1
+    job.kill()  # SIGKILL: rank 0 cannot tell anyone; its pipes close with it
+    job.communicate(timeout=60)
+    deadline = time.time() + 60
+    while _processes_running(str(out)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _processes_running(str(out)) == []
 
 
 def test_the_allreduce_script_of_lesson_27_gives_two_ranks_the_gradient_of_the_whole_batch():
-    done = _run([ROOT / "lessons" / "27_allreduce.py"], 2, timeout=120)
+    done = _run([ROOT / "lessons" / "27_allreduce.py"], 2, timeout=120)  # it calls mpi4py itself, as a lesson
     assert done.returncode == 0, done.stdout + done.stderr
     assert "rank 0 of 2: images 0-5 (6 of 11)" in done.stdout and "rank 1 of 2: images 6-10 (5 of 11)" in done.stdout
     assert "equal to rounding" in done.stdout

@@ -1,0 +1,35 @@
+"""Evaluate one model on a labelled set in shards over the ranks and whole on each: the script behind
+tests/test_distributed.py's check of ``minivit.train.evaluate_shared``.
+
+    python -m minivit.launch -n 2 tests/mpi/evaluate_shards.py OUT.json
+
+Rank 0 writes both results (loss, accuracy) to OUT.json; 101 images, so the shards differ in size.
+"""
+
+import json
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+
+from minivit import distributed, nn, train
+
+
+def main():
+    world = distributed.world()
+    model = nn.VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=1,
+                                 num_heads=2, seed=0)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (101, 1, 8, 8), dtype=np.uint8)
+    labels = rng.integers(0, 3, 101)
+    info = SimpleNamespace(mean=(0.5,), std=(0.25,))
+    settings = train.TrainSettings(flip_tta=True)
+    shared = train.evaluate_shared(model, images, labels, info, settings)
+    whole = train.evaluate(model, images, labels, info.mean, info.std, flip=True)
+    if world.is_main:
+        with open(sys.argv[1], "w") as f:
+            json.dump({"ranks": world.size, "shared": list(shared), "whole": [whole["loss"], whole["acc"]]}, f)
+
+
+if __name__ == "__main__":
+    main()
