@@ -262,8 +262,8 @@ def _resume_settings(overrides, allowed):
     """The flags a resumed run takes (UsageError naming any other flag given)."""
     extra = sorted(flag(k) for k, v in overrides.items() if v is not None and k not in allowed)
     if extra:
-        may = [flag(k) for k in ("epochs", "minutes", "device", "data_dir") if k in allowed] + ["--no-verify",
-                                                                                              "--anomaly"]
+        may = ([flag(k) for k in ("epochs", "minutes", "device", "data_dir", "processes") if k in allowed]
+               + ["--no-verify", "--anomaly"])
         raise UsageError(f"--resume continues the saved run with its own settings; drop {', '.join(extra)} "
                          f"(only {', '.join(may[:-1])} and {may[-1]} may change)")
     return {k: overrides[k] for k in allowed if overrides[k] is not None}
@@ -451,7 +451,7 @@ def _describe(err):
     if isinstance(err, (UsageError, SettingsError)):
         return 2, str(err)
     if isinstance(err, (data.DataError, checkpoint.CheckpointError, TrainingDiverged, FloatingPointError,
-                        RunLocked, art.ArtError)):
+                        RunLocked, art.ArtError, distributed.PartnerLost)):
         return 1, str(err)
     if isinstance(err, OSError) and err.filename is not None:
         return 1, f"{err.filename}: {err.strerror}"
