@@ -3,12 +3,13 @@
     python benchmarks/time_to_accuracy.py --preset fashion15          # both, one after the other (~30 minutes)
     python benchmarks/time_to_accuracy.py --preset fashion15 --only pytorch --limit 2000 --epochs 2
 
-minivit trains with its command (``python -m minivit train --preset P``, in a process of its own, at its
-library defaults); PyTorch trains the same recipe in another process at its defaults: the same model (TorchViT,
-with the minivit model's initial weights copied by name), the same batches in the same order with the same
-augmentation (minivit's DataLoader feeds both), the same AdamW parameter groups, the same learning rate at every
-step (minivit's WarmupCosine), label smoothing, gradient clipping and moving average of the weights, evaluated
-on the test set after each epoch as the command does (with the recipe's mirror-image averaging, if it has it).
+minivit trains with its command (``python -m minivit train --preset P``, at its library defaults and in as many
+processes as the preset asks for: two for ``fashion15``, each with half of every batch); PyTorch trains the same
+recipe in one process at its defaults (its own threads): the same model (TorchViT, with the minivit model's
+initial weights copied by name), the same batches in the same order with the same augmentation (minivit's
+DataLoader feeds both), the same AdamW parameter groups, the same learning rate at every step (minivit's
+WarmupCosine), label smoothing, gradient clipping and moving average of the weights, evaluated on the test set
+after each epoch as the command does (with the recipe's mirror-image averaging, if it has it).
 Wall time runs from the start of a run (data loading included) to the end of each epoch's evaluation. Writes a
 Markdown table and a plot.
 """

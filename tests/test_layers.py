@@ -18,7 +18,7 @@ LAYERS = [
     ["nn", "optim"],                                                 # layers, models, optimizers
     ["checkpoint", "rundir", "data", "viz", "trace", "testing", "art", "gan_metrics",   # tools around models
      "distributed"],
-    ["train", "vae_train", "gan_train", "painters", "cli", "__main__"],   # the applications
+    ["train", "vae_train", "gan_train", "painters", "cli", "__main__", "launch"],   # the applications
     ["lessons"],                                                     # the lessons' checks (lessons/exercises.py)
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
