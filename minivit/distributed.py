@@ -67,7 +67,35 @@ class SingleProcess:
         """At the end of a job that went well: wait for the other ranks (nothing to do in one process)."""
 
 
-class MPIGroup(SingleProcess):
+class Group(SingleProcess):
+    """What every group of several ranks does, built on two ways of moving a flat NumPy buffer that each kind of
+    group provides: ``_from_main(flat)`` (rank 0's values to every rank) and ``_sum_in_place(flat)`` (the sum over
+    the ranks, on every rank). Both replace ``flat``'s values in place and count their time in ``comm_seconds``."""
+
+    def broadcast_parameters(self, params):
+        """Give every rank rank 0's values of ``params`` (Tensors, in place), in one flat buffer per dtype."""
+        for group in _by_dtype(params):
+            flat = self._from_main(np.concatenate([devices.asnumpy(p.data).ravel() for p in group]))
+            _scatter(flat, group, lambda p, value: setattr(p, "data", devices.to_device(value, p.device)))
+
+    def allreduce_gradients(self, params, weight=1.0):
+        """Replace each parameter's gradient by the sum over the ranks of ``weight`` x the rank's gradient.
+
+        With ``weight`` = this rank's share of the global batch (b_r / B) the result is the gradient of the mean
+        loss over the whole batch. A parameter without a gradient on this rank counts as a zero gradient.
+        """
+        params = [p for p in params if p.requires_grad]
+        for group in _by_dtype(params):
+            flat = self._sum_in_place(np.concatenate([(weight * devices.asnumpy(p.grad)).ravel()
+                                                      if p.grad is not None else np.zeros(p.data.size, p.dtype)
+                                                      for p in group]))
+            _scatter(flat, group, lambda p, value: setattr(p, "grad", devices.to_device(value, p.device)))
+
+    def sum(self, values):
+        return self._sum_in_place(np.array(values, dtype=np.float64)).tolist()
+
+
+class MPIGroup(Group):
     """The processes of one ``mpiexec`` job, talking through an mpi4py communicator."""
 
     def __init__(self, comm):
@@ -83,34 +111,17 @@ class MPIGroup(SingleProcess):
         self.comm_seconds += time.perf_counter() - t0
         return result
 
-    def broadcast_parameters(self, params):
-        """Give every rank rank 0's values of ``params`` (Tensors, in place), in one flat buffer per dtype."""
-        for group in _by_dtype(params):
-            flat = np.concatenate([devices.asnumpy(p.data).ravel() for p in group])
-            self._timed(self.comm.Bcast, flat, 0)
-            _scatter(flat, group, lambda p, value: setattr(p, "data", devices.to_device(value, p.device)))
+    def _from_main(self, flat):
+        self._timed(self.comm.Bcast, flat, 0)
+        return flat
 
-    def allreduce_gradients(self, params, weight=1.0):
-        """Replace each parameter's gradient by the sum over the ranks of ``weight`` x the rank's gradient.
-
-        With ``weight`` = this rank's share of the global batch (b_r / B) the result is the gradient of the mean
-        loss over the whole batch. A parameter without a gradient on this rank counts as a zero gradient.
-        """
-        params = [p for p in params if p.requires_grad]
-        for group in _by_dtype(params):
-            flat = np.concatenate([(weight * devices.asnumpy(p.grad)).ravel() if p.grad is not None
-                                   else np.zeros(p.data.size, p.dtype) for p in group])
-            self._timed(self.comm.Allreduce, self.MPI.IN_PLACE, flat, self.MPI.SUM)
-            _scatter(flat, group, lambda p, value: setattr(p, "grad", devices.to_device(value, p.device)))
+    def _sum_in_place(self, flat):
+        self._timed(self.comm.Allreduce, self.MPI.IN_PLACE, flat, self.MPI.SUM)
+        return flat
 
     def broadcast(self, obj):
         """Rank 0's ``obj`` (any picklable object) on every rank."""
         return self._timed(self.comm.bcast, obj, 0)
-
-    def sum(self, values):
-        flat = np.asarray(values, dtype=np.float64)
-        self._timed(self.comm.Allreduce, self.MPI.IN_PLACE, flat, self.MPI.SUM)
-        return flat.tolist()
 
     def abort(self, code):
         """End every rank of the job now (after this rank has said why)."""
@@ -171,7 +182,7 @@ class PartnerLost(RuntimeError):
     """Another rank of the job ended (saying why on its own, above) while this one was waiting for it."""
 
 
-class LocalGroup(SingleProcess):
+class LocalGroup(Group):
     """The processes of one job on one machine, joined by pipes: rank 0 (the process that ran the command) has a
     pipe to and a pipe from every other rank.
 
@@ -249,21 +260,6 @@ class LocalGroup(SingleProcess):
         self.comm_seconds += time.perf_counter() - t0
         return flat
 
-    def broadcast_parameters(self, params):
-        """Give every rank rank 0's values of ``params`` (Tensors, in place), in one flat buffer per dtype."""
-        for group in _by_dtype(params):
-            flat = self._from_main(np.concatenate([devices.asnumpy(p.data).ravel() for p in group]))
-            _scatter(flat, group, lambda p, value: setattr(p, "data", devices.to_device(value, p.device)))
-
-    def allreduce_gradients(self, params, weight=1.0):
-        """As ``MPIGroup.allreduce_gradients``: each gradient becomes the sum over the ranks of ``weight`` x it."""
-        params = [p for p in params if p.requires_grad]
-        for group in _by_dtype(params):
-            flat = self._sum_in_place(np.concatenate([(weight * devices.asnumpy(p.grad)).ravel()
-                                                      if p.grad is not None else np.zeros(p.data.size, p.dtype)
-                                                      for p in group]))
-            _scatter(flat, group, lambda p, value: setattr(p, "grad", devices.to_device(value, p.device)))
-
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank. It travels pickled, as in mpi4py's ``bcast``: between the processes of
         one job, which this process started or was started by, never from a file."""
@@ -276,9 +272,6 @@ class LocalGroup(SingleProcess):
             obj = pickle.loads(self._receive(0))
         self.comm_seconds += time.perf_counter() - t0
         return obj
-
-    def sum(self, values):
-        return self._sum_in_place(np.asarray(values, dtype=np.float64).copy()).tolist()
 
     def _close(self):
         for read_fd, write_fd in self.links.values():
