@@ -560,9 +560,11 @@ def resumed_settings(ckpt, s, epochs, resume):
     if ckpt.epoch >= total:
         raise SettingsError(f"{resume} has finished all {plural(total, 'epoch')}; extend it with --epochs N "
                             f"(N > {total})")
-    return {**saved, "device": s.device, "data_dir": s.data_dir or saved.get("data_dir"),
-            "verify": s.verify and saved.get("verify", True), "epochs": total,
-            "processes": s.processes}
+    resumed = {**saved, "device": s.device, "data_dir": s.data_dir or saved.get("data_dir"),
+               "verify": s.verify and saved.get("verify", True), "epochs": total}
+    if hasattr(s, "processes"):  # TrainSettings (the VAE's settings share this function and have no processes)
+        resumed["processes"] = s.processes
+    return resumed
 
 
 def train_epoch(model, opt, sched, loader, epoch, s, progress, scaler=None, ema=None):
