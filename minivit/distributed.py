@@ -206,6 +206,7 @@ class LocalGroup(Group):
 
     # -- messages: a length, then the bytes
     def _send(self, rank, payload):
+        """Write ``payload`` (bytes or an array) to ``rank``'s pipe, after its length."""
         fd, view = self.links[rank][1], memoryview(payload).cast("B")
         try:
             os.write(fd, _HEADER.pack(len(view)))
@@ -225,6 +226,7 @@ class LocalGroup(Group):
         return self._read(rank, fd, buffer)
 
     def _read(self, rank, fd, buffer):
+        """Fill ``buffer`` from the pipe ``fd`` (a read may return part of it); PartnerLost at the end of the file."""
         view, got = memoryview(buffer).cast("B"), 0
         while got < len(view):
             n = os.readv(fd, [view[got:]])
@@ -274,6 +276,7 @@ class LocalGroup(Group):
         return obj
 
     def _close(self):
+        """Close this rank's pipe ends: a partner still waiting on them reads the end of the file."""
         for read_fd, write_fd in self.links.values():
             for fd in (read_fd, write_fd):
                 try:

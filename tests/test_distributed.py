@@ -206,6 +206,15 @@ def test_ctrl_c_ends_every_rank_and_leaves_a_readable_checkpoint(tmp_path, launc
     assert _processes_running(str(out)) == []
 
 
+def test_the_launcher_refuses_a_count_of_no_processes_and_runs_one_process_without_starting_others(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "minivit.launch", "-n", "0", SCRIPT, tmp_path / "x.npz"],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "-n 0: at least 1 process" in done.stderr
+    done = _run([SCRIPT, tmp_path / "one.npz", "--steps", "1"], 1, "local", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "one.npz").exists()
+
+
 def test_the_other_ranks_end_when_rank_0_is_killed_outright(tmp_path):
     out = tmp_path / "run"
     job = _start_long_run(out, "local")
