@@ -281,7 +281,8 @@ def run_train(args, argv):
     if args.resume is not None:
         settings = TrainSettings(**_resume_settings(overrides, RESUME_FLAGS))
         ckpt = _checkpoint_path(args.resume)
-        if overrides["processes"] is None and ckpt.exists():  # the run goes on in as many processes as it ran in
+        if overrides["processes"] is None and ckpt.exists() and distributed.world().size == 1:
+            # the run goes on in as many processes as it ran in
             settings.processes = checkpoint.load_checkpoint(ckpt).train_settings.get("processes", 1)
         start_processes(settings.processes, argv)
         return train(settings, args.out or ckpt.parent, resume=ckpt, epochs=overrides["epochs"],
@@ -295,7 +296,7 @@ def run_train(args, argv):
 def start_processes(n, argv):
     """``--processes N``: start the other N - 1 ranks of this command (minivit.distributed.start_processes), with
     this machine's cores shared out among the N. Under mpiexec, or in a rank already started, nothing to do."""
-    if n > 1 and distributed.world().size == 1:
+    if n > 1 and distributed.world().size == 1 and not distributed.launched_by_mpi():
         distributed.start_processes(n, ["-m", "minivit", *argv])
         distributed.set_num_threads()
 
@@ -409,8 +410,11 @@ def main(argv=None):
         args = _parser().parse_args(argv)
         setup_process()
         # `kill` stops a run as Ctrl-C does, at the next step: the lock is released, the message says what is saved
-        signal.signal(signal.SIGTERM, STOP.handler)
-        signal.signal(signal.SIGINT, STOP.handler)
+        # ...except in the ranks that --processes started: rank 0 ends them (Ctrl-C reaches it alone anyway)
+        world = distributed.world()
+        stop = signal.SIG_IGN if isinstance(world, distributed.LocalGroup) and world.rank else STOP.handler
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         if args.command == "train":
             run_train(args, argv)
         elif args.command == "eval":

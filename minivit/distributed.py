@@ -24,6 +24,7 @@ loop reads the same either way. mpi4py comes with the extra ``pip install 'miniv
 
 import os
 import pickle
+import site
 import struct
 import subprocess
 import sys
@@ -201,8 +202,12 @@ class LocalGroup(Group):
     @classmethod
     def joined(cls):
         """This process's place in a job that ``start_processes`` started (read from its environment)."""
-        read_fd, write_fd = (int(fd) for fd in os.environ[PIPES_VARIABLE].split(","))
-        return cls(int(os.environ[RANK_VARIABLE]), int(os.environ[SIZE_VARIABLE]), {0: (read_fd, write_fd)})
+        rank, size = int(os.environ.pop(RANK_VARIABLE)), int(os.environ.pop(SIZE_VARIABLE))
+        pipes = (int(fd) for fd in os.environ.pop(PIPES_VARIABLE).split(","))  # not for processes this one starts
+        read_fd, write_fd = pipes
+        for fd in (read_fd, write_fd):
+            os.set_inheritable(fd, False)
+        return cls(rank, size, {0: (read_fd, write_fd)})
 
     # -- messages: a length, then the bytes
     def _send(self, rank, payload):
@@ -321,6 +326,8 @@ def start_processes(n, command):
     if world().size > 1:
         raise RuntimeError(f"this process is already rank {world().rank} of {world().size}")
     package_root = str(Path(__file__).resolve().parents[1])  # the children import this minivit, wherever it is
+    if package_root in site.getsitepackages() + [site.getusersitepackages()]:
+        package_root = None                                    # installed: found there anyway, after the stdlib
     path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     links, children = {}, []
     try:
@@ -328,7 +335,9 @@ def start_processes(n, command):
             down_read, down_write = os.pipe()  # rank 0 -> rank
             up_read, up_write = os.pipe()      # rank -> rank 0
             env = {**os.environ, RANK_VARIABLE: str(rank), SIZE_VARIABLE: str(n),
-                   PIPES_VARIABLE: f"{down_read},{up_write}", "PYTHONPATH": path}
+                   PIPES_VARIABLE: f"{down_read},{up_write}"}
+            if path:
+                env["PYTHONPATH"] = path
             links[rank] = (up_read, down_write)
             try:
                 children.append(subprocess.Popen([sys.executable, *command], env=env, process_group=0,

@@ -361,9 +361,12 @@ def evaluate_shared(model, images, labels, info, s):
     """(loss, accuracy) of ``evaluate`` on a labelled set, each rank of the job evaluating its share of it."""
     world = distributed.world()
     part = distributed.shard(len(labels), world.rank, world.size)
-    result = evaluate(model, images[part], labels[part], info.mean, info.std, device=s.device, flip=s.flip_tta)
     n = part.stop - part.start
-    loss_sum, correct = world.sum([result["loss"] * n, int((result["predictions"] == labels[part]).sum())])
+    loss_sum, correct = 0.0, 0                                 # a set smaller than the job: some ranks get none
+    if n:
+        result = evaluate(model, images[part], labels[part], info.mean, info.std, device=s.device, flip=s.flip_tta)
+        loss_sum, correct = result["loss"] * n, int((result["predictions"] == labels[part]).sum())
+    loss_sum, correct = world.sum([loss_sum, correct])
     return loss_sum / len(labels), correct / len(labels)
 
 
@@ -500,7 +503,12 @@ class _Run:
 
 def _prepare(s, ckpt, progress):
     """Data, model, optimizer and schedule as ``s`` says, in the state of checkpoint ``ckpt`` if there is one."""
+    world = distributed.world()
+    if not world.is_main:
+        world.broadcast(None)       # wait for rank 0 to find (or download) the files, then read them
     ds = load_data(s, progress, s.val_size)
+    if world.is_main:
+        world.broadcast(None)
     info = ds.info
     _check_split(s, len(ds.train_labels), distributed.world().size)
     loader = data.DataLoader(ds.train_images, ds.train_labels, s.batch_size, info.mean, info.std, shuffle=True,

@@ -153,6 +153,8 @@ def test_ranks_evaluating_their_shares_of_a_set_give_the_loss_and_accuracy_of_th
     assert result["ranks"] == 2
     (loss, acc), (whole_loss, whole_acc) = result["shared"], result["whole"]
     assert acc == whole_acc and abs(loss - whole_loss) <= 1e-6 * whole_loss
+    (loss, acc), (whole_loss, whole_acc) = result["one_shared"], result["one_whole"]
+    assert acc == whole_acc and abs(loss - whole_loss) <= 1e-6 * whole_loss
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
@@ -204,6 +206,22 @@ def test_ctrl_c_ends_every_rank_and_leaves_a_readable_checkpoint(tmp_path, launc
     while _processes_running(str(out)) and time.time() < deadline:
         time.sleep(0.2)
     assert _processes_running(str(out)) == []
+
+
+def test_a_started_rank_keeps_its_place_to_itself(monkeypatch):
+    # what start_processes hands a rank must not reach processes that the rank starts in turn
+    read_fd, write_fd = os.pipe()
+    os.set_inheritable(read_fd, True)
+    monkeypatch.setenv(distributed.RANK_VARIABLE, "1")
+    monkeypatch.setenv(distributed.SIZE_VARIABLE, "2")
+    monkeypatch.setenv(distributed.PIPES_VARIABLE, f"{read_fd},{write_fd}")
+    group = distributed.LocalGroup.joined()
+    try:
+        assert (group.rank, group.size, group.links) == (1, 2, {0: (read_fd, write_fd)})
+        assert not {distributed.RANK_VARIABLE, distributed.SIZE_VARIABLE, distributed.PIPES_VARIABLE} & set(os.environ)
+        assert not os.get_inheritable(read_fd) and not os.get_inheritable(write_fd)
+    finally:
+        group._close()
 
 
 def test_the_launcher_refuses_a_count_of_no_processes_and_runs_one_process_without_starting_others(tmp_path):

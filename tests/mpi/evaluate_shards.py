@@ -3,7 +3,8 @@ tests/test_distributed.py's check of ``minivit.train.evaluate_shared``.
 
     python -m minivit.launch -n 2 tests/mpi/evaluate_shards.py OUT.json
 
-Rank 0 writes both results (loss, accuracy) to OUT.json; 101 images, so the shards differ in size.
+Rank 0 writes both results (loss, accuracy) to OUT.json: on 101 images, so the shards differ in size, and on one
+image, which leaves the other rank nothing to evaluate.
 """
 
 import json
@@ -26,9 +27,12 @@ def main():
     settings = train.TrainSettings(flip_tta=True)
     shared = train.evaluate_shared(model, images, labels, info, settings)
     whole = train.evaluate(model, images, labels, info.mean, info.std, flip=True)
+    one = train.evaluate_shared(model, images[:1], labels[:1], info, settings)  # rank 1 gets no image
+    alone = train.evaluate(model, images[:1], labels[:1], info.mean, info.std, flip=True)
     if world.is_main:
         with open(sys.argv[1], "w") as f:
-            json.dump({"ranks": world.size, "shared": list(shared), "whole": [whole["loss"], whole["acc"]]}, f)
+            json.dump({"ranks": world.size, "shared": list(shared), "whole": [whole["loss"], whole["acc"]],
+                       "one_shared": list(one), "one_whole": [alone["loss"], alone["acc"]]}, f)
 
 
 if __name__ == "__main__":
