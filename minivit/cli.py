@@ -298,7 +298,6 @@ def start_processes(n, argv):
     this machine's cores shared out among the N. Under mpiexec, or in a rank already started, nothing to do."""
     if n > 1 and distributed.world().size == 1 and not distributed.launched_by_mpi():
         distributed.start_processes(n, ["-m", "minivit", *argv])
-        distributed.set_num_threads()
 
 
 def run_export(args):

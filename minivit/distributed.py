@@ -202,9 +202,9 @@ class LocalGroup(Group):
     @classmethod
     def joined(cls):
         """This process's place in a job that ``start_processes`` started (read from its environment)."""
+        # popped: the processes that this one starts are not part of the job
         rank, size = int(os.environ.pop(RANK_VARIABLE)), int(os.environ.pop(SIZE_VARIABLE))
-        pipes = (int(fd) for fd in os.environ.pop(PIPES_VARIABLE).split(","))  # not for processes this one starts
-        read_fd, write_fd = pipes
+        read_fd, write_fd = (int(fd) for fd in os.environ.pop(PIPES_VARIABLE).split(","))
         for fd in (read_fd, write_fd):
             os.set_inheritable(fd, False)
         return cls(rank, size, {0: (read_fd, write_fd)})
@@ -241,6 +241,11 @@ class LocalGroup(Group):
             got += n
         return buffer
 
+    def _send_to_all(self, payload):
+        """Rank 0: the same message to every other rank."""
+        for rank in sorted(self.links):
+            self._send(rank, payload)
+
     def _sum_in_place(self, flat):
         """Replace ``flat`` by its sum over the ranks: rank 0 adds them in rank order and sends the total back."""
         t0 = time.perf_counter()
@@ -248,8 +253,7 @@ class LocalGroup(Group):
             part = np.empty_like(flat)
             for rank in sorted(self.links):
                 flat += self._receive(rank, part)
-            for rank in sorted(self.links):
-                self._send(rank, flat)
+            self._send_to_all(flat)
         else:
             self._send(0, flat)
             self._receive(0, flat)
@@ -260,8 +264,7 @@ class LocalGroup(Group):
         """Rank 0's values of ``flat`` on every rank (in place)."""
         t0 = time.perf_counter()
         if self.rank == 0:
-            for rank in sorted(self.links):
-                self._send(rank, flat)
+            self._send_to_all(flat)
         else:
             self._receive(0, flat)
         self.comm_seconds += time.perf_counter() - t0
@@ -272,9 +275,7 @@ class LocalGroup(Group):
         one job, which this process started or was started by, never from a file."""
         t0 = time.perf_counter()
         if self.rank == 0:
-            payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-            for rank in sorted(self.links):
-                self._send(rank, payload)
+            self._send_to_all(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
         else:
             obj = pickle.loads(self._receive(0))
         self.comm_seconds += time.perf_counter() - t0
@@ -316,7 +317,7 @@ class LocalGroup(Group):
 def start_processes(n, command):
     """Make this process rank 0 of ``n`` on this machine: start ranks 1 .. n-1 as ``python command...`` (the
     command this process runs: ``["-m", "minivit", "train", ...]`` or ``["script.py", ...]``), each joined to this
-    one by two pipes, and return the LocalGroup.
+    one by two pipes, and return the LocalGroup. This process's threads become its share of the cores.
 
     Each rank then runs the command as it would under mpiexec: its share of every batch, one all-reduce per step;
     rank 0 alone writes. The other ranks run in a process group of their own, so Ctrl-C in the terminal reaches
@@ -349,6 +350,7 @@ def start_processes(n, command):
         LocalGroup(0, n, links, children).abort(1)
         raise
     _world = LocalGroup(0, n, links, children)
+    set_num_threads()
     return _world
 
 

@@ -27,16 +27,17 @@ def main(argv=None):
         parser.error(f"-n {args.n}: at least 1 process")
     if args.n > 1:
         distributed.start_processes(args.n, [args.script, *args.args])
-        distributed.set_num_threads()
     sys.argv = [args.script, *args.args]
     sys.path[0] = os.path.dirname(os.path.abspath(args.script))  # as `python script.py` has it
     code = 0
     try:
         runpy.run_path(args.script, run_name="__main__")
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        if stop.code is not None and not isinstance(stop.code, int):
+    except SystemExit as stop:            # sys.exit(n), sys.exit() or sys.exit("message")
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:
             print(stop.code, file=sys.stderr)
+            code = 1
     except BaseException:
         traceback.print_exc()
         code = 1

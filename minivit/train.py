@@ -510,7 +510,7 @@ def _prepare(s, ckpt, progress):
     if world.is_main:
         world.broadcast(None)
     info = ds.info
-    _check_split(s, len(ds.train_labels), distributed.world().size)
+    _check_split(s, len(ds.train_labels), world.size)
     loader = data.DataLoader(ds.train_images, ds.train_labels, s.batch_size, info.mean, info.std, shuffle=True,
                              seed=s.seed, augment=s.augment, pad=crop_padding(s, info))
     model = build_model(s, info).to(device=s.device)
@@ -521,7 +521,7 @@ def _prepare(s, ckpt, progress):
     ema = build_model(s, info).to(device=s.device).eval() if s.ema else None
     if ckpt is None:
         rng.manual_seed(s.seed)
-        distributed.world().broadcast_parameters(model.parameters())  # every rank starts from rank 0's weights
+        world.broadcast_parameters(model.parameters())  # every rank starts from rank 0's weights
         if ema is not None:
             ema.load_state_dict(model.state_dict())
         return _Run(ds, loader, model, opt, sched, [], scaler, ema)
