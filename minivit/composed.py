@@ -35,11 +35,14 @@ def unpatchify(patches, patch_size, grid):
     return from_patches(patches, patch_size, grid)
 
 
-def unfold_patches(images, kernel_size, stride=None, padding=0):
-    """Overlapping windows, by padding and strided slicing.  Shapes: (B, C, H, W) -> (B, gh*gw, C*k*k)"""
-    return unfold_composed(images, kernel_size, kernel_size if stride is None else stride, padding)
+def unfold_patches(images, kernel_size, stride=None, padding=0, channels_last=False):
+    """Overlapping windows, by padding and strided slicing.  Shapes: (B, C, H, W) -> (B, gh*gw, C*k*k);
+    channels_last: (B, H, W, C) -> (B, gh*gw, k*k*C)"""
+    return unfold_composed(images, kernel_size, kernel_size if stride is None else stride, padding, channels_last)
 
 
-def fold_patches(patches, image_size, kernel_size, stride=None, padding=0):
-    """Windows added back into images, by strided index-adds and a crop.  Shapes: (B, gh*gw, C*k*k) -> (B, C, H, W)"""
-    return fold_composed(patches, tuple(image_size), kernel_size, kernel_size if stride is None else stride, padding)
+def fold_patches(patches, image_size, kernel_size, stride=None, padding=0, channels_last=False):
+    """Windows added back into images, by strided index-adds and a crop.  Shapes: (B, gh*gw, C*k*k) -> (B, C, H, W);
+    channels_last: (B, gh*gw, k*k*C) -> (B, H, W, C)"""
+    return fold_composed(patches, tuple(image_size), kernel_size, kernel_size if stride is None else stride, padding,
+                         channels_last)

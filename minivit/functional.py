@@ -336,15 +336,17 @@ def _check_window_fits(name, image_size, k, p):
                          f"{H}x{W} with padding {p}, {H + 2 * p}x{W + 2 * p} padded")
 
 
-def unfold_patches(images, kernel_size, stride=None, padding=0):
+def unfold_patches(images, kernel_size, stride=None, padding=0, channels_last=False):
     """Cut images into (possibly overlapping) windows, each flattened in (C, k, k) order, windows in row-major
     grid order: ``torch.nn.functional.unfold`` with its last two axes swapped.
 
     Args:
-        images: (B, C, H, W).
+        images: (B, C, H, W), or (B, H, W, C) with ``channels_last``.
         kernel_size: window side k.
         stride: step s between windows (default k: ``patchify``'s non-overlapping patches).
         padding: zeros p added on each side of H and W.
+        channels_last: images (B, H, W, C), each window flattened in (k, k, C) order (faster: see
+            ``minivit.ops.patch``); a Conv2d weight W (D, C, k, k) then pairs as ``W.permute(0, 2, 3, 1)``.
 
     Returns:
         (B, gh*gw, C*k*k) with gh = (H + 2p - k)//s + 1 and gw = (W + 2p - k)//s + 1.
@@ -352,21 +354,24 @@ def unfold_patches(images, kernel_size, stride=None, padding=0):
     k, s, p = _window_settings("unfold_patches", kernel_size, stride, padding)
     images = _tensor(images)
     if images.ndim != 4:
-        raise ValueError(f"unfold_patches: images must be (B, C, H, W), got shape {images.shape}")
-    _check_window_fits("unfold_patches", images.shape[2:], k, p)
-    return UnfoldFn.apply(images, kernel_size=k, stride=s, padding=p)
+        layout = "(B, H, W, C)" if channels_last else "(B, C, H, W)"
+        raise ValueError(f"unfold_patches: images must be {layout}, got shape {images.shape}")
+    size = images.shape[1:3] if channels_last else images.shape[2:]
+    _check_window_fits("unfold_patches", size, k, p)
+    return UnfoldFn.apply(images, kernel_size=k, stride=s, padding=p, channels_last=bool(channels_last))
 
 
-def fold_patches(patches, image_size, kernel_size, stride=None, padding=0):
+def fold_patches(patches, image_size, kernel_size, stride=None, padding=0, channels_last=False):
     """Add windows back into images: the adjoint of ``unfold_patches`` (and its backward). Pixels inside several
     windows get the sum; the padding is cropped off.
 
     Args:
-        patches: (B, gh*gw, C*k*k) with the grid of ``unfold_patches`` for these settings.
+        patches: (B, gh*gw, C*k*k) with the grid of ``unfold_patches`` for these settings (windows in (k, k, C)
+            order with ``channels_last``).
         image_size: (H, W) of the images the windows were cut from.
 
     Returns:
-        (B, C, H, W)
+        (B, C, H, W), or (B, H, W, C) with ``channels_last``.
     """
     k, s, p = _window_settings("fold_patches", kernel_size, stride, padding)
     H, W = (int(n) for n in image_size)
@@ -376,7 +381,8 @@ def fold_patches(patches, image_size, kernel_size, stride=None, padding=0):
     if patches.ndim != 3 or patches.shape[1] != gh * gw or patches.shape[2] % (k * k):
         raise ValueError(f"fold_patches: expected patches (B, {gh * gw}, C*{k * k}) for a {H}x{W} image with "
                          f"kernel_size {k}, stride {s}, padding {p}, got shape {patches.shape}")
-    return FoldFn.apply(patches, image_size=(H, W), kernel_size=k, stride=s, padding=p)
+    return FoldFn.apply(patches, image_size=(H, W), kernel_size=k, stride=s, padding=p,
+                        channels_last=bool(channels_last))
 
 
 def sigmoid(x):

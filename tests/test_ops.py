@@ -151,13 +151,20 @@ CASES = {
                  (lambda x: ops.UnfoldFn.apply(x, kernel_size=4, stride=2, padding=1), [randn(1, 2, 6, 8)]),
                  (lambda x: ops.UnfoldFn.apply(x, kernel_size=2, stride=2, padding=0), [randn(2, 3, 4, 6)]),
                  (lambda x: ops.UnfoldFn.apply(x, kernel_size=3, stride=1, padding=2), [randn(1, 2, 3, 4)]),
-                 (lambda x: ops.UnfoldFn.apply(x, kernel_size=2, stride=3, padding=0), [randn(1, 1, 5, 7)])],
+                 (lambda x: ops.UnfoldFn.apply(x, kernel_size=2, stride=3, padding=0), [randn(1, 1, 5, 7)]),
+                 # channels last: x (B, H, W, C), windows in (k, k, C) order
+                 (lambda x: ops.UnfoldFn.apply(x, kernel_size=4, stride=2, padding=1, channels_last=True),
+                  [randn(1, 6, 8, 2)]),
+                 (lambda x: ops.UnfoldFn.apply(x, kernel_size=3, stride=1, padding=1, channels_last=True),
+                  [randn(2, 3, 4, 3)])],
     "FoldFn": [(lambda x: ops.FoldFn.apply(x, image_size=(5, 5), kernel_size=3, stride=2, padding=1),
                 [randn(2, 9, 9)]),
                (lambda x: ops.FoldFn.apply(x, image_size=(6, 8), kernel_size=4, stride=2, padding=1),
                 [randn(1, 12, 32)]),
                (lambda x: ops.FoldFn.apply(x, image_size=(4, 6), kernel_size=2, stride=2, padding=0),
-                [randn(2, 6, 12)])],
+                [randn(2, 6, 12)]),
+               (lambda x: ops.FoldFn.apply(x, image_size=(6, 8), kernel_size=4, stride=2, padding=1,
+                                           channels_last=True), [randn(1, 12, 32)])],
     "SigmoidFn": [(lambda x: ops.SigmoidFn.apply(x), [randn(3, 4) * 3]),
                   (lambda x: ops.SigmoidFn.apply(x), [randn(7)])],
     "SoftplusFn": [(lambda x: ops.SoftplusFn.apply(x), [randn(3, 4) * 3]),
@@ -340,6 +347,21 @@ def test_unfold_forward_matches_a_loop_over_windows_and_fold_is_its_adjoint(k, s
     u = randn(*y.shape)                                         # <unfold(x), u> == <x, fold(u)>
     folded = ops.FoldFn.apply(u, image_size=shape[2:], kernel_size=k, stride=s, padding=p).data
     assert np.isclose(np.sum(y * u), np.sum(x * folded), rtol=1e-12)
+
+
+@pytest.mark.parametrize("k, s, p, shape", [(3, 2, 1, (2, 3, 5, 5)), (4, 2, 1, (1, 2, 6, 8)), (2, 3, 0, (1, 4, 7, 5))])
+def test_channels_last_windows_are_the_same_numbers_in_k_k_c_order(k, s, p, shape):
+    x = randn(*shape)                                           # (B, C, H, W)
+    B, C = shape[:2]
+    y = ops.UnfoldFn.apply(x, kernel_size=k, stride=s, padding=p).data                      # (B, L, C*k*k)
+    y_last = ops.UnfoldFn.apply(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), kernel_size=k, stride=s, padding=p,
+                                channels_last=True).data                                   # (B, L, k*k*C)
+    L = y.shape[1]
+    np.testing.assert_array_equal(y_last, y.reshape(B, L, C, k * k).transpose(0, 1, 3, 2).reshape(B, L, -1))
+    u = randn(*y_last.shape)                                    # and fold is its adjoint: <unfold(x), u> == <x, fold(u)>
+    folded = ops.FoldFn.apply(u, image_size=shape[2:], kernel_size=k, stride=s, padding=p, channels_last=True).data
+    assert folded.shape == (B, *shape[2:], C)
+    assert np.isclose(np.sum(y_last * u), np.sum(x.transpose(0, 2, 3, 1) * folded), rtol=1e-12)
 
 
 def test_unfold_with_kernel_equal_to_stride_and_no_padding_is_patchify():

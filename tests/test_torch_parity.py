@@ -75,6 +75,16 @@ OPS = {
     "unfold_conv": (lambda x, w, b: F.linear(F.unfold_patches(x, 8, 4, 2), w.reshape(5, -1), b),
                     lambda x, w, b: TF.conv2d(x, w, b, stride=4, padding=2).flatten(2).transpose(1, 2),
                     [R.standard_normal((2, 3, 8, 12)), R.standard_normal((5, 3, 8, 8)), R.standard_normal(5)]),
+    # channels last: images (B, H, W, C), windows in (k, k, C) order, the Conv2d weight permuted to match
+    "unfold_conv_channels_last": (
+        lambda x, w, b: F.linear(F.unfold_patches(x, 4, 2, 1, channels_last=True), w.permute(0, 2, 3, 1).reshape(5, -1),
+                                 b),
+        lambda x, w, b: TF.conv2d(x.permute(0, 3, 1, 2), w, b, stride=2, padding=1).flatten(2).transpose(1, 2),
+        [R.standard_normal((2, 8, 6, 3)), R.standard_normal((5, 3, 4, 4)), R.standard_normal(5)]),
+    "fold_channels_last": (lambda x: F.fold_patches(x, (7, 6), 3, 2, 1, channels_last=True),
+                           lambda x: TF.fold(x.reshape(2, 12, 9, 3).transpose(2, 3).reshape(2, 12, 27).transpose(1, 2),
+                                             (7, 6), 3, padding=1, stride=2).permute(0, 2, 3, 1),
+                           [R.standard_normal((2, 12, 27))]),
     "fold": (lambda x: F.fold_patches(x, (7, 6), 3, 2, 1),
              lambda x: TF.fold(x.transpose(1, 2), (7, 6), 3, padding=1, stride=2),
              [R.standard_normal((2, 12, 27))]),

@@ -40,7 +40,8 @@ class PatchProjection(Module):
     grid stays (H/P) x (W/P): PyTorch's ``Conv2d(C, D, k, stride=P, padding=(k - P)//2)``.
 
     weight (D, C, k, k), bias (D,); windows are flattened in (C, k, k) order, so weight.reshape(D, -1) is the
-    matching (D, C*k*k) linear weight.
+    matching (D, C*k*k) linear weight. With ``channels_last`` the input is (B, H, W, C) feature maps (a stem's
+    layers), its windows flattened in (k, k, C) order and the weight permuted to (D, k, k, C) to match.
     """
 
     def __init__(self, in_chans, embed_dim, patch_size, rng, patch_kernel=None):
@@ -55,8 +56,11 @@ class PatchProjection(Module):
         init.uniform_(self.weight, bound, rng)
         init.uniform_(self.bias, bound, rng)
 
-    def forward(self, images):
+    def forward(self, images, channels_last=False):
         D, k = self.weight.shape[0], self.weight.shape[2]
+        if channels_last:                                                               # (B, H, W, C) input
+            patches = F.unfold_patches(images, k, self.patch_size, self.padding, channels_last=True)  # (B, Np, k*k*C)
+            return F.linear(patches, self.weight.permute(0, 2, 3, 1).reshape(D, -1), self.bias)
         if k == self.patch_size:                                                        # no overlap
             patches = F.patchify(images, self.patch_size)                               # (B, Np, C*P*P)
         else:
@@ -126,7 +130,7 @@ class PatchEmbed(Module):
     stems use stride 2 and BatchNorm; here no norm). Each layer is a ``PatchProjection`` (patch = stride, kernel 3
     or 4), so it is unfold and linear: no new op.
 
-    Shapes: images (B, C, H, W) -> stem (B, c_last, H / s^L, W / s^L) -> tokens (B, Np, D)
+    Shapes: images (B, C, H, W) -> stem (B, H / s^L, W / s^L, c_last) -> tokens (B, Np, D)
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, rng=None, patch_kernel=None,
@@ -156,14 +160,15 @@ class PatchEmbed(Module):
         self.proj = PatchProjection(widths[-1], embed_dim, self.proj_patch, rng, patch_kernel)
 
     def forward_stem(self, images):
-        """(B, C, H, W) images -> (B, c_last, H / s^L, W / s^L) features of the convolutional stem (the images
-        without one)."""
+        """(B, C, H, W) images -> (B, H / s^L, W / s^L, c_last) features of the convolutional stem, channels last:
+        each layer's linear map gives one row of channels per pixel, which the next layer reads as it is (see
+        ``minivit.ops.patch``). Without a stem: the images, unchanged."""
         x = images
         B, _, H, W = images.shape
-        for conv in self.stem:
+        for j, conv in enumerate(self.stem):
             H, W = H // self.stem_stride, W // self.stem_stride
-            x = F.gelu(conv(x))                                                 # (B, H*W, c): one row per pixel
-            x = x.transpose(1, 2).reshape(B, x.shape[2], H, W)                  # (B, c, H, W)
+            x = F.gelu(conv(x, channels_last=j > 0))                           # (B, H*W, c): one row per pixel
+            x = x.reshape(B, H, W, x.shape[2])                                  # (B, H, W, c)
         return x
 
     def forward(self, images):
@@ -177,7 +182,7 @@ class PatchEmbed(Module):
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"PatchEmbed: expected images (B, {', '.join(map(str, expected))}), "
                              f"got shape {tuple(images.shape)}")
-        return self.proj(self.forward_stem(images))
+        return self.proj(self.forward_stem(images), channels_last=bool(self.stem))
 
     def extra_repr(self):
         kernel = "" if self.patch_kernel is None else f", patch_kernel={self.patch_kernel}"

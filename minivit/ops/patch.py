@@ -31,6 +31,15 @@ when k < s) gets a zero gradient.
 For one kernel offset (i, j) the pixels r*s + i, c*s + j of all windows form one strided slice,
 xpad[:, :, i::s, j::s] cut to gh x gw, so both directions are k*k slices: copied out (unfold) or added back
 (fold). Fold is the backward of unfold and unfold the backward of fold, as for patchify and unpatchify.
+
+Channels last. A convolutional stem keeps its feature maps as (B, H, W, C), one row of C channels per pixel
+(what a linear layer over the pixels gives). Its windows are flattened in (i, j, ch) order:
+
+    y[b, r*gw + c, (i, j, ch)] = xpad[b, r*s + i, c*s + j, ch]             (B, gh*gw, k*k*C)
+
+the same numbers as above in another order, so ``unfold(x) @ W.permute(0, 2, 3, 1).reshape(D, -1).T`` is the same
+Conv2d. Each of the k*k slice copies then moves whole runs of C contiguous numbers, and the windows come out
+contiguous, ready for the product: several times less copying than the (C, k, k) order, which must transpose.
 """
 
 from minivit.devices import get_array_module
@@ -104,25 +113,40 @@ def window_grid(image_size, kernel_size, stride, padding):
     return (H + 2 * padding - kernel_size) // stride + 1, (W + 2 * padding - kernel_size) // stride + 1
 
 
-def _offset_index(i, j, grid, stride):
+def _spatial(rows, cols, channels_last):
+    """An index of rows and columns of (B, C, H, W) images, or of (B, H, W, C) ones with ``channels_last``."""
+    return (slice(None), rows, cols) if channels_last else (slice(None), slice(None), rows, cols)
+
+
+def _offset_index(i, j, grid, stride, channels_last=False):
     """Index of the pixel at offset (i, j) inside every window: a (gh, gw) strided slice of the padded image."""
     gh, gw = grid
-    return (slice(None), slice(None), slice(i, i + stride * (gh - 1) + 1, stride),
-            slice(j, j + stride * (gw - 1) + 1, stride))
+    return _spatial(slice(i, i + stride * (gh - 1) + 1, stride), slice(j, j + stride * (gw - 1) + 1, stride),
+                    channels_last)
 
 
-def _inside_padding(image_size, padding):
+def _inside_padding(image_size, padding, channels_last=False):
     """Index of the image inside its padded copy."""
     H, W = image_size
-    return (slice(None), slice(None), slice(padding, padding + H), slice(padding, padding + W))
+    return _spatial(slice(padding, padding + H), slice(padding, padding + W), channels_last)
+
+
+def _image_size(x, channels_last):
+    """(H, W) of (B, C, H, W) images, or of (B, H, W, C) ones with ``channels_last``."""
+    return tuple(x.shape[1:3]) if channels_last else tuple(x.shape[2:])
 
 
 # ------------------------------------------------------------------------------------------ readable version
-def unfold_composed(x, kernel_size, stride, padding):
+def unfold_composed(x, kernel_size, stride, padding, channels_last=False):
     """Overlapping windows from primitives (zero padding, strided slices, stack, reshape, permute).
 
-    Shapes: x (B, C, H, W) -> (B, gh*gw, C*k*k)
+    Shapes: x (B, C, H, W) -> (B, gh*gw, C*k*k); channels_last: x (B, H, W, C) -> (B, gh*gw, k*k*C)
     """
+    if channels_last:                                   # the (C, k, k) windows of x (B, C, H, W), reordered
+        B, H, W, C = x.shape
+        y = unfold_composed(_permute(x, (0, 3, 1, 2)), kernel_size, stride, padding)    # (B, gh*gw, C*k*k)
+        n, kk = y.shape[1], kernel_size * kernel_size
+        return _permute(y.reshape(B, n, C, kk), (0, 1, 3, 2)).reshape(B, n, kk * C)
     B, C, H, W = x.shape
     k, s, p = kernel_size, stride, padding
     gh, gw = window_grid((H, W), k, s, p)
@@ -132,15 +156,18 @@ def unfold_composed(x, kernel_size, stride, padding):
     return y.permute(0, 4, 5, 1, 2, 3).reshape(B, gh * gw, C * k * k)       # (B, gh, gw, C, k, k) flattened
 
 
-def fold_composed(x, image_size, kernel_size, stride, padding):
+def fold_composed(x, image_size, kernel_size, stride, padding, channels_last=False):
     """Windows added back into images (overlaps summed, padding cropped), from primitives.
 
-    Shapes: x (B, gh*gw, C*k*k) -> (B, C, H, W)
+    Shapes: x (B, gh*gw, C*k*k) -> (B, C, H, W); channels_last: x (B, gh*gw, k*k*C) -> (B, H, W, C)
     """
     H, W = image_size
     k, s, p = kernel_size, stride, padding
     gh, gw = window_grid((H, W), k, s, p)
     B, C = x.shape[0], x.shape[2] // (k * k)
+    if channels_last:                                   # reordered to (C, k, k) windows, folded, channels moved last
+        x = _permute(x.reshape(B, gh * gw, k * k, C), (0, 1, 3, 2)).reshape(B, gh * gw, C * k * k)
+        return _permute(fold_composed(x, image_size, k, s, p), (0, 2, 3, 1))
     windows = x.reshape(B, gh, gw, C, k, k).permute(0, 3, 4, 5, 1, 2)         # (B, C, k, k, gh, gw)
     padded_shape = (B, C, H + 2 * p, W + 2 * p)
     xpad = None
@@ -152,49 +179,75 @@ def fold_composed(x, image_size, kernel_size, stride, padding):
 
 
 # ---------------------------------------------------------------------------------------------- the ops
-def unfold_windows(x, kernel_size, stride, padding):
-    """The unfold on arrays: k*k strided slices copied out.  Shapes: x (B, C, H, W) -> (B, gh*gw, C*k*k)"""
+def unfold_windows(x, kernel_size, stride, padding, channels_last=False):
+    """The unfold on arrays: k*k strided slices copied out.
+
+    Shapes: x (B, C, H, W) -> (B, gh*gw, C*k*k); channels_last: x (B, H, W, C) -> (B, gh*gw, k*k*C), contiguous
+    """
     xp = get_array_module(x)
-    B, C, H, W = x.shape
     k, s, p = kernel_size, stride, padding
+    H, W = _image_size(x, channels_last)
     gh, gw = window_grid((H, W), k, s, p)
-    xpad = xp.zeros((B, C, H + 2 * p, W + 2 * p), dtype=x.dtype)
-    xpad[_inside_padding((H, W), p)] = x
-    y = xp.empty((B, C, k, k, gh, gw), dtype=x.dtype)
+    if channels_last:
+        B, C = x.shape[0], x.shape[3]
+        xpad = xp.zeros((B, H + 2 * p, W + 2 * p, C), dtype=x.dtype)
+        y = xp.empty((B, gh, gw, k, k, C), dtype=x.dtype)
+    else:
+        B, C = x.shape[:2]
+        xpad = xp.zeros((B, C, H + 2 * p, W + 2 * p), dtype=x.dtype)
+        y = xp.empty((B, C, k, k, gh, gw), dtype=x.dtype)
+    xpad[_inside_padding((H, W), p, channels_last)] = x
     for i in range(k):
         for j in range(k):
-            y[:, :, i, j] = xpad[_offset_index(i, j, (gh, gw), s)]
+            piece = xpad[_offset_index(i, j, (gh, gw), s, channels_last)]        # (B, gh, gw, C) or (B, C, gh, gw)
+            if channels_last:
+                y[:, :, :, i, j] = piece
+            else:
+                y[:, :, i, j] = piece
+    if channels_last:
+        return y.reshape(B, gh * gw, k * k * C)
     return y.transpose(0, 4, 5, 1, 2, 3).reshape(B, gh * gw, C * k * k)
 
 
-def fold_windows(x, image_size, kernel_size, stride, padding):
-    """The fold on arrays: k*k strided slices added back.  Shapes: x (B, gh*gw, C*k*k) -> (B, C, H, W)"""
+def fold_windows(x, image_size, kernel_size, stride, padding, channels_last=False):
+    """The fold on arrays: k*k strided slices added back.
+
+    Shapes: x (B, gh*gw, C*k*k) -> (B, C, H, W); channels_last: x (B, gh*gw, k*k*C) -> (B, H, W, C)
+    """
     xp = get_array_module(x)
     H, W = image_size
     k, s, p = kernel_size, stride, padding
     gh, gw = window_grid((H, W), k, s, p)
     B, C = x.shape[0], x.shape[2] // (k * k)
-    windows = x.reshape(B, gh, gw, C, k, k).transpose(0, 3, 4, 5, 1, 2)     # (B, C, k, k, gh, gw)
-    xpad = xp.zeros((B, C, H + 2 * p, W + 2 * p), dtype=x.dtype)
+    if channels_last:
+        windows = x.reshape(B, gh, gw, k, k, C)
+        xpad = xp.zeros((B, H + 2 * p, W + 2 * p, C), dtype=x.dtype)
+    else:
+        windows = x.reshape(B, gh, gw, C, k, k).transpose(0, 3, 4, 5, 1, 2)   # (B, C, k, k, gh, gw)
+        xpad = xp.zeros((B, C, H + 2 * p, W + 2 * p), dtype=x.dtype)
     for i in range(k):
         for j in range(k):
-            xpad[_offset_index(i, j, (gh, gw), s)] += windows[:, :, i, j]   # one slice holds no pixel twice
-    return xpad[_inside_padding((H, W), p)]
+            piece = windows[:, :, :, i, j] if channels_last else windows[:, :, i, j]
+            xpad[_offset_index(i, j, (gh, gw), s, channels_last)] += piece      # one slice holds no pixel twice
+    return xpad[_inside_padding((H, W), p, channels_last)]
 
 
 class UnfoldFn(Function):
     """Cut each image into windows of side k every s pixels, after p zeros of padding on each side; each window
     flattened in (C, k, k) order, windows in row-major grid order (``torch.nn.functional.unfold``, transposed).
+    With ``channels_last`` the images are (B, H, W, C) and each window is flattened in (k, k, C) order.
 
     The (C, k, k) order makes ``unfold(x) @ W.reshape(D, -1).T`` equal a Conv2d with weight W (D, C, k, k),
-    stride s and padding p.
+    stride s and padding p; the (k, k, C) order pairs with ``W.permute(0, 2, 3, 1).reshape(D, -1)``.
 
     Shapes: x (B, C, H, W) -> y (B, gh*gw, C*k*k),  gh = (H + 2p - k)//s + 1,  gw = (W + 2p - k)//s + 1
+            channels_last: x (B, H, W, C) -> y (B, gh*gw, k*k*C)
     """
 
-    def forward(self, x, *, kernel_size, stride, padding):
-        self.settings = dict(image_size=tuple(x.shape[2:]), kernel_size=kernel_size, stride=stride, padding=padding)
-        return unfold_windows(x, kernel_size, stride, padding)
+    def forward(self, x, *, kernel_size, stride, padding, channels_last=False):
+        self.settings = dict(image_size=_image_size(x, channels_last), kernel_size=kernel_size, stride=stride,
+                             padding=padding, channels_last=channels_last)
+        return unfold_windows(x, kernel_size, stride, padding, channels_last)
 
     # dx = fold(dy): every window's gradient added back into its pixels, overlaps summed, padding cropped
     def backward(self, dy):
@@ -208,12 +261,12 @@ class FoldFn(Function):
     """Add windows back into images: the adjoint of ``UnfoldFn`` (overlapping pixels get the sum, padding is
     cropped). Not its inverse where windows overlap: fold(unfold(x)) counts each pixel once per window holding it.
 
-    Shapes: x (B, gh*gw, C*k*k) -> y (B, C, H, W)
+    Shapes: x (B, gh*gw, C*k*k) -> y (B, C, H, W); channels_last: x (B, gh*gw, k*k*C) -> y (B, H, W, C)
     """
 
-    def forward(self, x, *, image_size, kernel_size, stride, padding):
-        self.settings = dict(kernel_size=kernel_size, stride=stride, padding=padding)
-        return fold_windows(x, image_size, kernel_size, stride, padding)
+    def forward(self, x, *, image_size, kernel_size, stride, padding, channels_last=False):
+        self.settings = dict(kernel_size=kernel_size, stride=stride, padding=padding, channels_last=channels_last)
+        return fold_windows(x, image_size, kernel_size, stride, padding, channels_last)
 
     # dx = unfold(dy): each window reads back the gradient of the pixels it was added to
     def backward(self, dy):
