@@ -39,7 +39,8 @@ Channels last. A convolutional stem keeps its feature maps as (B, H, W, C), one 
 
 the same numbers as above in another order, so ``unfold(x) @ W.permute(0, 2, 3, 1).reshape(D, -1).T`` is the same
 Conv2d. Each of the k*k slice copies then moves whole runs of C contiguous numbers, and the windows come out
-contiguous, ready for the product: several times less copying than the (C, k, k) order, which must transpose.
+contiguous, ready for the product; in the (C, k, k) order they come out transposed, and the product's forward
+and backward each copy them again.
 """
 
 from minivit.devices import get_array_module
