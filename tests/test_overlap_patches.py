@@ -109,6 +109,8 @@ def test_bad_unfold_and_fold_settings_get_named_errors():
             F.unfold_patches(x, *args)
     with pytest.raises(ValueError, match=r"unfold_patches: images must be \(B, C, H, W\), got shape \(5, 5\)"):
         F.unfold_patches(x[0, 0], 3)
+    with pytest.raises(ValueError, match=r"unfold_patches: images must be \(B, H, W, C\), got shape \(5, 5\)"):
+        F.unfold_patches(x[0, 0], 3, channels_last=True)
     with pytest.raises(ValueError, match=r"fold_patches: expected patches \(B, 4, C\*9\) for a 5x5 image with "
                                          r"kernel_size 3, stride 2, padding 0, got shape \(1, 5, 9\)"):
         F.fold_patches(np.zeros((1, 5, 9)), (5, 5), 3, 2)

@@ -198,13 +198,10 @@ def unfold_windows(x, kernel_size, stride, padding, channels_last=False):
         xpad = xp.zeros((B, C, H + 2 * p, W + 2 * p), dtype=x.dtype)
         y = xp.empty((B, C, k, k, gh, gw), dtype=x.dtype)
     xpad[_inside_padding((H, W), p, channels_last)] = x
+    lead = (slice(None),) * (3 if channels_last else 2)                     # the axes before y's (i, j)
     for i in range(k):
         for j in range(k):
-            piece = xpad[_offset_index(i, j, (gh, gw), s, channels_last)]        # (B, gh, gw, C) or (B, C, gh, gw)
-            if channels_last:
-                y[:, :, :, i, j] = piece
-            else:
-                y[:, :, i, j] = piece
+            y[lead + (i, j)] = xpad[_offset_index(i, j, (gh, gw), s, channels_last)]
     if channels_last:
         return y.reshape(B, gh * gw, k * k * C)
     return y.transpose(0, 4, 5, 1, 2, 3).reshape(B, gh * gw, C * k * k)
@@ -226,10 +223,10 @@ def fold_windows(x, image_size, kernel_size, stride, padding, channels_last=Fals
     else:
         windows = x.reshape(B, gh, gw, C, k, k).transpose(0, 3, 4, 5, 1, 2)   # (B, C, k, k, gh, gw)
         xpad = xp.zeros((B, C, H + 2 * p, W + 2 * p), dtype=x.dtype)
+    lead = (slice(None),) * (3 if channels_last else 2)                     # the axes before windows' (i, j)
     for i in range(k):
         for j in range(k):
-            piece = windows[:, :, :, i, j] if channels_last else windows[:, :, i, j]
-            xpad[_offset_index(i, j, (gh, gw), s, channels_last)] += piece      # one slice holds no pixel twice
+            xpad[_offset_index(i, j, (gh, gw), s, channels_last)] += windows[lead + (i, j)]  # no pixel twice
     return xpad[_inside_padding((H, W), p, channels_last)]
 
 
