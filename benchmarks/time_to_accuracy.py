@@ -47,8 +47,7 @@ def run_pytorch(preset, epochs=None, limit=0, dataset=None):
     s = train.settings_for(preset, **overrides)
     ds = train.load_data(s, progress=False, val_size=s.val_size)
     info = ds.info
-    loader = data.DataLoader(ds.train_images, ds.train_labels, s.batch_size, info.mean, info.std, shuffle=True,
-                             seed=s.seed, augment=s.augment, pad=train.crop_padding(s, info))
+    loader = train.train_loader(s, ds)
     ours = train.build_model(s, info)                         # the same initial weights, copied by name
     model = torch_vit_like(ours, dtype=torch.float32)
     ema = torch_vit_like(ours, dtype=torch.float32) if s.ema else None

@@ -49,6 +49,8 @@ TRAIN_FLAGS = {
     "--limit": ("limit", int, "use only the first N train and test images (0: all)"),
     "--crop-pad": ("crop_pad", int, "zero padding before --augment's random crops (-1: an eighth of the image "
                    "side; 0: flips only)"),
+    "--erase": ("erase", float, "with --augment: the probability that a training image has a random rectangle (2%% "
+                "to a third of it) overwritten with random pixels, random erasing (0: off)"),
     "--val-size": ("val_size", int, "hold out the last N training images to evaluate on each epoch; the test set "
                    "is then evaluated once, at the end (0: the test set each epoch)"),
     "--ema": ("ema", float, "decay of a moving average of the weights, which is evaluated and saved (0: off)"),

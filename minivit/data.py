@@ -14,6 +14,7 @@ straight from the archive with an unpickler that accepts only the plain types th
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import tarfile
@@ -404,6 +405,42 @@ def write_class_balanced_subset(source_dir, out_dir, train_per_class, test_per_c
 
 
 # ------------------------------------------------------------------------------------------------ batches
+ERASE_AREA = (0.02, 1.0 / 3.0)     # share of the image a random erasing rectangle covers
+ERASE_RATIO = (0.3, 1.0 / 0.3)     # its height / width, drawn log-uniformly
+ERASE_TRIES = 10                   # rectangles drawn before an image is left as it is
+
+
+def erase_rectangles(images, p, rng):
+    """Random erasing (Zhong et al., AAAI 2020), in place: each image, with probability ``p``, has one rectangle
+    overwritten with uniform random pixel values (all channels), so that no single part of an object can be
+    relied on.
+
+    The rectangle covers a share of the image drawn uniformly from ``ERASE_AREA``, with a height-to-width ratio
+    drawn log-uniformly from ``ERASE_RATIO`` (tall and wide equally likely); a rectangle that does not fit in
+    the image is drawn again, up to ``ERASE_TRIES`` times. Its position is uniform among those where it fits.
+
+    Args:
+        images: uint8 (B, C, H, W), changed in place.
+        p: probability in [0, 1].
+        rng: a ``numpy.random.Generator``.
+    Returns:
+        bool (B,): which images were erased.
+    """
+    B, C, H, W = images.shape
+    erased = np.zeros(B, dtype=bool)
+    for b in np.flatnonzero(rng.random(B) < p):
+        for _ in range(ERASE_TRIES):
+            area = H * W * rng.uniform(*ERASE_AREA)
+            ratio = math.exp(rng.uniform(math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])))
+            h, w = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < h < H and 0 < w < W:
+                top, left = rng.integers(0, H - h + 1), rng.integers(0, W - w + 1)
+                images[b, :, top:top + h, left:left + w] = rng.integers(0, 256, (C, h, w), dtype=np.uint8)
+                erased[b] = True
+                break
+    return erased
+
+
 class DataLoader:
     """Batches of normalised float32 images and int64 labels, shuffled with a seed that depends on the epoch.
 
@@ -414,21 +451,26 @@ class DataLoader:
         mean, std: per-channel statistics of pixels in [0, 1], used to normalise.
         shuffle: visit the images in a new order each epoch (the order of epoch e depends only on seed and e,
             so a resumed run sees the same batches).
-        augment: random crop after zero padding of ``pad`` pixels and, with ``flip``, random horizontal flips.
+        augment: random crop after zero padding of ``pad`` pixels and, with ``flip``, random horizontal flips;
+            then, with ``erase`` > 0, random erasing (see ``erase_rectangles``).
+        erase: with ``augment``, the probability that an image has a rectangle overwritten with random pixels.
         drop_last: leave out a last, smaller batch.
     """
 
     def __init__(self, images, labels, batch_size, mean, std, shuffle=False, seed=0, augment=False, pad=4,
-                 flip=True, drop_last=False):
+                 flip=True, erase=0.0, drop_last=False):
         if images.ndim != 4 or images.shape[0] != labels.shape[0]:
             raise ValueError(f"DataLoader: expected images (N, C, H, W) and labels (N,), got {images.shape} "
                              f"and {labels.shape}")
         if batch_size < 1:
             raise ValueError(f"DataLoader: batch_size must be positive, got {batch_size}")
+        if not 0.0 <= erase <= 1.0:
+            raise ValueError(f"DataLoader: erase is a probability, expected a number in [0, 1], got {erase}")
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.scale = (1.0 / (255.0 * np.asarray(std, np.float32))).reshape(1, -1, 1, 1)
         self.shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).reshape(1, -1, 1, 1)
         self.shuffle, self.seed, self.augment, self.pad, self.flip = shuffle, seed, augment, pad, flip
+        self.erase = erase
         self.drop_last = drop_last
 
     def __len__(self):
@@ -452,6 +494,8 @@ class DataLoader:
         if self.flip:
             flipped = rng.random(B) < 0.5
             out[flipped] = out[flipped, :, :, ::-1]
+        if self.erase:                      # (no draws without it: the batches of earlier runs stay the same)
+            erase_rectangles(out, self.erase, rng)
         return out
 
     def epoch(self, epoch=0):

@@ -45,6 +45,7 @@ class TrainSettings:
     clip_grad: float = 1.0
     augment: bool = False
     crop_pad: int = -1        # zero padding before --augment's random crop (-1: an eighth of the side; 0: flips only)
+    erase: float = 0.0        # with --augment: probability of random erasing of each image (0: off)
     patch_size: int = 7
     patch_kernel: int = 0     # side of overlapping patch windows centred on each patch (0: the patch itself)
     stem_channels: int = 0    # width of the convolutions (with GELU) before the patch projection (0: none)
@@ -161,7 +162,7 @@ RANGES = {
     "lr": Range(0, low_included=False), "min_lr": Range(0), "weight_decay": Range(0), "warmup_epochs": Range(0),
     "label_smoothing": Range(0, 1), "clip_grad": Range(0), "mlp_ratio": Range(0, low_included=False),
     "drop_rate": Range(0, 1), "val_size": Range(0), "ema": Range(0, 1), "patch_kernel": Range(0),
-    "crop_pad": Range(-1), "stem_channels": Range(0), "stem_depth": Range(1),
+    "crop_pad": Range(-1), "erase": Range(0, 1, high_included=True), "stem_channels": Range(0), "stem_depth": Range(1),
     "stem_stride": Range(1, 2, high_included=True), "processes": Range(1),
 }
 CHOICES = {"global_pool": ("token", "avg"), "pos_embed": ("learn", "sincos")}
@@ -254,6 +255,8 @@ def relations(s):
     problems = []
     if s.min_lr > s.lr:
         problems.append(f"--min-lr {s.min_lr} is above --lr {s.lr}: the decay must end at or below the peak")
+    if getattr(s, "erase", 0.0) and not s.augment:     # (the settings of minivit vae have neither)
+        problems.append(f"--erase {s.erase} needs --augment: random erasing is one of its augmentations")
     if s.warmup_epochs > s.epochs:
         problems.append(f"--warmup-epochs {s.warmup_epochs} is longer than the run (--epochs {s.epochs})")
     if H % s.patch_size:
@@ -266,6 +269,13 @@ def relations(s):
 def crop_padding(s, info):
     """The zero padding of the random crops: ``s.crop_pad``, or an eighth of the image side when it is -1."""
     return info.shape[1] // 8 if s.crop_pad < 0 else s.crop_pad
+
+
+def train_loader(s, ds):
+    """The shuffled, augmented training batches of settings ``s`` over data set ``ds`` (a ``load_data`` result)."""
+    info = ds.info
+    return data.DataLoader(ds.train_images, ds.train_labels, s.batch_size, info.mean, info.std, shuffle=True,
+                           seed=s.seed, augment=s.augment, pad=crop_padding(s, info), erase=s.erase)
 
 
 def patch_kernel_problems(s):
@@ -512,8 +522,7 @@ def _prepare(s, ckpt, progress):
         world.broadcast(None)
     info = ds.info
     _check_split(s, len(ds.train_labels), world.size)
-    loader = data.DataLoader(ds.train_images, ds.train_labels, s.batch_size, info.mean, info.std, shuffle=True,
-                             seed=s.seed, augment=s.augment, pad=crop_padding(s, info))
+    loader = train_loader(s, ds)
     model = build_model(s, info).to(device=s.device)
     opt = optim.AdamW(optim.param_groups_weight_decay(model, s.weight_decay), lr=s.lr)
     total_steps = s.epochs * len(loader)

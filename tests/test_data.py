@@ -236,6 +236,46 @@ def test_augmentation_crops_with_padding_and_flips():
     assert (out == 0).any()  # some padding came in
 
 
+def test_random_erasing_overwrites_one_rectangle_of_the_drawn_size():
+    H, W = 28, 20
+    images = np.zeros((400, 2, H, W), np.uint8)     # random pixels are 1..255 with probability 255/256 each
+    out = images.copy()
+    erased = data.erase_rectangles(out, 1.0, np.random.default_rng(0))
+    assert erased.all()
+    areas, ratios = [], []
+    for a in out:
+        rows, cols = np.flatnonzero(a.any(axis=(0, 2))), np.flatnonzero(a.any(axis=(0, 1)))
+        h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+        inside = a[:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        assert (inside > 0).mean() > 0.9             # one filled rectangle, the same in both channels' span
+        assert not a[:, :rows[0]].any() and not a[:, rows[-1] + 1:].any() and h < H and w < W
+        areas.append(h * w / (H * W))
+        ratios.append(h / w)
+    lo, hi = data.ERASE_AREA
+    assert lo / 2 < min(areas) and max(areas) < hi * 1.3 and np.mean(areas) == pytest.approx((lo + hi) / 2, abs=0.03)
+    assert np.median(np.log(ratios)) == pytest.approx(0.0, abs=0.15)       # tall and wide alike
+    assert min(ratios) < 0.6 and max(ratios) > 1.6
+
+
+def test_random_erasing_happens_with_its_probability_and_only_when_asked():
+    images = np.random.default_rng(1).integers(0, 256, (2000, 1, 28, 28)).astype(np.uint8)
+    out = images.copy()
+    erased = data.erase_rectangles(out, 0.3, np.random.default_rng(2))
+    assert erased.mean() == pytest.approx(0.3, abs=0.03)
+    changed = (out != images).any(axis=(1, 2, 3))
+    np.testing.assert_array_equal(changed, erased)
+    labels = np.zeros(2000, int)
+    plain = data.DataLoader(images, labels, 100, (0,), (1,), shuffle=True, augment=True, pad=0, seed=3)
+    erasing = data.DataLoader(images, labels, 100, (0,), (1,), shuffle=True, augment=True, pad=0, seed=3, erase=0.3)
+    (a, _), (b, _) = next(iter(plain)), next(iter(erasing))
+    differs = (a != b).any(axis=(1, 2, 3))
+    assert 0.15 < differs.mean() < 0.45          # the same crops and flips, then some images erased
+    b_again, _ = next(erasing.epoch(0))
+    np.testing.assert_array_equal(b, b_again)     # an epoch's batches depend on the seed and the epoch only
+    with pytest.raises(ValueError, match=r"erase is a probability, expected a number in \[0, 1\], got 1.5"):
+        data.DataLoader(images, labels, 100, (0,), (1,), augment=True, erase=1.5)
+
+
 def test_loader_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match=r"expected images \(N, C, H, W\) and labels \(N,\)"):
         data.DataLoader(np.zeros((3, 28, 28)), np.zeros(3), 2, (0,), (1,))

@@ -197,6 +197,14 @@ def test_crop_padding_defaults_to_an_eighth_of_the_side_and_zero_means_flips_onl
         settings_for("fashion15", crop_pad=-2)
 
 
+def test_random_erasing_is_an_augmentation_with_a_probability():
+    assert settings_for("fashion15", erase=0.25).erase == 0.25
+    with pytest.raises(SettingsError, match="--erase 0.25 needs --augment"):
+        settings_for("fashion", erase=0.25)
+    with pytest.raises(SettingsError, match=r"--erase 1.5 is out of range: expected \[0, 1\]"):
+        settings_for("fashion15", erase=1.5)
+
+
 def test_a_stem_setting_builds_that_many_3x3_convolutions_before_the_patch_projection():
     info = data.dataset_info("fashion-mnist")
     model = train_module.build_model(settings_for("fashion", stem_channels=16, stem_depth=2), info)
