@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -60,6 +62,7 @@ def run_pytorch(preset, epochs=None, limit=0, dataset=None):
                                s.epochs * len(loader), s.min_lr)   # gives the learning rate of each step
     test_x = torch.from_numpy(loader.normalize(ds.test_images))
     test_y = torch.from_numpy(ds.test_labels)
+    background = -np.asarray(info.mean, np.float32) / np.asarray(info.std, np.float32)   # pixel 0, normalised
     rows = []
     for epoch in range(s.epochs):
         model.train()
@@ -81,13 +84,15 @@ def run_pytorch(preset, epochs=None, limit=0, dataset=None):
                         a.mul_(d).add_(p, alpha=1 - d)
         judged = ema or model
         judged.eval()
+        moves = train.tta_moves(s.tta_shift if epoch + 1 == s.epochs else 0)     # as minivit's evaluate
         with torch.no_grad():
             correct = 0
             for i in range(0, len(test_y), 256):
-                x = test_x[i:i + 256]
-                probs = torch.softmax(judged(x), dim=1)
-                if s.flip_tta:                                # as minivit's evaluate(flip=True)
-                    probs = probs + torch.softmax(judged(x.flip(-1)), dim=1)
+                x, probs = test_x[i:i + 256], 0.0
+                for dy, dx in moves:
+                    v = x if (dy, dx) == (0, 0) else torch.from_numpy(data.shift_images(x.numpy(), dy, dx, background))
+                    for view in ([v, v.flip(-1)] if s.flip_tta else [v]):
+                        probs = probs + torch.softmax(judged(view), dim=1)
                 correct += int((probs.argmax(1) == test_y[i:i + 256]).sum())
         rows.append({"epoch": epoch + 1, "wall_s": time.perf_counter() - started, "test_acc": correct / len(test_y)})
         print(f"pytorch epoch {epoch + 1}/{s.epochs}  test acc {rows[-1]['test_acc']:.2%}  {rows[-1]['wall_s']:.0f}s",

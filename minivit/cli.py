@@ -51,6 +51,9 @@ TRAIN_FLAGS = {
                    "side; 0: flips only)"),
     "--erase": ("erase", float, "with --augment: the probability that a training image has a random rectangle (2%% "
                 "to a third of it) overwritten with random pixels, random erasing (0: off)"),
+    "--tta-shift": ("tta_shift", int, "the evaluation after the last epoch (and minivit eval) averages the class "
+                    "probabilities of the image moved by 0..N pixels up, down, left and right (1 + 4N views, each "
+                    "also mirrored with --flip-tta); earlier epochs' evaluations leave the shifts out (0: off)"),
     "--val-size": ("val_size", int, "hold out the last N training images to evaluate on each epoch; the test set "
                    "is then evaluated once, at the end (0: the test set each epoch)"),
     "--ema": ("ema", float, "decay of a moving average of the weights, which is evaluated and saved (0: off)"),

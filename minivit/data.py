@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minivit.devices import get_array_module
 from minivit.rundir import make_folders, remove_empty_folders
 
 EMBEDDED_DIR = Path(__file__).parent / "datasets"
@@ -439,6 +440,27 @@ def erase_rectangles(images, p, rng):
                 erased[b] = True
                 break
     return erased
+
+
+def shift_images(x, dy, dx, fill):
+    """x moved by ``dy`` pixels down and ``dx`` right (negative: up, left), the pixels moved in set to ``fill``.
+
+    Args:
+        x: (B, C, H, W), NumPy or CuPy.
+        dy, dx: whole numbers, each smaller in size than the image's side.
+        fill: a scalar or (C,) per-channel values (for normalised images, the normalised background).
+    Returns:
+        a new array of x's shape and dtype.
+    """
+    B, C, H, W = x.shape
+    if abs(dy) >= H or abs(dx) >= W:
+        raise ValueError(f"shift_images: a shift of ({dy}, {dx}) pixels leaves nothing of {H}x{W} images")
+    xp = get_array_module(x)
+    out = xp.empty_like(x)
+    out[...] = xp.asarray(fill, dtype=x.dtype).reshape(-1, 1, 1)
+    out[:, :, max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = \
+        x[:, :, max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+    return out
 
 
 class DataLoader:

@@ -64,6 +64,8 @@ class TrainSettings:
                               # test set once at the end (0: evaluate on the test set each epoch)
     ema: float = 0.0          # decay of a moving average of the weights, which is evaluated and saved (0: off)
     flip_tta: bool = False    # evaluate on each image and its mirror image, averaging their class probabilities
+    tta_shift: int = 0        # the last epoch's evaluation (and minivit eval) also averages the image moved by
+                              # 1..N pixels up, down, left and right
     processes: int = 1        # `minivit train` on this machine: processes sharing each batch (minivit.distributed)
     device: str = "cpu"
     anomaly: bool = False
@@ -163,7 +165,7 @@ RANGES = {
     "label_smoothing": Range(0, 1), "clip_grad": Range(0), "mlp_ratio": Range(0, low_included=False),
     "drop_rate": Range(0, 1), "val_size": Range(0), "ema": Range(0, 1), "patch_kernel": Range(0),
     "crop_pad": Range(-1), "erase": Range(0, 1, high_included=True), "stem_channels": Range(0), "stem_depth": Range(1),
-    "stem_stride": Range(1, 2, high_included=True), "processes": Range(1),
+    "stem_stride": Range(1, 2, high_included=True), "processes": Range(1), "tta_shift": Range(0),
 }
 CHOICES = {"global_pool": ("token", "avg"), "pos_embed": ("learn", "sincos")}
 
@@ -257,6 +259,8 @@ def relations(s):
         problems.append(f"--min-lr {s.min_lr} is above --lr {s.lr}: the decay must end at or below the peak")
     if getattr(s, "erase", 0.0) and not s.augment:     # (the settings of minivit vae have neither)
         problems.append(f"--erase {s.erase} needs --augment: random erasing is one of its augmentations")
+    if getattr(s, "tta_shift", 0) >= H:
+        problems.append(f"--tta-shift {s.tta_shift} would move the {H}x{H} images of {s.dataset} out of sight")
     if s.warmup_epochs > s.epochs:
         problems.append(f"--warmup-epochs {s.warmup_epochs} is longer than the run (--epochs {s.epochs})")
     if H % s.patch_size:
@@ -339,25 +343,31 @@ def _restore_rng_state(model, states):
         rng.default_generator(np).bit_generator.state = states["__default__"]
 
 
-def evaluate(model, images, labels, mean, std, batch_size=256, device="cpu", flip=False):
+def evaluate(model, images, labels, mean, std, batch_size=256, device="cpu", flip=False, shift=0):
     """Loss, accuracy, predictions and the probability of each prediction on a labelled set.
 
-    With ``flip`` (test-time augmentation) a prediction averages the class probabilities of an image and of its
-    mirror image: p = (softmax(f(x)) + softmax(f(x[..., ::-1]))) / 2, kept as log p = logaddexp(log p1, log p2)
-    - log 2 so that the loss -log p[label] stays finite. Suits models trained with random flips (``--augment``).
+    Test-time augmentation: a prediction averages the class probabilities of several views of the image,
+    p = mean_v softmax(f(v(x))), kept as log p = logsumexp_v log softmax(f(v(x))) - log V so that the loss
+    -log p[label] stays finite. With ``flip`` the views are the image and its mirror image (suits models trained
+    with random flips, ``--augment``); with ``shift`` N they are also the image moved by 1..N pixels up, down,
+    left and right, background (pixel 0) moved in: 1 + 4N positions, each mirrored too under ``flip``.
     """
     loader = data.DataLoader(images, labels, batch_size, mean, std)
+    background = -np.asarray(mean, np.float32) / np.asarray(std, np.float32)        # pixel 0, normalised
+    moves = tta_moves(shift)
     model.eval()
     total_loss, predictions, confidences = 0.0, [], []
     with no_grad():
         for x, y in loader:
             x = devices.to_device(x, device)
             xp = devices.get_array_module(x)
-            log_p = F.log_softmax(model(x), axis=1).data                     # (B, K)
-            if flip:
-                log_p_mirror = F.log_softmax(model(xp.ascontiguousarray(x[..., ::-1])), axis=1).data
-                log_p = xp.logaddexp(log_p, log_p_mirror) - math.log(2.0)
-            log_p = devices.asnumpy(log_p)
+            log_p = None
+            for dy, dx in moves:
+                v = x if (dy, dx) == (0, 0) else data.shift_images(x, dy, dx, background)
+                for view in ([v, xp.ascontiguousarray(v[..., ::-1])] if flip else [v]):
+                    log_pv = F.log_softmax(model(view), axis=1).data                 # (B, K)
+                    log_p = log_pv if log_p is None else xp.logaddexp(log_p, log_pv)
+            log_p = devices.asnumpy(log_p - math.log(len(moves) * (2 if flip else 1)))
             total_loss -= float(log_p[np.arange(len(y)), y].sum())
             predictions.append(log_p.argmax(1))
             confidences.append(np.exp(log_p.max(1)))
@@ -368,14 +378,31 @@ def evaluate(model, images, labels, mean, std, batch_size=256, device="cpu", fli
             "predictions": predictions, "confidences": np.concatenate(confidences)}
 
 
-def evaluate_shared(model, images, labels, info, s):
-    """(loss, accuracy) of ``evaluate`` on a labelled set, each rank of the job evaluating its share of it."""
+def tta_moves(shift):
+    """The (down, right) pixel moves of ``evaluate``'s views for ``shift`` N: (0, 0), then 1..N up, down, left and
+    right."""
+    return [(0, 0)] + [(dy * d, dx * d) for d in range(1, shift + 1) for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+
+
+def tta_words(flip, shift):
+    """How ``evaluate`` makes a prediction, in words for the logs ('' for the image alone)."""
+    if not shift:
+        return ", each image averaged with its mirror image" if flip else ""
+    views = (1 + 4 * shift) * (2 if flip else 1)
+    return (f", each image averaged over {views} views: moved by up to {plural(shift, 'pixel')} up, down, left "
+            f"and right{', each also mirrored' if flip else ''}")
+
+
+def evaluate_shared(model, images, labels, info, s, final=False):
+    """(loss, accuracy) of ``evaluate`` on a labelled set, each rank of the job evaluating its share of it; the
+    shifted views of ``s.tta_shift`` only in the ``final`` evaluation of a run."""
     world = distributed.world()
     part = distributed.shard(len(labels), world.rank, world.size)
     n = part.stop - part.start
     loss_sum, correct = 0.0, 0                                 # a set smaller than the job: some ranks get none
     if n:
-        result = evaluate(model, images[part], labels[part], info.mean, info.std, device=s.device, flip=s.flip_tta)
+        result = evaluate(model, images[part], labels[part], info.mean, info.std, device=s.device, flip=s.flip_tta,
+                          shift=s.tta_shift if final else 0)
         loss_sum, correct = result["loss"] * n, int((result["predictions"] == labels[part]).sum())
     loss_sum, correct = world.sum([loss_sum, correct])
     return loss_sum / len(labels), correct / len(labels)
@@ -468,7 +495,7 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
                         splits.append("test")                      # the test set once, at the end
                     for split in splits:
                         images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
-                        loss, acc = evaluate_shared(judged, images, labels, info, s)
+                        loss, acc = evaluate_shared(judged, images, labels, info, s, final=epoch + 1 == s.epochs)
                         history[-1].update({f"{split}_loss": loss, f"{split}_acc": acc})
                     # wall time from the start of the run (data loading included) to the end of this evaluation
                     history[-1]["wall_time_s"] = wall_before + time.perf_counter() - started
@@ -493,7 +520,8 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
             STOP.watching = STOP.asked = False
     final = history[-1]
     total = sum(h["epoch_time_s"] for h in history)
-    log(f"test accuracy {final['test_acc']:.2%} after {plural(final['epoch'], 'epoch')} ({total:.0f}s of training, "
+    log(f"test accuracy {final['test_acc']:.2%} after {plural(final['epoch'], 'epoch')}"
+        f"{tta_words(s.flip_tta, s.tta_shift)} ({total:.0f}s of training, "
         f"{final.get('wall_time_s', total):.0f}s in all); "
         f"checkpoint {paths['checkpoint']}, metrics {paths['metrics']}, curves {paths['curves']}")
     return {"history": history, "test_acc": final["test_acc"], "model": model, "paths": paths, "settings": s}
@@ -658,7 +686,7 @@ def evaluate_checkpoint(path, out_dir=None, data_dir=None, device="cpu", log=pri
     ds = load_data(settings, progress)
     info = ds.info
     result = evaluate(model, ds.test_images, ds.test_labels, info.mean, info.std, device=device,
-                      flip=settings.flip_tta)
+                      flip=settings.flip_tta, shift=settings.tta_shift)
     counts = viz.confusion_matrix(ds.test_labels, result["predictions"], len(info.classes))
     per_class = counts.diagonal() / np.maximum(counts.sum(1), 1)
     out_dir = Path(out_dir) if out_dir is not None else Path(path).parent
@@ -670,12 +698,13 @@ def evaluate_checkpoint(path, out_dir=None, data_dir=None, device="cpu", log=pri
                       files["mistakes"])
     report = {"checkpoint": str(path), "dataset": info.name, "images": int(len(ds.test_labels)),
               "accuracy": result["acc"], "loss": result["loss"], "flip_tta": settings.flip_tta,
+              "tta_shift": settings.tta_shift,
               "per_class_accuracy": {c: float(a) for c, a in zip(info.classes, per_class)},
               "confusion_matrix": counts.tolist()}
     checkpoint.atomic_write(files["report"], lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
     width = max(len(c) for c in info.classes)
     log(f"{info.name} test set: accuracy {result['acc']:.2%} ({int(counts.diagonal().sum())}/{len(ds.test_labels)}), "
-        f"loss {result['loss']:.4f}" + (", each image averaged with its mirror image" if settings.flip_tta else ""))
+        f"loss {result['loss']:.4f}" + tta_words(settings.flip_tta, settings.tta_shift))
     for c, a, n in zip(info.classes, per_class, counts.sum(1)):
         log(f"  {c:<{width}}  {a:7.2%}  of {n}")
     log(f"confusion matrix {files['confusion']}, mistakes {files['mistakes']}, report {files['report']}")

@@ -76,6 +76,54 @@ def test_flip_tta_flag_is_saved_and_used_by_eval(tmp_path, capsys):
     assert abs(report["accuracy"] - ckpt.history[-1]["test_acc"]) < 1e-9
 
 
+def test_shift_tta_averages_the_moved_images_with_background_moved_in():
+    rng = np.random.default_rng(1)
+    model = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=16, depth=1,
+                              num_heads=2)
+    images = rng.integers(0, 256, size=(30, 1, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=30)
+    mean, std = [0.29], [0.35]
+    tta = train_module.evaluate(model, images, labels, mean, std, batch_size=16, flip=True, shift=1)
+
+    loader = data.DataLoader(images, labels, 30, mean, std)
+    probs = []
+    for dy, dx in [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)]:
+        moved = np.zeros((30, 1, 30, 30), np.uint8)              # pixel by pixel: pad with 0, cut the window
+        moved[:, :, 1:29, 1:29] = images
+        moved = moved[:, :, 1 - dy:29 - dy, 1 - dx:29 - dx]
+        for view in (moved, moved[..., ::-1]):
+            with no_grad():
+                probs.append(softmax(model(loader.normalize(np.ascontiguousarray(view))).data.astype(np.float64), 1))
+    assert not np.allclose(probs[0], probs[2], atol=1e-3)   # moving the image changes what the model sees
+    p = np.mean(probs, axis=0)
+    np.testing.assert_array_equal(tta["predictions"], p.argmax(1))
+    np.testing.assert_allclose(tta["confidences"], p.max(1), rtol=1e-5)
+    np.testing.assert_allclose(tta["loss"], -np.log(p[np.arange(30), labels]).mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"a shift of \(28, 0\) pixels leaves nothing of 28x28 images"):
+        data.shift_images(loader.normalize(images), 28, 0, 0.0)
+    with pytest.raises(SettingsError, match="--tta-shift 28 would move the 28x28 images of fashion-mnist out of"):
+        settings_for("fashion15", tta_shift=28)
+
+
+def test_shift_tta_is_used_after_the_last_epoch_only_and_by_eval(tmp_path, capsys, monkeypatch):
+    shifts, evaluate = [], train_module.evaluate
+
+    def recording(*args, **kwargs):
+        shifts.append(kwargs["shift"])
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(train_module, "evaluate", recording)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "2", "--tta-shift", "1", "--val-size", "100", "--out", str(out)]
+                    + SMALL) == 0
+    assert shifts == [0, 1, 1]                 # val after epoch 1; val and test after the last
+    assert "averaged over 5 views: moved by up to 1 pixel up, down, left and right" in capsys.readouterr().out
+    ckpt = checkpoint.load_checkpoint(out / "checkpoint.safetensors")
+    assert cli.main(["eval", str(out)]) == 0
+    assert shifts[-1] == 1
+    report = json.loads((out / "eval.json").read_text())
+    assert report["tta_shift"] == 1 and abs(report["accuracy"] - ckpt.history[-1]["test_acc"]) < 1e-9
+
+
 def test_resume_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
     flags = ["--epochs", "3", "--drop-rate", "0.2", "--pool", "avg", "--ema", "0.9"] + SMALL
     assert cli.main(["train", "--out", str(tmp_path / "straight")] + flags) == 0
