@@ -70,9 +70,10 @@ def test_time_to_accuracy_trains_both_and_writes_the_table_and_the_plot(tmp_path
     for rows in runs.values():
         assert [r["epoch"] for r in rows] == [1, 2] and all(0 <= r["test_acc"] <= 1 for r in rows)
         assert rows[0]["wall_s"] < rows[1]["wall_s"]
-    if not only:   # same weights, same batches: the same first-epoch accuracy up to float32 rounding
-        first = [rows[0]["test_acc"] for rows in runs.values()]
-        assert abs(first[0] - first[1]) <= 0.02
+    if not only:   # same weights, same batches, same views (shifted ones at the end): the same accuracy up to
+        for epoch in range(2):                          # float32 rounding
+            accuracy = [rows[epoch]["test_acc"] for rows in runs.values()]
+            assert abs(accuracy[0] - accuracy[1]) <= 0.02, (epoch, accuracy)
 
 
 def test_gan_variants_trains_each_loss_on_a_budget_and_writes_the_table_curve_and_grids(tmp_path):
