@@ -39,12 +39,16 @@ def test_cli_trains_evaluates_and_exports(tmp_path, capsys):
     assert "head.weight" in checkpoint.read_state_dict(tmp_path / "w.npz")
 
 
-def test_flip_tta_averages_the_probabilities_of_each_image_and_its_mirror_image():
-    rng = np.random.default_rng(0)
+def random_model_and_images(n, seed):
+    """A small random ViT and ``n`` random 28x28 grey images with labels, to evaluate."""
+    rng = np.random.default_rng(seed)
     model = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=16, depth=1,
                               num_heads=2)
-    images = rng.integers(0, 256, size=(40, 1, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=40)
+    return model, rng.integers(0, 256, size=(n, 1, 28, 28), dtype=np.uint8), rng.integers(0, 10, size=n)
+
+
+def test_flip_tta_averages_the_probabilities_of_each_image_and_its_mirror_image():
+    model, images, labels = random_model_and_images(40, seed=0)
     mean, std = [0.29], [0.35]
     plain = train_module.evaluate(model, images, labels, mean, std, batch_size=16)
     tta = train_module.evaluate(model, images, labels, mean, std, batch_size=16, flip=True)
@@ -77,11 +81,7 @@ def test_flip_tta_flag_is_saved_and_used_by_eval(tmp_path, capsys):
 
 
 def test_shift_tta_averages_the_moved_images_with_background_moved_in():
-    rng = np.random.default_rng(1)
-    model = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=16, depth=1,
-                              num_heads=2)
-    images = rng.integers(0, 256, size=(30, 1, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=30)
+    model, images, labels = random_model_and_images(30, seed=1)
     mean, std = [0.29], [0.35]
     tta = train_module.evaluate(model, images, labels, mean, std, batch_size=16, flip=True, shift=1)
 
