@@ -84,14 +84,15 @@ def run_pytorch(preset, epochs=None, limit=0, dataset=None):
                         a.mul_(d).add_(p, alpha=1 - d)
         judged = ema or model
         judged.eval()
-        moves = train.tta_moves(s.tta_shift if epoch + 1 == s.epochs else 0)     # as minivit's evaluate
+        final = epoch + 1 == s.epochs                  # test-time augmentation after the last epoch, as minivit
+        moves = train.tta_moves(s.tta_shift if final else 0)
         with torch.no_grad():
             correct = 0
             for i in range(0, len(test_y), 256):
                 x, probs = test_x[i:i + 256], 0.0
                 for dy, dx in moves:
                     v = x if (dy, dx) == (0, 0) else torch.from_numpy(data.shift_images(x.numpy(), dy, dx, background))
-                    for view in ([v, v.flip(-1)] if s.flip_tta else [v]):
+                    for view in ([v, v.flip(-1)] if s.flip_tta and final else [v]):
                         probs = probs + torch.softmax(judged(view), dim=1)
                 correct += int((probs.argmax(1) == test_y[i:i + 256]).sum())
         rows.append({"epoch": epoch + 1, "wall_s": time.perf_counter() - started, "test_acc": correct / len(test_y)})

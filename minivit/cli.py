@@ -53,7 +53,7 @@ TRAIN_FLAGS = {
                 "to a third of it) overwritten with random pixels, random erasing (0: off)"),
     "--tta-shift": ("tta_shift", int, "the evaluation after the last epoch (and minivit eval) averages the class "
                     "probabilities of the image moved by 0..N pixels up, down, left and right (1 + 4N views, each "
-                    "also mirrored with --flip-tta); earlier epochs' evaluations leave the shifts out (0: off)"),
+                    "also mirrored with --flip-tta); earlier epochs' evaluations see each image once (0: off)"),
     "--val-size": ("val_size", int, "hold out the last N training images to evaluate on each epoch; the test set "
                    "is then evaluated once, at the end (0: the test set each epoch)"),
     "--ema": ("ema", float, "decay of a moving average of the weights, which is evaluated and saved (0: off)"),
@@ -103,9 +103,10 @@ def _parser():
     _add_settings_flags(t, TRAIN_FLAGS, tiny)
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crops and flips (default: off; on in the fashion15 and cifar10 presets)")
-    t.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None, help="evaluate on each image "
-                   "and its mirror image, averaging their class probabilities (default: off; on in the fashion15 "
-                   "preset)")
+    t.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None, help="the evaluation after "
+                   "the last epoch (and minivit eval) averages the class probabilities of each image and of its "
+                   "mirror image; earlier epochs' evaluations see each image once (default: off; on in the "
+                   "fashion15 preset)")
     t.add_argument("--amp", action="store_true", default=None, help="mixed precision: matrix products in float16 "
                    "with loss scaling (fast on a GPU; on a CPU NumPy's float16 products are far slower)")
     _add_run_flags(t, out="runs/<preset>-<time>", resume="a checkpoint (or a run folder)")

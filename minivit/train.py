@@ -63,9 +63,10 @@ class TrainSettings:
     val_size: int = 0         # hold out the last `val_size` training images: evaluate on them each epoch, on the
                               # test set once at the end (0: evaluate on the test set each epoch)
     ema: float = 0.0          # decay of a moving average of the weights, which is evaluated and saved (0: off)
-    flip_tta: bool = False    # evaluate on each image and its mirror image, averaging their class probabilities
-    tta_shift: int = 0        # the last epoch's evaluation (and minivit eval) also averages the image moved by
-                              # 1..N pixels up, down, left and right
+    # Test-time augmentation, in the evaluation after the last epoch (a run's result) and in minivit eval; the
+    # evaluations after earlier epochs, which only follow the run, see each image once.
+    flip_tta: bool = False    # average the class probabilities of each image and of its mirror image
+    tta_shift: int = 0        # ... and of the image moved by 1..N pixels up, down, left and right
     processes: int = 1        # `minivit train` on this machine: processes sharing each batch (minivit.distributed)
     device: str = "cpu"
     anomaly: bool = False
@@ -84,12 +85,12 @@ PRESETS = {
                   patch_size=4, embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0),
     # Full Fashion-MNIST within 15 minutes on two cores: a stem of two stride-2 convolutions of 64 channels
     # (28 -> 14 -> 7) under 3x3 patch windows, random flips, mean pooling, the moving average of the weights, and
-    # after the last epoch each test image averaged with itself moved by a pixel up, down, left and right (chosen
-    # on the last 5,000 training images; see the README's results); two processes, each with its half of every
-    # batch (on two cores they do about 1.5x the images/s of one process).
+    # after the last epoch each test image averaged over ten views: itself and moved by a pixel up, down, left and
+    # right, each also mirrored (chosen on the last 5,000 training images; see the README's results); two
+    # processes, each with its half of every batch (on two cores they do about 1.5x the images/s of one process).
     "fashion15": dict(dataset="fashion-mnist", epochs=10, batch_size=128, lr=2e-3, warmup_epochs=1.0,
                       label_smoothing=0.1, augment=True, crop_pad=0, patch_size=4, stem_channels=64, stem_depth=2,
-                      stem_stride=2, patch_kernel=3, global_pool="avg", ema=0.999, tta_shift=1, embed_dim=64,
+                      stem_stride=2, patch_kernel=3, global_pool="avg", ema=0.999, flip_tta=True, tta_shift=1, embed_dim=64,
                       depth=6, num_heads=4, mlp_ratio=2.0, processes=2),
     # CIFAR-10: 32x32 colour images, random crops and flips.
     "cifar10": dict(dataset="cifar10", epochs=50, batch_size=128, lr=1e-3, warmup_epochs=5.0, label_smoothing=0.1,
@@ -394,15 +395,15 @@ def tta_words(flip, shift):
 
 
 def evaluate_shared(model, images, labels, info, s, final=False):
-    """(loss, accuracy) of ``evaluate`` on a labelled set, each rank of the job evaluating its share of it; the
-    shifted views of ``s.tta_shift`` only in the ``final`` evaluation of a run."""
+    """(loss, accuracy) of ``evaluate`` on a labelled set, each rank of the job evaluating its share of it; with the
+    test-time augmentation of ``s`` only in the ``final`` evaluation of a run."""
     world = distributed.world()
     part = distributed.shard(len(labels), world.rank, world.size)
     n = part.stop - part.start
     loss_sum, correct = 0.0, 0                                 # a set smaller than the job: some ranks get none
     if n:
-        result = evaluate(model, images[part], labels[part], info.mean, info.std, device=s.device, flip=s.flip_tta,
-                          shift=s.tta_shift if final else 0)
+        result = evaluate(model, images[part], labels[part], info.mean, info.std, device=s.device,
+                          flip=s.flip_tta and final, shift=s.tta_shift if final else 0)
         loss_sum, correct = result["loss"] * n, int((result["predictions"] == labels[part]).sum())
     loss_sum, correct = world.sum([loss_sum, correct])
     return loss_sum / len(labels), correct / len(labels)

@@ -105,21 +105,22 @@ def test_shift_tta_averages_the_moved_images_with_background_moved_in():
         settings_for("fashion15", tta_shift=28)
 
 
-def test_shift_tta_is_used_after_the_last_epoch_only_and_by_eval(tmp_path, capsys, monkeypatch):
-    shifts, evaluate = [], train_module.evaluate
+def test_tta_is_used_after_the_last_epoch_only_and_by_eval(tmp_path, capsys, monkeypatch):
+    views, evaluate = [], train_module.evaluate
 
     def recording(*args, **kwargs):
-        shifts.append(kwargs["shift"])
+        views.append((kwargs["flip"], kwargs["shift"]))
         return evaluate(*args, **kwargs)
     monkeypatch.setattr(train_module, "evaluate", recording)
     out = tmp_path / "run"
-    assert cli.main(["train", "--epochs", "2", "--tta-shift", "1", "--val-size", "100", "--out", str(out)]
-                    + SMALL) == 0
-    assert shifts == [0, 1, 1]                 # val after epoch 1; val and test after the last
-    assert "averaged over 5 views: moved by up to 1 pixel up, down, left and right" in capsys.readouterr().out
+    assert cli.main(["train", "--epochs", "2", "--augment", "--flip-tta", "--tta-shift", "1", "--val-size", "100",
+                     "--out", str(out)] + SMALL) == 0
+    assert views == [(False, 0), (True, 1), (True, 1)]       # val after epoch 1; val and test after the last
+    assert ("averaged over 10 views: moved by up to 1 pixel up, down, left and right, each also mirrored"
+            in capsys.readouterr().out)
     ckpt = checkpoint.load_checkpoint(out / "checkpoint.safetensors")
     assert cli.main(["eval", str(out)]) == 0
-    assert shifts[-1] == 1
+    assert views[-1] == (True, 1)
     report = json.loads((out / "eval.json").read_text())
     assert report["tta_shift"] == 1 and abs(report["accuracy"] - ckpt.history[-1]["test_acc"]) < 1e-9
 
