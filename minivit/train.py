@@ -88,7 +88,7 @@ PRESETS = {
     # after the last epoch each test image averaged over ten views: itself and moved by a pixel up, down, left and
     # right, each also mirrored (chosen on the last 5,000 training images; see the README's results); two
     # processes, each with its half of every batch (on two cores they do about 1.5x the images/s of one process).
-    "fashion15": dict(dataset="fashion-mnist", epochs=10, batch_size=128, lr=2e-3, warmup_epochs=1.0,
+    "fashion15": dict(dataset="fashion-mnist", epochs=9, batch_size=128, lr=2e-3, warmup_epochs=1.0,
                       label_smoothing=0.1, augment=True, crop_pad=0, patch_size=4, stem_channels=64, stem_depth=2,
                       stem_stride=2, patch_kernel=3, global_pool="avg", ema=0.999, flip_tta=True, tta_shift=1, embed_dim=64,
                       depth=6, num_heads=4, mlp_ratio=2.0, processes=2),
