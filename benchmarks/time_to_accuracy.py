@@ -9,7 +9,8 @@ recipe in one process at its defaults (its own threads): the same model (TorchVi
 initial weights copied by name), the same batches in the same order with the same augmentation (minivit's
 DataLoader feeds both), the same AdamW parameter groups, the same learning rate at every step (minivit's
 WarmupCosine), label smoothing, gradient clipping and moving average of the weights, evaluated on the test set
-after each epoch as the command does (with the recipe's mirror-image averaging, if it has it).
+after each epoch as the command does (with the recipe's test-time augmentation, mirror images and shifted
+views, after the last epoch).
 Wall time runs from the start of a run (data loading included) to the end of each epoch's evaluation. Writes a
 Markdown table and a plot.
 """
