@@ -24,11 +24,11 @@ def main():
     images = rng.integers(0, 256, (101, 1, 8, 8), dtype=np.uint8)
     labels = rng.integers(0, 3, 101)
     info = SimpleNamespace(mean=(0.5,), std=(0.25,))
-    settings = train.TrainSettings(flip_tta=True)
-    shared = train.evaluate_shared(model, images, labels, info, settings)
-    whole = train.evaluate(model, images, labels, info.mean, info.std, flip=True)
-    one = train.evaluate_shared(model, images[:1], labels[:1], info, settings)  # rank 1 gets no image
-    alone = train.evaluate(model, images[:1], labels[:1], info.mean, info.std, flip=True)
+    settings = train.TrainSettings(flip_tta=True, tta_shift=1)      # a run's final evaluation: ten views
+    shared = train.evaluate_shared(model, images, labels, info, settings, final=True)
+    whole = train.evaluate(model, images, labels, info.mean, info.std, flip=True, shift=1)
+    one = train.evaluate_shared(model, images[:1], labels[:1], info, settings, final=True)  # rank 1 gets none
+    alone = train.evaluate(model, images[:1], labels[:1], info.mean, info.std, flip=True, shift=1)
     if world.is_main:
         with open(sys.argv[1], "w") as f:
             json.dump({"ranks": world.size, "shared": list(shared), "whole": [whole["loss"], whole["acc"]],
