@@ -90,8 +90,8 @@ PRESETS = {
     # processes, each with its half of every batch (on two cores they do about 1.5x the images/s of one process).
     "fashion15": dict(dataset="fashion-mnist", epochs=9, batch_size=128, lr=2e-3, warmup_epochs=1.0,
                       label_smoothing=0.1, augment=True, crop_pad=0, patch_size=4, stem_channels=64, stem_depth=2,
-                      stem_stride=2, patch_kernel=3, global_pool="avg", ema=0.999, flip_tta=True, tta_shift=1, embed_dim=64,
-                      depth=6, num_heads=4, mlp_ratio=2.0, processes=2),
+                      stem_stride=2, patch_kernel=3, global_pool="avg", ema=0.999, flip_tta=True, tta_shift=1,
+                      embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0, processes=2),
     # CIFAR-10: 32x32 colour images, random crops and flips.
     "cifar10": dict(dataset="cifar10", epochs=50, batch_size=128, lr=1e-3, warmup_epochs=5.0, label_smoothing=0.1,
                     augment=True, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=2.0),
@@ -165,8 +165,9 @@ RANGES = {
     "lr": Range(0, low_included=False), "min_lr": Range(0), "weight_decay": Range(0), "warmup_epochs": Range(0),
     "label_smoothing": Range(0, 1), "clip_grad": Range(0), "mlp_ratio": Range(0, low_included=False),
     "drop_rate": Range(0, 1), "val_size": Range(0), "ema": Range(0, 1), "patch_kernel": Range(0),
-    "crop_pad": Range(-1), "erase": Range(0, 1, high_included=True), "stem_channels": Range(0), "stem_depth": Range(1),
-    "stem_stride": Range(1, 2, high_included=True), "processes": Range(1), "tta_shift": Range(0),
+    "crop_pad": Range(-1), "erase": Range(0, 1, high_included=True), "stem_channels": Range(0),
+    "stem_depth": Range(1), "stem_stride": Range(1, 2, high_included=True), "processes": Range(1),
+    "tta_shift": Range(0),
 }
 CHOICES = {"global_pool": ("token", "avg"), "pos_embed": ("learn", "sincos")}
 
