@@ -63,7 +63,7 @@ def run_pytorch(preset, epochs=None, limit=0, dataset=None):
                                s.epochs * len(loader), s.min_lr)   # gives the learning rate of each step
     test_x = torch.from_numpy(loader.normalize(ds.test_images))
     test_y = torch.from_numpy(ds.test_labels)
-    background = -np.asarray(info.mean, np.float32) / np.asarray(info.std, np.float32)   # pixel 0, normalised
+    background = loader.normalize(np.zeros((1, info.shape[0], 1, 1), np.uint8))          # pixel 0, normalised
     rows = []
     for epoch in range(s.epochs):
         model.train()

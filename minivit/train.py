@@ -355,7 +355,7 @@ def evaluate(model, images, labels, mean, std, batch_size=256, device="cpu", fli
     left and right, background (pixel 0) moved in: 1 + 4N positions, each mirrored too under ``flip``.
     """
     loader = data.DataLoader(images, labels, batch_size, mean, std)
-    background = -np.asarray(mean, np.float32) / np.asarray(std, np.float32)        # pixel 0, normalised
+    background = loader.normalize(np.zeros((1, images.shape[1], 1, 1), np.uint8))   # pixel 0, (1, C, 1, 1)
     moves = tta_moves(shift)
     model.eval()
     total_loss, predictions, confidences = 0.0, [], []
