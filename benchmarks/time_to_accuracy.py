@@ -5,7 +5,8 @@
 
 minivit trains with its command (``python -m minivit train --preset P``, at its library defaults and in as many
 processes as the preset asks for: two for ``fashion15``, each with half of every batch); PyTorch trains the same
-recipe in one process at its defaults (its own threads): the same model (TorchViT, with the minivit model's
+recipe, for as many epochs as minivit's run took (``fashion15`` takes as many as fit in 15 minutes), in one process
+at its defaults (its own threads): the same model (TorchViT, with the minivit model's
 initial weights copied by name), the same batches in the same order with the same augmentation (minivit's
 DataLoader feeds both), the same AdamW parameter groups, the same learning rate at every step (minivit's
 WarmupCosine), label smoothing, gradient clipping and moving average of the weights, evaluated on the test set
@@ -147,9 +148,15 @@ def main(argv=None):
     if args.only != "pytorch":
         runs["minivit"] = run_minivit(args.preset, args.run_dir or ROOT / "runs" / f"time-to-accuracy-{args.preset}",
                                       args.epochs, args.limit, args.dataset)
+    epochs = args.epochs
+    if "minivit" in runs:
+        epochs = runs["minivit"][-1]["epoch"]    # under a time budget, the epochs minivit measured to fit
+    elif train.PRESETS[args.preset].get("minutes") and not epochs:
+        parser.error(f"--only pytorch: the {args.preset} preset trains as many epochs as fit in its time budget; "
+                     "give --epochs (those of the minivit run to compare with)")
     if args.only != "minivit":
         cmd = [sys.executable, __file__, "--pytorch-worker", "--preset", args.preset, "--limit", str(args.limit)]
-        cmd += ["--epochs", str(args.epochs)] if args.epochs else []
+        cmd += ["--epochs", str(epochs)] if epochs else []
         cmd += ["--dataset", args.dataset] if args.dataset else []
         done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,   # its progress goes to stderr
                               env={**os.environ, "MINIVIT_TUNE_MALLOC": "0"})

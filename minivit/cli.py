@@ -23,6 +23,8 @@ TRAIN_FLAGS = {
     "--dataset": ("dataset", str, f"one of {', '.join(data.DATASETS)}"),
     "--data-dir": ("data_dir", str, "folder with the dataset files (looked up first; it must exist)"),
     "--epochs": ("epochs", int, "passes over the training set"),
+    "--minutes": ("minutes", float, "budget of wall time: first measure the step and evaluation times here, then "
+                  "train as many epochs as fit, at most --epochs, the schedule ending with them (0: no budget)"),
     "--batch-size": ("batch_size", int, "images per step"),
     "--lr": ("lr", float, "peak learning rate of AdamW"),
     "--min-lr": ("min_lr", float, "learning rate at the end of the cosine decay (at most --lr)"),
@@ -96,7 +98,9 @@ def _parser():
 
     tiny = settings_for("tiny")
     t = sub.add_parser("train", parents=[common], help="train a ViT", description="Train a ViT. Presets: " + "; ".join(
-        f"{name} ({p['dataset']}, {p['epochs']} epochs)" for name, p in PRESETS.items())
+        f"{name} ({p['dataset']}, " + (f"as many epochs as fit in {p['minutes']:g} minutes, at most {p['epochs']})"
+                                       if p.get("minutes") else f"{p['epochs']} epochs)")
+        for name, p in PRESETS.items())
         + ". The defaults shown are the tiny preset's; another preset sets its own.")
     t.add_argument("--preset", default="tiny", choices=list(PRESETS), help="starting settings (default: tiny, "
                    "the embedded Fashion-MNIST subset)")

@@ -10,6 +10,7 @@ a run owns its folder while it works (``minivit.rundir``).
 """
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -36,6 +37,7 @@ class TrainSettings:
     dataset: str = "fashion-mnist-mini"
     data_dir: str = None
     epochs: int = 10
+    minutes: float = 0.0      # a wall-time budget: as many epochs as fit in it (at most `epochs`), measured first
     batch_size: int = 64
     lr: float = 2e-3
     min_lr: float = 1e-5
@@ -88,7 +90,9 @@ PRESETS = {
     # after the last epoch each test image averaged over ten views: itself and moved by a pixel up, down, left and
     # right, each also mirrored (chosen on the last 5,000 training images; see the README's results); two
     # processes, each with its half of every batch (on two cores they do about 1.5x the images/s of one process).
-    "fashion15": dict(dataset="fashion-mnist", epochs=9, batch_size=128, lr=2e-3, warmup_epochs=1.0,
+    # As many epochs as this machine fits in 15 minutes (9 or 10 on the 2-core machines where the recipe was
+    # chosen), at most 20.
+    "fashion15": dict(dataset="fashion-mnist", epochs=20, minutes=15.0, batch_size=128, lr=2e-3, warmup_epochs=1.0,
                       label_smoothing=0.1, augment=True, crop_pad=0, patch_size=4, stem_channels=64, stem_depth=2,
                       stem_stride=2, patch_kernel=3, global_pool="avg", ema=0.999, flip_tta=True, tta_shift=1,
                       embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0, processes=2),
@@ -167,7 +171,7 @@ RANGES = {
     "drop_rate": Range(0, 1), "val_size": Range(0), "ema": Range(0, 1), "patch_kernel": Range(0),
     "crop_pad": Range(-1), "erase": Range(0, 1, high_included=True), "stem_channels": Range(0),
     "stem_depth": Range(1), "stem_stride": Range(1, 2, high_included=True), "processes": Range(1),
-    "tta_shift": Range(0),
+    "tta_shift": Range(0), "minutes": Range(0),
 }
 CHOICES = {"global_pool": ("token", "avg"), "pos_embed": ("learn", "sincos")}
 
@@ -184,7 +188,8 @@ def settings_for(preset, **overrides):
     """The settings of a preset with some fields replaced (None values are ignored).
 
     A preset's warmup is a share of its run: when only ``epochs`` is changed, ``warmup_epochs`` is scaled with it
-    (the cifar10 preset warms up for 5 of 50 epochs, so ``epochs=1`` warms up for 0.1 epoch).
+    (the cifar10 preset warms up for 5 of 50 epochs, so ``epochs=1`` warms up for 0.1 epoch). Not so under a time
+    budget (``minutes``), where ``epochs`` is only the most the run may take.
 
     A preset's batch size and warmup are made for its whole training set. When ``limit`` keeps fewer images than
     ``MIN_STEPS_PER_EPOCH`` batches of that size, and the batch size is not given, the batch shrinks (to no less
@@ -202,7 +207,7 @@ def settings_for(preset, **overrides):
     given = {k: v for k, v in overrides.items() if v is not None}
     values = {**PRESETS[preset], **given, "preset": preset}
     base = {**dataclasses.asdict(TrainSettings()), **PRESETS[preset]}
-    if "epochs" in given and "warmup_epochs" not in given:
+    if "epochs" in given and "warmup_epochs" not in given and not values.get("minutes"):
         values["warmup_epochs"] = base["warmup_epochs"] * given["epochs"] / base["epochs"]
     full = data.dataset_info(values["dataset"]).train_size if values.get("dataset") in data.DATASETS else 0
     images = values.get("limit") or 0
@@ -410,6 +415,87 @@ def evaluate_shared(model, images, labels, info, s, final=False):
     return loss_sum / len(labels), correct / len(labels)
 
 
+# ------------------------------------------------------------------------------ training to a time budget
+# With ``minutes`` M (``--minutes``) a run takes as many epochs E as fit in M minutes on this machine, at most
+# ``epochs``: the largest E with
+#
+#     spent + E (t_epoch + t_eval) + t_final <= BUDGET_SHARE * 60 M
+#
+# spent: the seconds already gone (reading the data, this measurement); t_epoch: one pass over the training
+# images; t_eval: the evaluation after each epoch, each image seen once; t_final: what the last evaluation costs
+# beyond that (its test-time views, and the test set too when the epochs are judged on a validation split). Each
+# is measured before the run, on a throwaway model: a few training steps with the run's loader, augmentation and
+# processes, and an evaluation of a slice of the images. Then the run is exactly the run of ``--epochs E``
+# (the warmup kept): the throwaway model leaves no trace in its weights, batches or random numbers.
+BUDGET_SHARE = 0.93      # of the budget the estimate may fill: a run's speed drifts by a few percent as it goes
+BUDGET_WARMUP = 3        # training steps run before the timed ones (first calls allocate and fill caches)
+BUDGET_STEPS = 20        # training steps timed
+BUDGET_EVAL_IMAGES = 2048
+
+
+def epochs_within(budget_s, spent_s, epoch_s, eval_s, final_s, most):
+    """The most epochs (at most ``most``, at least 0) whose estimated run ends within ``BUDGET_SHARE`` of
+    ``budget_s`` seconds, by the sum above."""
+    room = BUDGET_SHARE * budget_s - spent_s - final_s
+    return max(0, min(most, math.floor(room / (epoch_s + eval_s))))
+
+
+def measure_costs(s, ds):
+    """(t_epoch, t_eval, t_final) of settings ``s`` on data set ``ds``, in seconds, measured on a throwaway model
+    (every rank of a job takes part, as in training; each returns its own measurement)."""
+    info = ds.info
+    model = build_model(s, info).to(device=s.device)
+    opt = optim.AdamW(optim.param_groups_weight_decay(model, s.weight_decay), lr=s.lr)
+    steps = BUDGET_WARMUP + BUDGET_STEPS
+    sched = optim.WarmupCosine(opt, steps, steps, s.min_lr)   # a small learning rate: only the time counts
+    ema = build_model(s, info).to(device=s.device).eval() if s.ema else None
+    scaler = amp.GradScaler(enabled=s.amp)
+    seconds_per_image = None
+    for steps in (BUDGET_WARMUP, BUDGET_STEPS):
+        sample = copy.copy(ds)
+        sample.train_images = ds.train_images[:steps * s.batch_size]
+        sample.train_labels = ds.train_labels[:steps * s.batch_size]
+        row = train_epoch(model, opt, sched, train_loader(s, sample), 0, s, False, scaler, ema)
+        seconds_per_image = 1.0 / row["images_per_s"]
+    t_epoch = seconds_per_image * len(ds.train_labels)
+    judged = model if ema is None else ema
+    n = min(BUDGET_EVAL_IMAGES, len(ds.test_labels))
+    t0 = time.perf_counter()
+    evaluate_shared(judged, ds.test_images[:n], ds.test_labels[:n], info, s)
+    per_view = (time.perf_counter() - t0) / n                      # seconds per image and view
+    views = len(tta_moves(s.tta_shift)) * (2 if s.flip_tta else 1)
+    n_val = len(ds.val_labels) if s.val_size else 0
+    t_eval = per_view * (n_val or len(ds.test_labels))
+    t_final = per_view * views * (n_val + len(ds.test_labels)) - t_eval
+    return t_epoch, t_eval, t_final
+
+
+def plan_epochs(s, ds, started, log=print):
+    """Settings ``s`` with the epochs that fit its ``minutes`` (see above), as rank 0 measured them for every rank
+    of a job. ``started``: the run's start (``time.perf_counter()``). SettingsError when not one epoch fits."""
+    world = distributed.world()
+    t0 = time.perf_counter()
+    t_epoch, t_eval, t_final = measure_costs(s, ds)
+    measured = time.perf_counter() - t0
+    spent = time.perf_counter() - started
+    found = epochs_within(60 * s.minutes, spent, t_epoch, t_eval, t_final, s.epochs)
+    epochs, t_epoch, t_eval, t_final = world.broadcast((found, t_epoch, t_eval, t_final) if world.is_main else None)
+    costs = (f"{t_epoch:.0f}s to train an epoch, {t_eval:.1f}s to evaluate it, {t_final:.0f}s more for the last "
+             f"evaluation{tta_words(s.flip_tta, s.tta_shift)}, {spent:.0f}s spent before training "
+             f"({measured:.0f}s of it measuring)")
+    if epochs < 1:
+        need = (spent + t_epoch + t_eval + t_final) / BUDGET_SHARE / 60
+        raise SettingsError(f"--minutes {s.minutes:g}: not one epoch fits on this machine ({costs}); one epoch needs "
+                            f"a budget of about {need:.1f} minutes")
+    warmup = min(s.warmup_epochs, epochs)
+    planned = (spent + epochs * (t_epoch + t_eval) + t_final) / 60
+    log(f"time budget {s.minutes:g} min: {costs}: {plural(epochs, 'epoch')}"
+        + (" (the most --epochs allows)" if epochs == s.epochs else "")
+        + f", about {planned:.1f} min in all; the same run without the budget: --minutes 0 --epochs {epochs} "
+          f"--warmup-epochs {warmup:g}")
+    return dataclasses.replace(s, epochs=epochs, warmup_epochs=warmup)
+
+
 def write_reports(paths, history, plot=viz.plot_history):
     """metrics.jsonl and curves.png (drawn by ``plot(history)``) from the history so far, each written
     atomically."""
@@ -470,7 +556,8 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
             s = validate(TrainSettings(**{**resumed_settings(ckpt, s, epochs, resume), "anomaly": s.anomaly}))
         started = time.perf_counter()
         try:
-            run = _prepare(s, ckpt, progress)
+            run = _prepare(s, ckpt, progress, started, log)
+            s = run.settings
             wall_before = run.history[-1].get("wall_time_s", 0.0) if run.history else 0.0
             if ckpt is not None:
                 log(f"resuming {resume} after epoch {ckpt.epoch} of {s.epochs}")
@@ -540,10 +627,13 @@ class _Run:
     history: list             # one row of metrics per finished epoch
     scaler: amp.GradScaler    # a pass-through unless --amp
     ema: VisionTransformer    # the moving average of the weights (None unless --ema)
+    settings: TrainSettings   # the run's settings (with a time budget: the epochs that fit)
 
 
-def _prepare(s, ckpt, progress):
-    """Data, model, optimizer and schedule as ``s`` says, in the state of checkpoint ``ckpt`` if there is one."""
+def _prepare(s, ckpt, progress, started=None, log=print):
+    """Data, model, optimizer and schedule as ``s`` says, in the state of checkpoint ``ckpt`` if there is one. A new
+    run with a time budget (``s.minutes``) first measures how many epochs fit (``plan_epochs``; ``started``: when
+    the run began, ``time.perf_counter()``)."""
     world = distributed.world()
     if not world.is_main:
         world.broadcast(None)       # wait for rank 0 to find (or download) the files, then read them
@@ -552,6 +642,8 @@ def _prepare(s, ckpt, progress):
         world.broadcast(None)
     info = ds.info
     _check_split(s, len(ds.train_labels), world.size)
+    if ckpt is None and s.minutes:
+        s = plan_epochs(s, ds, time.perf_counter() if started is None else started, log)
     loader = train_loader(s, ds)
     model = build_model(s, info).to(device=s.device)
     opt = optim.AdamW(optim.param_groups_weight_decay(model, s.weight_decay), lr=s.lr)
@@ -564,7 +656,7 @@ def _prepare(s, ckpt, progress):
         world.broadcast_parameters(model.parameters())  # every rank starts from rank 0's weights
         if ema is not None:
             ema.load_state_dict(model.state_dict())
-        return _Run(ds, loader, model, opt, sched, [], scaler, ema)
+        return _Run(ds, loader, model, opt, sched, [], scaler, ema, s)
     model.load_state_dict(ckpt.model_state)
     opt.load_state_dict(ckpt.optimizer_state)
     sched.load_state_dict({**ckpt.schedule_state, "total_steps": total_steps})  # stretched when the run is extended
@@ -572,7 +664,7 @@ def _prepare(s, ckpt, progress):
     scaler.load_state_dict(ckpt.scaler_state)
     if ema is not None:
         ema.load_state_dict(ckpt.ema_state)
-    return _Run(ds, loader, model, opt, sched, list(ckpt.history), scaler, ema)
+    return _Run(ds, loader, model, opt, sched, list(ckpt.history), scaler, ema, s)
 
 
 def _check_split(s, images, ranks):

@@ -316,3 +316,52 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys, monkeypatch):
 
 def test_training_diverged_is_an_error_type():
     assert issubclass(TrainingDiverged, RuntimeError)
+
+
+def test_a_time_budget_takes_the_most_epochs_whose_estimated_run_fits():
+    # 10 s gone, 100 s an epoch, 10 s its evaluation, 50 s more at the end: 10 + 7 * 110 + 50 = 830 s
+    assert train_module.epochs_within(830 / train_module.BUDGET_SHARE, 10, 100, 10, 50, most=20) == 7
+    assert train_module.epochs_within(829 / train_module.BUDGET_SHARE, 10, 100, 10, 50, most=20) == 6
+    assert train_module.epochs_within(1e6, 10, 100, 10, 50, most=20) == 20              # --epochs is the most
+    assert train_module.epochs_within(100, 10, 100, 10, 50, most=20) == 0               # not even one
+
+
+def test_a_time_budget_run_is_the_run_of_the_epochs_it_measured_to_fit(tmp_path, capsys, monkeypatch):
+    measure = train_module.measure_costs
+
+    def measured_then_fixed(s, ds):
+        measure(s, ds)                 # the real measurement runs (and must leave no trace in the run) ...
+        return 20.0, 2.0, 5.0          # ... but the sizes are fixed: 60 s * 0.93 - spent - 5 fits 2 epochs of 22 s
+    monkeypatch.setattr(train_module, "measure_costs", measured_then_fixed)
+    flags = ["--ema", "0.9", "--augment", "--drop-rate", "0.2"] + SMALL
+    assert cli.main(["train", "--minutes", "1", "--epochs", "5", "--out", str(tmp_path / "budget")] + flags) == 0
+    printed = capsys.readouterr().out
+    assert ("time budget 1 min: 20s to train an epoch, 2.0s to evaluate it, 5s more for the last evaluation" in printed
+            and "2 epochs, about" in printed and "--minutes 0 --epochs 2 --warmup-epochs 1" in printed)
+    assert cli.main(["train", "--epochs", "2", "--warmup-epochs", "1", "--out", str(tmp_path / "plain")] + flags) == 0
+    budget = checkpoint.load_checkpoint(tmp_path / "budget" / "checkpoint.safetensors")
+    plain = checkpoint.load_checkpoint(tmp_path / "plain" / "checkpoint.safetensors")
+    assert budget.epoch == plain.epoch == 2
+    assert (budget.train_settings["epochs"], budget.train_settings["minutes"]) == (2, 1.0)
+    for k, v in plain.model_state.items():
+        np.testing.assert_array_equal(budget.model_state[k], v, err_msg=k)
+        np.testing.assert_array_equal(budget.ema_state[k], plain.ema_state[k], err_msg=k)
+    assert [h["test_acc"] for h in budget.history] == [h["test_acc"] for h in plain.history]
+    # a resumed budget run keeps its epochs (no new measurement) and extends like any other
+    assert cli.main(["train", "--resume", str(tmp_path / "budget"), "--epochs", "3", "--no-progress"]) == 0
+    assert "time budget" not in capsys.readouterr().out
+    assert checkpoint.load_checkpoint(tmp_path / "budget" / "checkpoint.safetensors").epoch == 3
+
+
+def test_a_time_budget_too_small_for_one_epoch_is_a_clear_error(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--minutes", "0.001", "--out", tmp_path / "x", *SMALL)
+    assert code == 2
+    assert_one_line_error(err, "--minutes 0.001: not one epoch fits on this machine (")
+    assert re.search(r"one epoch needs a budget of about \d+\.\d minutes$", err.strip())
+
+
+def test_under_a_time_budget_epochs_is_the_most_and_the_warmup_stays():
+    s = settings_for("fashion15")
+    assert s.minutes == 15 and s.warmup_epochs == 1.0
+    assert settings_for("fashion15", epochs=12).warmup_epochs == 1.0      # not scaled: 12 is only a bound
+    assert settings_for("fashion", epochs=5).warmup_epochs == 0.5         # without a budget it is scaled
