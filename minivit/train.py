@@ -427,6 +427,11 @@ def evaluate_shared(model, images, labels, info, s, final=False):
 # is measured before the run, on a throwaway model: a few training steps with the run's loader, augmentation and
 # processes, and an evaluation of a slice of the images. Then the run is exactly the run of ``--epochs E``
 # (the warmup kept): the throwaway model leaves no trace in its weights, batches or random numbers.
+#
+# A few steps can mislead by 10% or more on a shared machine, so the plan is made again once the first epoch has
+# trained, from that epoch's own time (the evaluations scaled by the same factor). While the learning rate still
+# warms up, the length of the run has not yet made any difference: when the warmup lasts at least that epoch, the
+# run with the new E is still exactly the run of ``--epochs E``. (With a shorter warmup the first plan stands.)
 BUDGET_SHARE = 0.93      # of the budget the estimate may fill: a run's speed drifts by a few percent as it goes
 BUDGET_WARMUP = 3        # training steps run before the timed ones (first calls allocate and fill caches)
 BUDGET_STEPS = 20        # training steps timed
@@ -438,6 +443,15 @@ def epochs_within(budget_s, spent_s, epoch_s, eval_s, final_s, most):
     ``budget_s`` seconds, by the sum above."""
     room = BUDGET_SHARE * budget_s - spent_s - final_s
     return max(0, min(most, math.floor(room / (epoch_s + eval_s))))
+
+
+def epochs_after_first(budget_s, elapsed_s, first_s, costs, most, least):
+    """The plan made again after the first epoch's training (``first_s`` seconds; ``elapsed_s`` since the start):
+    the epochs that fit, by ``epochs_within`` with that epoch's time and the measured evaluation ``costs`` (t_epoch,
+    t_eval, t_final) scaled by first_s / t_epoch; at least ``least`` (the warmup already begun is kept)."""
+    t_epoch, t_eval, t_final = costs
+    scale = first_s / t_epoch
+    return max(least, epochs_within(budget_s, elapsed_s - first_s, first_s, t_eval * scale, t_final * scale, most))
 
 
 def measure_costs(s, ds):
@@ -471,8 +485,9 @@ def measure_costs(s, ds):
 
 
 def plan_epochs(s, ds, started, log=print):
-    """Settings ``s`` with the epochs that fit its ``minutes`` (see above), as rank 0 measured them for every rank
-    of a job. ``started``: the run's start (``time.perf_counter()``). SettingsError when not one epoch fits."""
+    """(settings ``s`` with the epochs that fit its ``minutes``, the measured costs (t_epoch, t_eval, t_final)), as
+    rank 0 measured them for every rank of a job (see above). ``started``: the run's start
+    (``time.perf_counter()``). SettingsError when not one epoch fits."""
     world = distributed.world()
     t0 = time.perf_counter()
     t_epoch, t_eval, t_final = measure_costs(s, ds)
@@ -493,7 +508,28 @@ def plan_epochs(s, ds, started, log=print):
         + (" (the most --epochs allows)" if epochs == s.epochs else "")
         + f", about {planned:.1f} min in all; the same run without the budget: --minutes 0 --epochs {epochs} "
           f"--warmup-epochs {warmup:g}")
-    return dataclasses.replace(s, epochs=epochs, warmup_epochs=warmup)
+    return dataclasses.replace(s, epochs=epochs, warmup_epochs=warmup), (t_epoch, t_eval, t_final)
+
+
+def replan_epochs(s, run, elapsed, log=print):
+    """Settings ``s`` with the epochs that fit, planned again after the first epoch's training (see above), and
+    ``run``'s schedule stretched or cut to them; as rank 0 decided for every rank of a job. ``elapsed``: seconds
+    since the run's start."""
+    world = distributed.world()
+    if run.sched.warmup_steps < len(run.loader):
+        return s                      # the learning rate has begun to decay: the length is settled
+    first = run.history[0]["epoch_time_s"]
+    found = epochs_after_first(60 * s.minutes, elapsed, first, run.costs, run.most_epochs,
+                               math.ceil(s.warmup_epochs))
+    epochs, first = world.broadcast((found, first) if world.is_main else None)
+    t_epoch, t_eval, t_final = (c * first / run.costs[0] for c in run.costs)
+    planned = (elapsed - first + epochs * (t_epoch + t_eval) + t_final) / 60
+    log(f"time budget {s.minutes:g} min, planned again after the first epoch's {first:.0f}s of training (measured "
+        f"beforehand: {run.costs[0]:.0f}s): {plural(epochs, 'epoch')}"
+        + ("" if epochs == s.epochs else f" instead of {s.epochs}") + f", about {planned:.1f} min in all; the same "
+          f"run without the budget: --minutes 0 --epochs {epochs} --warmup-epochs {s.warmup_epochs:g}")
+    run.sched.total_steps = epochs * len(run.loader)
+    return dataclasses.replace(s, epochs=epochs)
 
 
 def write_reports(paths, history, plot=viz.plot_history):
@@ -575,9 +611,12 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
             anomaly = detect_anomaly() if s.anomaly else contextlib.nullcontext()
             STOP.watching = True
             with anomaly:
-                for epoch in range(len(history), s.epochs):
+                epoch = len(history)
+                while epoch < s.epochs:
                     history.append(train_epoch(model, run.opt, run.sched, run.loader, epoch, s, progress,
                                                 run.scaler, run.ema))
+                    if run.costs is not None and epoch == 0:
+                        s = replan_epochs(s, run, time.perf_counter() - started, log)
                     judged = model if run.ema is None else run.ema   # the moving average when the run keeps one
                     splits = ["val"] if s.val_size else ["test"]
                     if s.val_size and epoch + 1 == s.epochs:
@@ -602,6 +641,7 @@ def train(s, out_dir, resume=None, epochs=None, overwrite=True, progress=True, l
                         saved_epoch = epoch + 1
                         write_reports(paths, history)
                     STOP.check()
+                    epoch += 1
         except KeyboardInterrupt:
             raise TrainingInterrupted(saved_state(paths["checkpoint"], saved_epoch, s.epochs, out_dir) if world.is_main
                                       else f"rank {world.rank} stopped (rank 0 saves the run)") from None
@@ -628,6 +668,8 @@ class _Run:
     scaler: amp.GradScaler    # a pass-through unless --amp
     ema: VisionTransformer    # the moving average of the weights (None unless --ema)
     settings: TrainSettings   # the run's settings (with a time budget: the epochs that fit)
+    costs: tuple = None       # a new run with a time budget: the measured (t_epoch, t_eval, t_final) in seconds
+    most_epochs: int = 0      # ... and the most epochs it may take (--epochs before the plan)
 
 
 def _prepare(s, ckpt, progress, started=None, log=print):
@@ -642,8 +684,9 @@ def _prepare(s, ckpt, progress, started=None, log=print):
         world.broadcast(None)
     info = ds.info
     _check_split(s, len(ds.train_labels), world.size)
+    costs, most = None, s.epochs
     if ckpt is None and s.minutes:
-        s = plan_epochs(s, ds, time.perf_counter() if started is None else started, log)
+        s, costs = plan_epochs(s, ds, time.perf_counter() if started is None else started, log)
     loader = train_loader(s, ds)
     model = build_model(s, info).to(device=s.device)
     opt = optim.AdamW(optim.param_groups_weight_decay(model, s.weight_decay), lr=s.lr)
@@ -656,7 +699,7 @@ def _prepare(s, ckpt, progress, started=None, log=print):
         world.broadcast_parameters(model.parameters())  # every rank starts from rank 0's weights
         if ema is not None:
             ema.load_state_dict(model.state_dict())
-        return _Run(ds, loader, model, opt, sched, [], scaler, ema, s)
+        return _Run(ds, loader, model, opt, sched, [], scaler, ema, s, costs, most)
     model.load_state_dict(ckpt.model_state)
     opt.load_state_dict(ckpt.optimizer_state)
     sched.load_state_dict({**ckpt.schedule_state, "total_steps": total_steps})  # stretched when the run is extended
@@ -664,7 +707,7 @@ def _prepare(s, ckpt, progress, started=None, log=print):
     scaler.load_state_dict(ckpt.scaler_state)
     if ema is not None:
         ema.load_state_dict(ckpt.ema_state)
-    return _Run(ds, loader, model, opt, sched, list(ckpt.history), scaler, ema, s)
+    return _Run(ds, loader, model, opt, sched, list(ckpt.history), scaler, ema, s, costs, most)
 
 
 def _check_split(s, images, ranks):

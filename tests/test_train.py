@@ -324,6 +324,11 @@ def test_a_time_budget_takes_the_most_epochs_whose_estimated_run_fits():
     assert train_module.epochs_within(829 / train_module.BUDGET_SHARE, 10, 100, 10, 50, most=20) == 6
     assert train_module.epochs_within(1e6, 10, 100, 10, 50, most=20) == 20              # --epochs is the most
     assert train_module.epochs_within(100, 10, 100, 10, 50, most=20) == 0               # not even one
+    # after a first epoch of 120 s instead of 100 (started at 10 s): evaluations 1.2x too, 10 + 5 * 132 + 60 = 730
+    after = train_module.epochs_after_first
+    assert after(830 / train_module.BUDGET_SHARE, 130, 120, (100, 10, 50), most=20, least=1) == 5
+    assert after(830 / train_module.BUDGET_SHARE, 90, 80, (100, 10, 50), most=20, least=1) == 8    # 10+8*88+40
+    assert after(100, 130, 120, (100, 10, 50), most=20, least=1) == 1                   # the warmup is kept
 
 
 def test_a_time_budget_run_is_the_run_of_the_epochs_it_measured_to_fit(tmp_path, capsys, monkeypatch):
@@ -334,23 +339,32 @@ def test_a_time_budget_run_is_the_run_of_the_epochs_it_measured_to_fit(tmp_path,
         return 20.0, 2.0, 5.0          # ... but the sizes are fixed: 60 s * 0.93 - spent - 5 fits 2 epochs of 22 s
     monkeypatch.setattr(train_module, "measure_costs", measured_then_fixed)
     flags = ["--ema", "0.9", "--augment", "--drop-rate", "0.2"] + SMALL
-    assert cli.main(["train", "--minutes", "1", "--epochs", "5", "--out", str(tmp_path / "budget")] + flags) == 0
+    assert cli.main(["train", "--minutes", "1", "--epochs", "3", "--out", str(tmp_path / "budget")] + flags) == 0
     printed = capsys.readouterr().out
     assert ("time budget 1 min: 20s to train an epoch, 2.0s to evaluate it, 5s more for the last evaluation" in printed
             and "2 epochs, about" in printed and "--minutes 0 --epochs 2 --warmup-epochs 1" in printed)
-    assert cli.main(["train", "--epochs", "2", "--warmup-epochs", "1", "--out", str(tmp_path / "plain")] + flags) == 0
+    # the first epoch really takes well under a second: planned again, 3 epochs fit (all that --epochs allows)
+    assert re.search(r"planned again after the first epoch's \d+s of training \(measured beforehand: 20s\): 3 "
+                      r"epochs instead of 2, about [\d.]+ min in all; the same run without the budget: --minutes 0 "
+                      r"--epochs 3 --warmup-epochs 1", printed)
+    assert cli.main(["train", "--epochs", "3", "--warmup-epochs", "1", "--out", str(tmp_path / "plain")] + flags) == 0
     budget = checkpoint.load_checkpoint(tmp_path / "budget" / "checkpoint.safetensors")
     plain = checkpoint.load_checkpoint(tmp_path / "plain" / "checkpoint.safetensors")
-    assert budget.epoch == plain.epoch == 2
-    assert (budget.train_settings["epochs"], budget.train_settings["minutes"]) == (2, 1.0)
+    assert budget.epoch == plain.epoch == 3
+    assert (budget.train_settings["epochs"], budget.train_settings["minutes"]) == (3, 1.0)
     for k, v in plain.model_state.items():
         np.testing.assert_array_equal(budget.model_state[k], v, err_msg=k)
         np.testing.assert_array_equal(budget.ema_state[k], plain.ema_state[k], err_msg=k)
     assert [h["test_acc"] for h in budget.history] == [h["test_acc"] for h in plain.history]
     # a resumed budget run keeps its epochs (no new measurement) and extends like any other
-    assert cli.main(["train", "--resume", str(tmp_path / "budget"), "--epochs", "3", "--no-progress"]) == 0
+    assert cli.main(["train", "--resume", str(tmp_path / "budget"), "--epochs", "4", "--no-progress"]) == 0
     assert "time budget" not in capsys.readouterr().out
-    assert checkpoint.load_checkpoint(tmp_path / "budget" / "checkpoint.safetensors").epoch == 3
+    assert checkpoint.load_checkpoint(tmp_path / "budget" / "checkpoint.safetensors").epoch == 4
+    # a warmup shorter than the first epoch: the decay has begun, so the first plan stands
+    assert cli.main(["train", "--minutes", "1", "--epochs", "3", "--warmup-epochs", "0.5", "--out",
+                     str(tmp_path / "short")] + flags) == 0
+    assert "planned again" not in capsys.readouterr().out
+    assert checkpoint.load_checkpoint(tmp_path / "short" / "checkpoint.safetensors").epoch == 2
 
 
 def test_a_time_budget_too_small_for_one_epoch_is_a_clear_error(tmp_path, capsys):
