@@ -90,8 +90,8 @@ PRESETS = {
     # after the last epoch each test image averaged over ten views: itself and moved by a pixel up, down, left and
     # right, each also mirrored (chosen on the last 5,000 training images; see the README's results); two
     # processes, each with its half of every batch (on two cores they do about 1.5x the images/s of one process).
-    # As many epochs as this machine fits in 15 minutes (9 or 10 on the 2-core machines where the recipe was
-    # chosen), at most 20.
+    # As many epochs as this machine fits in 15 minutes, at most 20: by the sum of ``epochs_within``, 9 or 10 on
+    # the 2-core Intel machines where the recipe was chosen; 5 on an AVX2 machine half as fast.
     "fashion15": dict(dataset="fashion-mnist", epochs=20, minutes=15.0, batch_size=128, lr=2e-3, warmup_epochs=1.0,
                       label_smoothing=0.1, augment=True, crop_pad=0, patch_size=4, stem_channels=64, stem_depth=2,
                       stem_stride=2, patch_kernel=3, global_pool="avg", ema=0.999, flip_tta=True, tta_shift=1,
