@@ -460,12 +460,12 @@ def measure_costs(s, ds):
     info = ds.info
     model = build_model(s, info).to(device=s.device)
     opt = optim.AdamW(optim.param_groups_weight_decay(model, s.weight_decay), lr=s.lr)
-    steps = BUDGET_WARMUP + BUDGET_STEPS
-    sched = optim.WarmupCosine(opt, steps, steps, s.min_lr)   # a small learning rate: only the time counts
+    total = BUDGET_WARMUP + BUDGET_STEPS
+    sched = optim.WarmupCosine(opt, total, total, s.min_lr)   # a small learning rate: only the time counts
     ema = build_model(s, info).to(device=s.device).eval() if s.ema else None
     scaler = amp.GradScaler(enabled=s.amp)
     seconds_per_image = None
-    for steps in (BUDGET_WARMUP, BUDGET_STEPS):
+    for steps in (BUDGET_WARMUP, BUDGET_STEPS):          # untimed, then timed: the last one counts
         sample = copy.copy(ds)
         sample.train_images = ds.train_images[:steps * s.batch_size]
         sample.train_labels = ds.train_labels[:steps * s.batch_size]
