@@ -438,20 +438,32 @@ BUDGET_STEPS = 20        # training steps timed
 BUDGET_EVAL_IMAGES = 2048
 
 
-def epochs_within(budget_s, spent_s, epoch_s, eval_s, final_s, most):
-    """The most epochs (at most ``most``, at least 0) whose estimated run ends within ``BUDGET_SHARE`` of
-    ``budget_s`` seconds, by the sum above."""
-    room = BUDGET_SHARE * budget_s - spent_s - final_s
-    return max(0, min(most, math.floor(room / (epoch_s + eval_s))))
+def estimated_seconds(spent_s, epochs, costs):
+    """The left side of the sum above: the seconds a run of ``epochs`` takes, with ``costs`` (t_epoch, t_eval,
+    t_final)."""
+    t_epoch, t_eval, t_final = costs
+    return spent_s + epochs * (t_epoch + t_eval) + t_final
+
+
+def epochs_within(budget_s, spent_s, costs, most):
+    """The most epochs (at most ``most``, at least 0) whose ``estimated_seconds`` fit within ``BUDGET_SHARE`` of
+    ``budget_s`` seconds."""
+    t_epoch, t_eval, t_final = costs
+    room = BUDGET_SHARE * budget_s - spent_s - t_final
+    return max(0, min(most, math.floor(room / (t_epoch + t_eval))))
+
+
+def costs_after_first(costs, first_s):
+    """The measured ``costs`` with the first epoch's own training time ``first_s`` in place of t_epoch, and the
+    evaluations scaled by the same factor."""
+    return tuple(c * first_s / costs[0] for c in costs)
 
 
 def epochs_after_first(budget_s, elapsed_s, first_s, costs, most, least):
     """The plan made again after the first epoch's training (``first_s`` seconds; ``elapsed_s`` since the start):
-    the epochs that fit, by ``epochs_within`` with that epoch's time and the measured evaluation ``costs`` (t_epoch,
-    t_eval, t_final) scaled by first_s / t_epoch; at least ``least`` (the warmup already begun is kept)."""
-    t_epoch, t_eval, t_final = costs
-    scale = first_s / t_epoch
-    return max(least, epochs_within(budget_s, elapsed_s - first_s, first_s, t_eval * scale, t_final * scale, most))
+    ``epochs_within`` with ``costs_after_first``, the first epoch counted among the E; at least ``least`` (the
+    warmup already begun is kept)."""
+    return max(least, epochs_within(budget_s, elapsed_s - first_s, costs_after_first(costs, first_s), most))
 
 
 def measure_costs(s, ds):
@@ -490,46 +502,50 @@ def plan_epochs(s, ds, started, log=print):
     (``time.perf_counter()``). SettingsError when not one epoch fits."""
     world = distributed.world()
     t0 = time.perf_counter()
-    t_epoch, t_eval, t_final = measure_costs(s, ds)
+    mine = measure_costs(s, ds)
     measured = time.perf_counter() - t0
     spent = time.perf_counter() - started
-    found = epochs_within(60 * s.minutes, spent, t_epoch, t_eval, t_final, s.epochs)
-    epochs, t_epoch, t_eval, t_final = world.broadcast((found, t_epoch, t_eval, t_final) if world.is_main else None)
-    costs = (f"{t_epoch:.0f}s to train an epoch, {t_eval:.1f}s to evaluate it, {t_final:.0f}s more for the last "
+    found = epochs_within(60 * s.minutes, spent, mine, s.epochs)
+    epochs, costs = world.broadcast((found, mine) if world.is_main else None)
+    t_epoch, t_eval, t_final = costs
+    words = (f"{t_epoch:.0f}s to train an epoch, {t_eval:.1f}s to evaluate it, {t_final:.0f}s more for the last "
              f"evaluation{tta_words(s.flip_tta, s.tta_shift)}, {spent:.0f}s spent before training "
              f"({measured:.0f}s of it measuring)")
     if epochs < 1:
-        need = (spent + t_epoch + t_eval + t_final) / BUDGET_SHARE / 60
-        raise SettingsError(f"--minutes {s.minutes:g}: not one epoch fits on this machine ({costs}); one epoch needs "
+        need = estimated_seconds(spent, 1, costs) / BUDGET_SHARE / 60
+        raise SettingsError(f"--minutes {s.minutes:g}: not one epoch fits on this machine ({words}); one epoch needs "
                             f"a budget of about {need:.1f} minutes")
-    warmup = min(s.warmup_epochs, epochs)
-    planned = (spent + epochs * (t_epoch + t_eval) + t_final) / 60
-    log(f"time budget {s.minutes:g} min: {costs}: {plural(epochs, 'epoch')}"
+    planned = dataclasses.replace(s, epochs=epochs, warmup_epochs=min(s.warmup_epochs, epochs))
+    log(f"time budget {s.minutes:g} min: {words}: {plural(epochs, 'epoch')}"
         + (" (the most --epochs allows)" if epochs == s.epochs else "")
-        + f", about {planned:.1f} min in all; the same run without the budget: --minutes 0 --epochs {epochs} "
-          f"--warmup-epochs {warmup:g}")
-    return dataclasses.replace(s, epochs=epochs, warmup_epochs=warmup), (t_epoch, t_eval, t_final)
+        + _plan_words(planned, estimated_seconds(spent, epochs, costs)))
+    return planned, costs
+
+
+def _plan_words(s, seconds):
+    """', about M min in all; the same run without the budget: ...' for a planned run of settings ``s``."""
+    return (f", about {seconds / 60:.1f} min in all; the same run without the budget: --minutes 0 --epochs "
+            f"{s.epochs} --warmup-epochs {s.warmup_epochs:g}")
 
 
 def replan_epochs(s, run, elapsed, log=print):
-    """Settings ``s`` with the epochs that fit, planned again after the first epoch's training (see above), and
-    ``run``'s schedule stretched or cut to them; as rank 0 decided for every rank of a job. ``elapsed``: seconds
-    since the run's start."""
+    """Settings ``s`` with the epochs that fit, planned again after the first epoch's training (see above; at least
+    the warmup, which has begun), and ``run``'s schedule stretched or cut to them; as rank 0 decided for every rank
+    of a job (rank 0 logs its own times). ``elapsed``: seconds since the run's start."""
     world = distributed.world()
     if run.sched.warmup_steps < len(run.loader):
         return s                      # the learning rate has begun to decay: the length is settled
     first = run.history[0]["epoch_time_s"]
     found = epochs_after_first(60 * s.minutes, elapsed, first, run.costs, run.most_epochs,
                                math.ceil(s.warmup_epochs))
-    epochs, first = world.broadcast((found, first) if world.is_main else None)
-    t_epoch, t_eval, t_final = (c * first / run.costs[0] for c in run.costs)
-    planned = (elapsed - first + epochs * (t_epoch + t_eval) + t_final) / 60
+    epochs = world.broadcast(found if world.is_main else None)
+    planned = dataclasses.replace(s, epochs=epochs)
     log(f"time budget {s.minutes:g} min, planned again after the first epoch's {first:.0f}s of training (measured "
         f"beforehand: {run.costs[0]:.0f}s): {plural(epochs, 'epoch')}"
-        + ("" if epochs == s.epochs else f" instead of {s.epochs}") + f", about {planned:.1f} min in all; the same "
-          f"run without the budget: --minutes 0 --epochs {epochs} --warmup-epochs {s.warmup_epochs:g}")
+        + ("" if epochs == s.epochs else f" instead of {s.epochs}")
+        + _plan_words(planned, estimated_seconds(elapsed - first, epochs, costs_after_first(run.costs, first))))
     run.sched.total_steps = epochs * len(run.loader)
-    return dataclasses.replace(s, epochs=epochs)
+    return planned
 
 
 def write_reports(paths, history, plot=viz.plot_history):

@@ -183,6 +183,7 @@ def test_a_validation_split_is_judged_each_epoch_and_the_test_set_once_with_the_
     (["--lr", "-1"], "--lr -1.0 is out of range: expected > 0"),
     (["--lr", "nan"], "--lr nan is out of range: expected > 0"),
     (["--epochs", "0"], "--epochs 0 is out of range: expected >= 1"),
+    (["--minutes", "-1"], "--minutes -1.0 is out of range: expected >= 0"),
     (["--pool", "max"], "--pool must be one of 'token', 'avg', got 'max'"),
     (["--preset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--dataset", "svhn"], "unknown dataset 'svhn'"),
@@ -319,16 +320,20 @@ def test_training_diverged_is_an_error_type():
 
 
 def test_a_time_budget_takes_the_most_epochs_whose_estimated_run_fits():
+    within, share = train_module.epochs_within, train_module.BUDGET_SHARE
     # 10 s gone, 100 s an epoch, 10 s its evaluation, 50 s more at the end: 10 + 7 * 110 + 50 = 830 s
-    assert train_module.epochs_within(830 / train_module.BUDGET_SHARE, 10, 100, 10, 50, most=20) == 7
-    assert train_module.epochs_within(829 / train_module.BUDGET_SHARE, 10, 100, 10, 50, most=20) == 6
-    assert train_module.epochs_within(1e6, 10, 100, 10, 50, most=20) == 20              # --epochs is the most
-    assert train_module.epochs_within(100, 10, 100, 10, 50, most=20) == 0               # not even one
+    costs = (100, 10, 50)
+    assert train_module.estimated_seconds(10, 7, costs) == 830
+    assert within(830 / share, 10, costs, most=20) == 7
+    assert within(829 / share, 10, costs, most=20) == 6
+    assert within(1e6, 10, costs, most=20) == 20              # --epochs is the most
+    assert within(100, 10, costs, most=20) == 0               # not even one
     # after a first epoch of 120 s instead of 100 (started at 10 s): evaluations 1.2x too, 10 + 5 * 132 + 60 = 730
+    assert train_module.costs_after_first(costs, 120) == pytest.approx((120, 12, 60))
     after = train_module.epochs_after_first
-    assert after(830 / train_module.BUDGET_SHARE, 130, 120, (100, 10, 50), most=20, least=1) == 5
-    assert after(830 / train_module.BUDGET_SHARE, 90, 80, (100, 10, 50), most=20, least=1) == 8    # 10+8*88+40
-    assert after(100, 130, 120, (100, 10, 50), most=20, least=1) == 1                   # the warmup is kept
+    assert after(830 / share, 130, 120, costs, most=20, least=1) == 5
+    assert after(830 / share, 90, 80, costs, most=20, least=1) == 8    # 10 + 8 * 88 + 40
+    assert after(100, 130, 120, costs, most=20, least=1) == 1          # the warmup is kept
 
 
 def test_a_time_budget_run_is_the_run_of_the_epochs_it_measured_to_fit(tmp_path, capsys, monkeypatch):
