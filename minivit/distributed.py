@@ -38,6 +38,11 @@ from minivit import devices, parallel
 # Variables that the common MPI launchers set in each process they start (MPICH/Hydra, Open MPI, Slurm's PMI).
 LAUNCHER_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
 
+# Seconds an MPI rank waits before ending the job: rank 0 for its message to reach the launcher, another rank for
+# rank 0 to end the job with its own report first (see MPIGroup.abort).
+ABORT_PAUSE_S = 0.5
+ABORT_GRACE_S = 5.0
+
 
 class SingleProcess:
     """One process and no communication: what ``world()`` is without mpiexec."""
@@ -125,9 +130,17 @@ class MPIGroup(Group):
         return self._timed(self.comm.bcast, obj, 0)
 
     def abort(self, code):
-        """End every rank of the job now (after this rank has said why)."""
+        """End every rank of the job (after this rank has said why).
+
+        The launcher stops every process at once, and what a rank has printed but the launcher not yet read is
+        lost, so each rank waits a moment for its words to leave. A rank other than 0 waits longer: the same
+        Ctrl-C (or the same bad flag) has usually reached rank 0 too, whose report says what the run saved and
+        whose abort then ends this rank. Only when rank 0 does not end the job (it waits in a collective call for
+        this rank) does this rank end it.
+        """
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_PAUSE_S if self.rank == 0 else ABORT_GRACE_S)
         self.comm.Abort(code)
 
 
