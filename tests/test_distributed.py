@@ -208,6 +208,23 @@ def test_ctrl_c_ends_every_rank_and_leaves_a_readable_checkpoint(tmp_path, launc
     assert _processes_running(str(out)) == []
 
 
+@pytest.mark.parametrize("rank, wait", [(0, distributed.ABORT_PAUSE_S), (1, distributed.ABORT_GRACE_S)])
+def test_an_mpi_rank_ends_the_job_only_after_its_words_have_left_and_rank_0_had_its_turn(monkeypatch, rank, wait):
+    # MPI_Abort ends every process at once: what a rank printed but the launcher had not yet read is lost, and a
+    # rank other than 0 that aborts first loses rank 0's report of what the run saved (seen as an empty stderr)
+    events = []
+
+    class Comm:
+        def Abort(self, code):
+            events.append(("abort", code))
+    group = object.__new__(distributed.MPIGroup)
+    group.rank, group.comm = rank, Comm()
+    monkeypatch.setattr(distributed.time, "sleep", lambda seconds: events.append(("sleep", seconds)))
+    group.abort(130)
+    assert events == [("sleep", wait), ("abort", 130)]
+    assert 0 < distributed.ABORT_PAUSE_S < distributed.ABORT_GRACE_S
+
+
 def test_a_started_rank_keeps_its_place_to_itself(monkeypatch):
     # what start_processes hands a rank must not reach processes that the rank starts in turn
     read_fd, write_fd = os.pipe()
