@@ -327,6 +327,24 @@ class LocalGroup(Group):
             raise PartnerLost(", ".join(f"rank {rank} ended with exit code {code}" for rank, code in failed))
 
 
+# A pipe holds 64 KiB on Linux unless asked for more: a gradient of 1.2 MB (a ViT of 300k parameters) then crosses
+# it in about twenty hand-offs between writer and reader. At 1 MiB (what any process may ask for; the limit is
+# /proc/sys/fs/pipe-max-size) it takes two: an all-reduce of 1.2 MB between two ranks measured 0.8-1.1 ms instead
+# of 3.4-4.0.
+PIPE_BYTES = 1 << 20
+
+
+def pipe():
+    """``os.pipe()`` holding ``PIPE_BYTES`` where the system allows it (Linux), its default elsewhere."""
+    read_fd, write_fd = os.pipe()
+    try:
+        import fcntl
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except (ImportError, AttributeError, OSError):
+        pass                                   # not Linux, or a lower limit: the default size works, more slowly
+    return read_fd, write_fd
+
+
 def start_processes(n, command):
     """Make this process rank 0 of ``n`` on this machine: start ranks 1 .. n-1 as ``python command...`` (the
     command this process runs: ``["-m", "minivit", "train", ...]`` or ``["script.py", ...]``), each joined to this
@@ -346,8 +364,8 @@ def start_processes(n, command):
     links, children = {}, []
     try:
         for rank in range(1, n):
-            down_read, down_write = os.pipe()  # rank 0 -> rank
-            up_read, up_write = os.pipe()      # rank -> rank 0
+            down_read, down_write = pipe()     # rank 0 -> rank
+            up_read, up_write = pipe()         # rank -> rank 0
             env = {**os.environ, RANK_VARIABLE: str(rank), SIZE_VARIABLE: str(n),
                    PIPES_VARIABLE: f"{down_read},{up_write}"}
             if path:

@@ -225,6 +225,19 @@ def test_an_mpi_rank_ends_the_job_only_after_its_words_have_left_and_rank_0_had_
     assert 0 < distributed.ABORT_PAUSE_S < distributed.ABORT_GRACE_S
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe sizes are set on Linux only")
+def test_the_pipes_between_ranks_hold_a_whole_small_gradient():
+    import fcntl
+    if distributed.PIPE_BYTES > int(Path("/proc/sys/fs/pipe-max-size").read_text()) and os.geteuid() != 0:
+        pytest.skip("this system allows smaller pipes")
+    group = distributed.start_processes(2, ["-c", "pass"])     # a rank that ends at once, without joining
+    try:
+        for fd in group.links[1]:                               # rank 0's ends: from rank 1, and to it
+            assert fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) >= distributed.PIPE_BYTES
+    finally:
+        group.abort(1)
+
+
 def test_a_started_rank_keeps_its_place_to_itself(monkeypatch):
     # what start_processes hands a rank must not reach processes that the rank starts in turn
     read_fd, write_fd = os.pipe()
