@@ -136,11 +136,14 @@ class MPIGroup(Group):
         lost, so each rank waits a moment for its words to leave. A rank other than 0 waits longer: the same
         Ctrl-C (or the same bad flag) has usually reached rank 0 too, whose report says what the run saved and
         whose abort then ends this rank. Only when rank 0 does not end the job (it waits in a collective call for
-        this rank) does this rank end it.
+        this rank) does this rank end it. A second Ctrl-C cuts the wait short.
         """
         sys.stdout.flush()
         sys.stderr.flush()
-        time.sleep(ABORT_PAUSE_S if self.rank == 0 else ABORT_GRACE_S)
+        try:
+            time.sleep(ABORT_PAUSE_S if self.rank == 0 else ABORT_GRACE_S)
+        except KeyboardInterrupt:
+            pass
         self.comm.Abort(code)
 
 

@@ -224,6 +224,13 @@ def test_an_mpi_rank_ends_the_job_only_after_its_words_have_left_and_rank_0_had_
     assert events == [("sleep", wait), ("abort", 130)]
     assert 0 < distributed.ABORT_PAUSE_S < distributed.ABORT_GRACE_S
 
+    def interrupted(seconds):                  # a second Ctrl-C during the wait ends the job at once
+        raise KeyboardInterrupt
+    monkeypatch.setattr(distributed.time, "sleep", interrupted)
+    events.clear()
+    group.abort(130)
+    assert events == [("abort", 130)]
+
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe sizes are set on Linux only")
 def test_the_pipes_between_ranks_hold_a_whole_small_gradient():
