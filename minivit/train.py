@@ -684,14 +684,14 @@ class _Run:
     scaler: amp.GradScaler    # a pass-through unless --amp
     ema: VisionTransformer    # the moving average of the weights (None unless --ema)
     settings: TrainSettings   # the run's settings (with a time budget: the epochs that fit)
-    costs: tuple = None       # a new run with a time budget: the measured (t_epoch, t_eval, t_final) in seconds
-    most_epochs: int = 0      # ... and the most epochs it may take (--epochs before the plan)
+    costs: tuple              # a new run with a time budget: the measured (t_epoch, t_eval, t_final) in seconds
+    most_epochs: int          # ... and the most epochs it may take (--epochs before the plan)
 
 
-def _prepare(s, ckpt, progress, started=None, log=print):
+def _prepare(s, ckpt, progress, started, log):
     """Data, model, optimizer and schedule as ``s`` says, in the state of checkpoint ``ckpt`` if there is one. A new
     run with a time budget (``s.minutes``) first measures how many epochs fit (``plan_epochs``; ``started``: when
-    the run began, ``time.perf_counter()``)."""
+    the run began, ``time.perf_counter()``; ``log``: where its plan is told)."""
     world = distributed.world()
     if not world.is_main:
         world.broadcast(None)       # wait for rank 0 to find (or download) the files, then read them
@@ -702,7 +702,7 @@ def _prepare(s, ckpt, progress, started=None, log=print):
     _check_split(s, len(ds.train_labels), world.size)
     costs, most = None, s.epochs
     if ckpt is None and s.minutes:
-        s, costs = plan_epochs(s, ds, time.perf_counter() if started is None else started, log)
+        s, costs = plan_epochs(s, ds, started, log)
     loader = train_loader(s, ds)
     model = build_model(s, info).to(device=s.device)
     opt = optim.AdamW(optim.param_groups_weight_decay(model, s.weight_decay), lr=s.lr)
